@@ -1,0 +1,6 @@
+"""Backends: one ``Backend`` interface (``base``), the deterministic in-process ``mock``, and
+``upstream`` for OpenAI-compatible HTTP servers (vLLM, llama.cpp server, Ollama)."""
+
+from quorum.backends.base import Backend, BackendLoad, Fault, Generation
+
+__all__ = ["Backend", "BackendLoad", "Fault", "Generation"]

@@ -1,0 +1,131 @@
+"""The one interface every backend implements, and what a backend is asked to do.
+
+A backend serves one model on this node. It always produces an OpenAI *stream*: complete SSE
+events as bytes, ending with ``data: [DONE]``; the HTTP layer folds the stream into a single
+response object when the client did not ask to stream (``quorum.wire.aggregate_chat``). So
+the mock, an HTTP upstream and a relay all look the same to the layers above.
+
+Usage::
+
+    async with backend.open(generation) as events:   # may raise BackendSaturated / BackendUnavailable
+        async for event in events:                   # bytes: one SSE event each
+            ...                                      # may raise BackendBroken
+
+Leaving the ``async with`` block (normally, by error, or by cancellation when the client went
+away) stops the work and frees the slot before ``__aexit__`` returns.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Literal
+
+import trio
+
+from quorum.wire import Request
+
+__all__ = ["Backend", "BackendLoad", "BackendState", "Fault", "Generation"]
+
+BackendState = Literal["warming", "ready"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Fault injection for one generation (mock backend; scenarios and tests).
+
+    ``fail_after``: break the stream (``BackendBroken``) after this many tokens.
+    ``stall_after``: stop emitting after this many tokens, holding the slot until cancelled.
+    ``status``: refuse before any byte with this HTTP status (``BackendUnavailable``).
+    Parsed from the ``x-quorum-fault`` header: ``fail_after=5``, ``stall_after=3``,
+    ``status=500``, comma-separated.
+    """
+
+    fail_after: int | None = None
+    stall_after: int | None = None
+    status: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        """Parse ``"fail_after=5,status=500"``; raises ``ValueError`` on anything else."""
+        values: dict[str, int] = {}
+        for item in text.split(","):
+            key, sep, value = item.strip().partition("=")
+            if not sep or key not in ("fail_after", "stall_after", "status"):
+                raise ValueError(f"unknown fault {item.strip()!r}")
+            values[key] = int(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What a backend is asked to produce.
+
+    ``request``: the validated request. ``request_id``: the stream's id suffix; a chat stream's
+    id is ``chatcmpl-<request_id>``, a completion's ``cmpl-<request_id>``, so the node that
+    assigned it (the entry node) gets the same id from whichever node serves. ``created``: unix
+    seconds for the ``created`` field. ``include_usage``: emit the usage chunk (true for every
+    non-streamed request). ``fault``: injected fault, or None.
+    """
+
+    request: Request
+    request_id: str
+    created: int
+    include_usage: bool
+    fault: Fault | None = None
+
+    @property
+    def stream_id(self) -> str:
+        prefix = "chatcmpl-" if self.request.kind == "chat" else "cmpl-"
+        return prefix + self.request_id
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLoad:
+    """A backend's load right now: ``slots`` in all, ``busy`` slots, ``queued`` waiting."""
+
+    slots: int
+    busy: int
+    queued: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.slots - self.busy)
+
+
+class Backend(abc.ABC):
+    """One model served by this node.
+
+    ``model``: the name clients ask for. ``kind``: "mock" | "upstream". ``weight``: routing
+    weight (higher takes more traffic), 1.0 by default.
+    """
+
+    model: str
+    kind: str
+    weight: float = 1.0
+
+    @property
+    @abc.abstractmethod
+    def state(self) -> BackendState:
+        """"warming" until the backend can serve, then "ready"."""
+
+    @abc.abstractmethod
+    def load(self) -> BackendLoad:
+        """Current slots, busy slots and queue depth."""
+
+    @abc.abstractmethod
+    def open(self, generation: Generation) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Start ``generation``; yields an iterator of SSE events (bytes).
+
+        Raises ``BackendSaturated`` (slots and queue full) or ``BackendUnavailable`` before
+        entering; the iterator raises ``BackendBroken`` if the work breaks midway.
+        """
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work for the backend's lifetime (warm-up, health polling).
+
+        Started with ``nursery.start``; the default just reports started and returns.
+        """
+        task_status.started()

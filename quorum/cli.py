@@ -1,0 +1,256 @@
+"""The ``quorum`` command.
+
+::
+
+    quorum node --config nodes/node-a.toml    run one node in this process
+    quorum up [CONFIG ...]                    run a local cluster, one process per node
+                                              (default: every nodes/*.toml)
+    quorum members [URL]                      the cluster as one node sees it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from quorum.config import ConfigError, NodeConfig
+
+__all__ = ["main"]
+
+console = Console(highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``quorum`` console script; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="quorum", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_node = sub.add_parser("node", help="run one node")
+    p_node.add_argument("--config", required=True, type=Path, help="the node's TOML file")
+    p_node.add_argument("--log-level", default="info")
+
+    p_up = sub.add_parser("up", help="run a local cluster, one process per node")
+    p_up.add_argument("configs", nargs="*", type=Path,
+                      help="node configs (default: nodes/*.toml)")
+    p_up.add_argument("--startup-timeout", type=float, default=30.0, metavar="SECONDS")
+
+    p_members = sub.add_parser("members", help="list the cluster's members")
+    p_members.add_argument("url", nargs="?", default="http://127.0.0.1:32768")
+
+    args = parser.parse_args(argv)
+    if args.command == "node":
+        return _node(args.config, args.log_level)
+    if args.command == "up":
+        configs = args.configs or sorted(Path("nodes").glob("*.toml"))
+        if not configs:
+            console.print("[red]no node configs: pass paths or run where nodes/*.toml exist")
+            return 2
+        return trio.run(_up, configs, args.startup_timeout)
+    if args.command == "members":
+        return _members(args.url)
+    return 2
+
+
+# --- quorum node --------------------------------------------------------------------------
+
+
+def _node(path: Path, level: str) -> int:
+    from quorum.node import Node  # the server stack is only imported for a node
+
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = NodeConfig.from_toml(path)
+        node = Node(config)
+    except ConfigError as exc:
+        print(f"quorum node: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                try:
+                    await nursery.start(node.run)
+                except OSError as exc:
+                    raise SystemExit(f"quorum node {config.name}: cannot listen on "
+                                     f"{config.host}:{config.port}: {exc.strerror}") from None
+                print(f"quorum node {config.name} ready on {node.url}", flush=True)
+                async for _ in signals:
+                    logging.getLogger("quorum").info("stopping %s", config.name)
+                    node.stop()
+                    break
+
+    trio.run(run)
+    return 0
+
+
+# --- quorum up ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    config: NodeConfig
+    path: Path
+    process: trio.Process | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
+    exited: trio.Event = field(default_factory=trio.Event)
+
+
+async def _pump(child: _Child) -> None:
+    assert child.process is not None and child.process.stdout is not None
+    buffer = b""
+    async for data in child.process.stdout:
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            child.tail.append(line)
+            console.out(f"{child.config.name} | {line}", highlight=False)
+    await child.process.wait()
+    child.exited.set()
+
+
+async def _wait_healthy(client: httpx.AsyncClient, child: _Child, deadline: float) -> str | None:
+    """None once the node answers /health, else why it did not."""
+    url = f"http://{child.config.host}:{child.config.port}/health"
+    while trio.current_time() < deadline:
+        if child.exited.is_set():
+            code = child.process.returncode if child.process else None
+            return f"exited with status {code}"
+        try:
+            response = await client.get(url, timeout=1.0)
+            if response.status_code == 200 and response.json().get("node") == child.config.name:
+                return None
+        except (httpx.HTTPError, ValueError):
+            pass
+        await trio.sleep(0.1)
+    return "did not answer /health in time"
+
+
+async def _stop(children: list[_Child], timeout: float = 10.0) -> None:
+    for child in children:
+        if child.process is not None and child.process.returncode is None:
+            child.process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(timeout):
+        for child in children:
+            if child.process is not None:
+                await child.process.wait()
+    for child in children:
+        if child.process is not None and child.process.returncode is None:
+            child.process.kill()
+            await child.process.wait()
+
+
+async def _up(paths: list[Path], startup_timeout: float) -> int:
+    children = []
+    for path in paths:
+        try:
+            children.append(_Child(config=NodeConfig.from_toml(path), path=path))
+        except ConfigError as exc:
+            console.print(f"[red]quorum up: {exc}")
+            return 2
+    status = 0
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            try:
+                for child in children:
+                    child.process = await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "quorum", "node", "--config", str(child.path)],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    )
+                    nursery.start_soon(_pump, child)
+                deadline = trio.current_time() + startup_timeout
+                async with httpx.AsyncClient() as client:
+                    failures = []
+                    for child in children:
+                        why = await _wait_healthy(client, child, deadline)
+                        if why is not None:
+                            failures.append((child, why))
+                    if failures:
+                        for child, why in failures:
+                            console.print(f"[red]node {child.config.name} ({child.path}) failed "
+                                          f"to start: {why}")
+                            for line in list(child.tail)[-10:]:
+                                console.print(f"    {line}", markup=False)
+                        console.print("[red]stopping the other nodes")
+                        status = 1
+                    else:
+                        await trio.sleep(1.2)  # one membership refresh, so every node knows all
+                        await _print_cluster(client, children[0])
+                        console.print("Ctrl-C stops the cluster.")
+                        async with trio.open_nursery() as watch:
+                            for child in children:
+                                watch.start_soon(_watch_exit, child, watch.cancel_scope)
+                            watch.start_soon(_first_signal, signals, watch.cancel_scope)
+                        dead = [c for c in children if c.exited.is_set()]
+                        for child in dead:
+                            console.print(f"[red]node {child.config.name} exited "
+                                          f"(status {child.process.returncode})")
+                            status = 1
+            finally:
+                with trio.CancelScope(shield=True):
+                    await _stop(children)
+        nursery.cancel_scope.cancel()
+    console.print("cluster stopped")
+    return status
+
+
+async def _watch_exit(child: _Child, scope: trio.CancelScope) -> None:
+    await child.exited.wait()
+    scope.cancel()
+
+
+async def _first_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        break
+    scope.cancel()
+
+
+async def _print_cluster(client: httpx.AsyncClient, child: _Child) -> None:
+    url = f"http://{child.config.host}:{child.config.port}"
+    table = Table(title="Quorum cluster")
+    table.add_column("node")
+    table.add_column("OpenAI base URL")
+    table.add_column("models")
+    try:
+        members = (await client.get(url + "/cluster/members", timeout=2.0)).json()["members"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        members = []
+    for m in sorted(members, key=lambda m: m["name"]):
+        table.add_row(m["name"], m["url"] + "/v1", ", ".join(m["models"]))
+    console.print(table)
+
+
+# --- quorum members -----------------------------------------------------------------------
+
+
+def _members(url: str) -> int:
+    try:
+        data = httpx.get(url.rstrip("/") + "/cluster/members", timeout=5.0).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        console.print(f"[red]quorum members: {url} did not answer: {exc}")
+        return 1
+    table = Table(title=f"members as seen by {data['self']}")
+    for col in ("name", "state", "node", "incarnation", "in flight", "free slots", "queue",
+                "url", "models"):
+        table.add_column(col)
+    for m in data["members"]:
+        load = m.get("load", {})
+        table.add_row(m["name"], m["state"], m["node_state"], str(m.get("incarnation", 0)),
+                      str(load.get("in_flight", "")), str(load.get("free_slots", "")),
+                      str(load.get("queue_depth", "")), m["url"], ", ".join(m["models"]))
+    console.print(table)
+    return 0

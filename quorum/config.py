@@ -1,0 +1,181 @@
+"""Node configuration: one TOML file per node (``nodes/node-a.toml``), read with ``tomllib``.
+
+::
+
+    [node]
+    name = "node-a"
+    listen = "127.0.0.1:32768"        # HTTP API address
+    # url = "http://10.0.0.5:32768"   # what other nodes use to reach it (default: from listen)
+    max_body_bytes = 4194304
+
+    [cluster]
+    peers = ["http://127.0.0.1:32769", "http://127.0.0.1:32770"]
+
+    [[backends]]
+    model = "mock-chat"
+    kind = "mock"                      # "mock" or "upstream"
+    ttft_ms = 40
+    itl_ms = 15
+    slots = 8
+
+Every problem raises ``ConfigError`` naming the file and the key to fix.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BackendConfig", "ConfigError", "NodeConfig", "parse_hostport"]
+
+BACKEND_KINDS = ("mock", "upstream")
+
+
+class ConfigError(ValueError):
+    """A node config that cannot be used; the message says which key to fix."""
+
+
+def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``"127.0.0.1:32768"`` → ``("127.0.0.1", 32768)``; ``"[::1]:80"`` → ``("::1", 80)``.
+
+    Raises ``ValueError`` for anything else."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{text!r} is not host:port")
+        host, port = text, str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port")
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One ``[[backends]]`` table: ``model``, ``kind`` and the kind's own ``options``."""
+
+    model: str
+    kind: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GossipSettings:
+    """The ``[gossip]`` table: ``bind`` (host, port) for UDP and TCP, ``seeds`` to join through,
+    ``cluster`` name (associated data of every packet), ``keys`` (base64 AES keys, the first
+    encrypts), ``preset`` "lan" | "local"."""
+
+    bind: tuple[str, int]
+    seeds: tuple[tuple[str, int], ...] = ()
+    cluster: str = "quorum"
+    keys: tuple[str, ...] = ()
+    preset: str = "lan"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A node's whole configuration.
+
+    ``host``/``port``: where the HTTP API listens (port 0 picks a free port). ``url``: the
+    advertised base URL, None to derive it from the bound address. ``peers``: peer base URLs
+    for static membership. ``gossip``: gossip settings, or None for static membership only.
+    """
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 32768
+    url: str | None = None
+    peers: tuple[str, ...] = ()
+    max_body_bytes: int = 4 << 20
+    backends: tuple[BackendConfig, ...] = ()
+    gossip: GossipSettings | None = None
+    source: str = "<config>"
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> NodeConfig:
+        """Read a TOML file; raises ``ConfigError`` (also for a missing or unparsable file)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "<config>") -> NodeConfig:
+        """Build from parsed TOML; raises ``ConfigError``."""
+
+        def fail(msg: str) -> ConfigError:
+            return ConfigError(f"{source}: {msg}")
+
+        unknown = set(data) - {"node", "cluster", "backends", "gossip"}
+        if unknown:
+            raise fail(f"unknown table(s) {sorted(unknown)}; expected [node], [cluster], "
+                       "[gossip], [[backends]]")
+        node = data.get("node")
+        if not isinstance(node, Mapping):
+            raise fail("missing [node] table")
+        name = node.get("name")
+        if not isinstance(name, str) or not name:
+            raise fail("[node].name must be a non-empty string")
+        try:
+            host, port = parse_hostport(str(node.get("listen", "127.0.0.1:32768")))
+        except ValueError as exc:
+            raise fail(f"[node].listen: {exc}") from None
+        url = node.get("url")
+        if url is not None and not (isinstance(url, str) and url.startswith("http")):
+            raise fail("[node].url must be an http(s) URL")
+        max_body = node.get("max_body_bytes", 4 << 20)
+        if not isinstance(max_body, int) or max_body < 1024:
+            raise fail("[node].max_body_bytes must be an integer >= 1024")
+        cluster = data.get("cluster", {})
+        peers = cluster.get("peers", [])
+        if not isinstance(peers, list) or not all(
+            isinstance(p, str) and p.startswith("http") for p in peers
+        ):
+            raise fail("[cluster].peers must be a list of http URLs")
+        backends = []
+        seen: set[str] = set()
+        for i, table in enumerate(data.get("backends", [])):
+            model, kind = table.get("model"), table.get("kind", "mock")
+            if not isinstance(model, str) or not model:
+                raise fail(f"backends[{i}].model must be a non-empty string")
+            if kind not in BACKEND_KINDS:
+                raise fail(f"backends[{i}].kind is {kind!r}; it must be one of {BACKEND_KINDS}")
+            if model in seen:
+                raise fail(f"backends[{i}]: model {model!r} is configured twice")
+            seen.add(model)
+            options = {k: v for k, v in table.items() if k not in ("model", "kind")}
+            backends.append(BackendConfig(model=model, kind=kind, options=options))
+        gossip = None
+        if "gossip" in data:
+            g = data["gossip"]
+            try:
+                bind = parse_hostport(str(g.get("bind", "127.0.0.1:7946")))
+                seeds = tuple(parse_hostport(str(s)) for s in g.get("seeds", []))
+            except ValueError as exc:
+                raise fail(f"[gossip]: {exc}") from None
+            keys = g.get("keys", [])
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise fail("[gossip].keys must be a list of base64 strings")
+            preset = g.get("preset", "lan")
+            if preset not in ("lan", "local"):
+                raise fail("[gossip].preset must be 'lan' or 'local'")
+            gossip = GossipSettings(bind=bind, seeds=seeds, cluster=str(g.get("cluster", "quorum")),
+                                    keys=tuple(keys), preset=preset)
+        return cls(
+            name=name,
+            host=host,
+            port=port,
+            url=url,
+            peers=tuple(p.rstrip("/") for p in peers),
+            max_body_bytes=max_body,
+            backends=tuple(backends),
+            gossip=gossip,
+            source=source,
+        )

@@ -1,0 +1,155 @@
+"""One Quorum node: its backends, its cluster view, its dispatcher and its HTTP server, wired
+together from a ``NodeConfig`` and run in one trio nursery.
+
+::
+
+    node = Node(NodeConfig.from_toml("nodes/node-a.toml"))
+    url = await nursery.start(node.run)     # "http://127.0.0.1:32768"
+    ...
+    node.stop()                             # graceful: stop accepting, finish, return
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from quorum.api import create_app
+from quorum.backends.base import Backend
+from quorum.backends.mock import MockBackend
+from quorum.backends.upstream import UpstreamBackend
+from quorum.config import BackendConfig, ConfigError, NodeConfig
+from quorum.routing.dispatch import Dispatcher
+from quorum.routing.membership import Member, MemberLoad, StaticMembership
+
+__all__ = ["Node", "make_backend"]
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(config: BackendConfig, *, source: str = "<config>") -> Backend:
+    """Build the backend a ``[[backends]]`` table describes; raises ``ConfigError``."""
+    try:
+        if config.kind == "mock":
+            return MockBackend.from_config(config.model, config.options)
+        return UpstreamBackend.from_config(config.model, config.options)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: backend {config.model!r}: {exc}") from None
+
+
+class Node:
+    """A node process's parts. ``transport``: httpx transport for node-to-node requests
+    (tests inject one to record what crosses the hop)."""
+
+    def __init__(
+        self, config: NodeConfig, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.backends: dict[str, Backend] = {
+            b.model: make_backend(b, source=config.source) for b in config.backends
+        }
+        self.url: str = config.url or f"http://{config.host}:{config.port}"
+        self.draining = False
+        self.membership = StaticMembership(self.self_member, config.peers, transport=transport)
+        self.dispatcher = Dispatcher(
+            config.name, self.backends, self.membership, transport=transport
+        )
+        self.app = create_app(
+            self.dispatcher, health=self.health, max_body_bytes=config.max_body_bytes
+        )
+        self._shutdown = trio.Event()
+
+    @property
+    def node_state(self) -> str:
+        """"draining" once stopping, "warming" while any backend warms, else "ready"."""
+        if self.draining:
+            return "draining"
+        if any(b.state == "warming" for b in self.backends.values()):
+            return "warming"
+        return "ready"
+
+    def load(self) -> MemberLoad:
+        loads = [b.load() for b in self.backends.values()]
+        return MemberLoad(
+            in_flight=self.dispatcher.in_flight,
+            free_slots=sum(x.free for x in loads),
+            queue_depth=sum(x.queued for x in loads),
+        )
+
+    def self_member(self) -> Member:
+        return Member(
+            name=self.name,
+            url=self.url,
+            state="alive",
+            node_state=self.node_state,
+            models=tuple(self.backends),
+            load=self.load(),
+        )
+
+    def health(self) -> dict[str, Any]:
+        """The ``GET /health`` document."""
+        load = self.load()
+        return {
+            "status": "ok",
+            "node": self.name,
+            "url": self.url,
+            "state": self.node_state,
+            "models": list(self.backends),
+            "load": {
+                "in_flight": load.in_flight,
+                "free_slots": load.free_slots,
+                "queue_depth": load.queue_depth,
+            },
+            "backends": {
+                model: {"kind": b.kind, "state": b.state, "slots": b.load().slots,
+                        "busy": b.load().busy, "queued": b.load().queued}
+                for model, b in self.backends.items()
+            },
+        }
+
+    def stop(self) -> None:
+        """Begin a graceful stop: the server stops accepting and ``run`` returns."""
+        self.draining = True
+        self._shutdown.set()
+
+    async def _serve(
+        self,
+        hconfig: HypercornConfig,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # hypercorn returns once its graceful shutdown is done; then the rest is cancelled.
+        await serve(self.app, hconfig, shutdown_trigger=self._shutdown.wait,
+                    task_status=task_status)
+        scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until ``stop()``; reports the node's HTTP base URL once it is listening."""
+        hconfig = HypercornConfig()
+        hconfig.bind = [f"[{self.config.host}]:{self.config.port}" if ":" in self.config.host
+                        else f"{self.config.host}:{self.config.port}"]
+        hconfig.accesslog = None
+        hconfig.errorlog = logging.getLogger("hypercorn.error")
+        hconfig.keep_alive_timeout = 75
+        hconfig.graceful_timeout = 5
+        hconfig.include_server_header = False
+        try:
+            async with trio.open_nursery() as nursery:
+                for backend in self.backends.values():
+                    await nursery.start(backend.run)
+                binds = await nursery.start(self._serve, hconfig, nursery.cancel_scope)
+                if self.config.url is None:
+                    self.url = binds[0]
+                await nursery.start(self.membership.run)
+                log.info("node %s serving %s on %s", self.name, list(self.backends), self.url)
+                task_status.started(self.url)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.dispatcher.aclose()

@@ -1,0 +1,1 @@
+"""Routing: the membership view, choosing candidates for a request, and dispatch/relay."""

@@ -1,0 +1,167 @@
+"""What a node knows about the cluster: one ``Member`` record per node, including itself.
+
+Two sources fill the view: ``StaticMembership`` polls a fixed list of peer URLs over HTTP
+(``GET /health``), and the gossip layer (``quorum.gossip``) replaces it when configured. The
+router only reads ``members()``; it does not care where the view came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import httpx
+import trio
+
+__all__ = ["Member", "MemberLoad", "Membership", "StaticMembership"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLoad:
+    """A node's load: ``in_flight`` requests, ``free_slots`` over its backends, ``queue_depth``."""
+
+    in_flight: int = 0
+    free_slots: int = 0
+    queue_depth: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One node as seen from here.
+
+    ``state``: membership state, "alive" | "suspect" | "dead" | "left". ``node_state``: what the
+    node says of itself, "warming" | "ready" | "draining". ``url``: its HTTP base URL
+    (``http://127.0.0.1:32769``). ``models``: the models its backends serve. ``incarnation``:
+    SWIM incarnation (0 for static peers).
+    """
+
+    name: str
+    url: str
+    state: str
+    node_state: str
+    models: tuple[str, ...]
+    load: MemberLoad = field(default_factory=MemberLoad)
+    incarnation: int = 0
+
+    @property
+    def routable(self) -> bool:
+        """Alive and ready: may be sent new requests."""
+        return self.state == "alive" and self.node_state == "ready"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "state": self.state,
+            "node_state": self.node_state,
+            "incarnation": self.incarnation,
+            "models": list(self.models),
+            "load": {
+                "in_flight": self.load.in_flight,
+                "free_slots": self.load.free_slots,
+                "queue_depth": self.load.queue_depth,
+            },
+        }
+
+
+class Membership(Protocol):
+    """A source of the cluster view."""
+
+    def members(self) -> Sequence[Member]:
+        """Every known member, this node first."""
+        ...
+
+
+class StaticMembership:
+    """Membership from a fixed peer list, refreshed by polling each peer's ``/health``.
+
+    ``local``: a callable returning this node's own ``Member``. ``peers``: peer base URLs.
+    A peer that answers is "alive" with what it reported; one that does not answer
+    ``dead_after`` polls in a row is "dead" (it was "suspect" before that). A peer never
+    heard from is listed under its URL with state "suspect".
+    """
+
+    def __init__(
+        self,
+        local: Callable[[], Member],
+        peers: Sequence[str],
+        *,
+        interval: float = 1.0,
+        timeout: float = 1.0,
+        dead_after: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._local = local
+        self._peers = [p.rstrip("/") for p in peers]
+        self._known: dict[str, Member] = {
+            url: Member(name=url, url=url, state="suspect", node_state="warming", models=())
+            for url in self._peers
+        }
+        self._misses: dict[str, int] = {url: 0 for url in self._peers}
+        self._interval = interval
+        self._timeout = timeout
+        self._dead_after = dead_after
+        self._transport = transport
+        self._kick = trio.Event()
+        self.refreshed = trio.Event()
+
+    def set_peers(self, peers: Sequence[str]) -> None:
+        """Replace the peer list (keeping what is known of peers that stay) and poll now."""
+        urls = [p.rstrip("/") for p in peers]
+        self._known = {
+            url: self._known.get(url)
+            or Member(name=url, url=url, state="suspect", node_state="warming", models=())
+            for url in urls
+        }
+        self._misses = {url: self._misses.get(url, 0) for url in urls}
+        self._peers = urls
+        self._kick.set()
+
+    def members(self) -> list[Member]:
+        return [self._local(), *self._known.values()]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll every peer each ``interval`` seconds, forever."""
+        async with httpx.AsyncClient(timeout=self._timeout, transport=self._transport) as client:
+            task_status.started()
+            while True:
+                async with trio.open_nursery() as nursery:
+                    for url in self._peers:
+                        nursery.start_soon(self._poll, client, url)
+                self.refreshed.set()
+                self.refreshed = trio.Event()
+                with trio.move_on_after(self._interval):
+                    await self._kick.wait()
+                self._kick = trio.Event()
+
+    async def _poll(self, client: httpx.AsyncClient, url: str) -> None:
+        if url not in self._known:
+            return  # removed by set_peers while this poll was under way
+        try:
+            response = await client.get(url + "/health")
+            info = response.json()
+            member = Member(
+                name=str(info["node"]),
+                url=str(info.get("url", url)),
+                state="alive",
+                node_state=str(info.get("state", "ready")),
+                models=tuple(str(m) for m in info.get("models", ())),
+                load=MemberLoad(**info.get("load", {})),
+            )
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            if url not in self._known:
+                return
+            self._misses[url] += 1
+            old = self._known[url]
+            state = "dead" if self._misses[url] >= self._dead_after else "suspect"
+            if old.state != state:
+                log.info("peer %s (%s) is %s: %s", old.name, url, state, exc)
+            self._known[url] = replace(old, state=state)
+            return
+        if url in self._known:
+            self._misses[url] = 0
+            self._known[url] = member
