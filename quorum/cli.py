@@ -72,6 +72,7 @@ def _node(path: Path, level: str) -> int:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     try:
         config = NodeConfig.from_toml(path)
         node = Node(config)
@@ -82,19 +83,34 @@ def _node(path: Path, level: str) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                try:
-                    await nursery.start(node.run)
-                except OSError as exc:
-                    raise SystemExit(f"quorum node {config.name}: cannot listen on "
-                                     f"{config.host}:{config.port}: {exc.strerror}") from None
+                await nursery.start(node.run)
                 print(f"quorum node {config.name} ready on {node.url}", flush=True)
                 async for _ in signals:
                     logging.getLogger("quorum").info("stopping %s", config.name)
                     node.stop()
                     break
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _first(exc, OSError)
+        if error is None:
+            raise
+        print(f"quorum node {config.name}: cannot listen on {config.host}:{config.port}: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _first(exc: BaseException, kind: type[OSError]) -> OSError | None:
+    """The first ``kind`` inside ``exc``, looking through exception groups."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _first(inner, kind)) is not None:
+                return found
+    return None
 
 
 # --- quorum up ----------------------------------------------------------------------------

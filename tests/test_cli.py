@@ -1,0 +1,154 @@
+"""`quorum up` and `quorum node` as real OS processes: the README's cluster command works,
+a node that cannot start is reported and the others are stopped, SIGTERM stops everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import ROOT
+
+MESSAGES = [{"role": "user", "content": "Count to five."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def readme_cluster_command() -> list[str]:
+    """The cluster half of the README's first command (the install half ran already)."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", readme, re.S)
+    assert block is not None
+    first = block.group(1).splitlines()[0].split("#")[0]
+    install, _, run = first.partition("&&")
+    assert "pip install" in install
+    return shlex.split(run)
+
+
+def write_configs(tmp: Path, ports: dict[str, int]) -> list[Path]:
+    """Copies of nodes/*.toml on the given ports, peers rewritten to match."""
+    paths = []
+    for name, port in ports.items():
+        text = (ROOT / "nodes" / f"{name}.toml").read_text()
+        text = re.sub(r'listen = ".*"', f'listen = "127.0.0.1:{port}"', text)
+        peers = [f"http://127.0.0.1:{p}" for n, p in ports.items() if n != name]
+        text = re.sub(r"peers = \[.*\]", "peers = " + json.dumps(peers), text)
+        path = tmp / f"{name}.toml"
+        path.write_text(text)
+        paths.append(path)
+    return paths
+
+
+class Up:
+    """A `quorum up` process with its output collected."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.output = ""
+        self.ready = trio.Event()
+
+    async def pump(self) -> None:
+        assert self.process.stdout is not None
+        async for data in self.process.stdout:
+            self.output += data.decode("utf-8", "replace")
+            if "Ctrl-C stops the cluster" in self.output:
+                self.ready.set()
+
+
+async def start_up(nursery: trio.Nursery, args: list[str]) -> Up:
+    process = await trio.lowlevel.open_process(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    up = Up(process)
+    nursery.start_soon(up.pump)
+    return up
+
+
+async def stop_up(up: Up) -> int:
+    if up.process.returncode is None:
+        up.process.send_signal(signal.SIGTERM)
+    with trio.fail_after(20):
+        return await up.process.wait()
+
+
+async def test_readme_cluster_command_serves_streams_through_node_a(
+    nursery: trio.Nursery,
+) -> None:
+    ports = (32768, 32769, 32770)
+    if any(port_open(p) for p in ports):
+        pytest.skip("ports 32768-32770 are in use on this machine")
+    args = readme_cluster_command()
+    assert args[:3] == ["python3", "-m", "quorum"]
+    up = await start_up(nursery, [sys.executable, *args[1:]])
+    try:
+        with trio.fail_after(40):
+            await up.ready.wait()
+        for name in ("node-a", "node-b", "node-c"):
+            assert name in up.output
+        async with httpx.AsyncClient(timeout=10) as client:
+            chunks = 0
+            async with client.stream(
+                "POST", "http://127.0.0.1:32768/v1/chat/completions",
+                json={"model": "mock-coder", "stream": True, "messages": MESSAGES},
+            ) as response:
+                assert response.headers["x-quorum-node"] == "node-c"
+                async for _ in response.aiter_raw():
+                    chunks += 1
+            assert chunks > 3  # tokens arrive one by one, not as one body
+    finally:
+        status = await stop_up(up)
+    assert status == 0, up.output
+    assert "cluster stopped" in up.output
+    assert not any(port_open(p) for p in ports)
+
+
+async def test_a_node_that_cannot_start_is_reported_and_the_others_stopped(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ports = {"node-a": free_port(), "node-b": free_port(), "node-c": free_port()}
+    paths = write_configs(tmp_path, ports)
+    with socket.socket() as blocker:  # node-b's port is taken
+        blocker.bind(("127.0.0.1", ports["node-b"]))
+        blocker.listen()
+        up = await start_up(
+            nursery, [sys.executable, "-m", "quorum", "up", "--startup-timeout", "30",
+                      *map(str, paths)]
+        )
+        with trio.fail_after(40):
+            status = await up.process.wait()
+    assert status == 1
+    assert "node node-b" in up.output and "failed to start" in up.output
+    assert "cannot listen" in up.output
+    assert not port_open(ports["node-a"]) and not port_open(ports["node-c"])
+
+
+async def test_up_rejects_a_bad_config_before_starting_anything(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nname = "x"\n[[backends]]\nmodel = "m"\nkind = "gpu"\n')
+    result = await trio.run_process(
+        [sys.executable, "-m", "quorum", "up", str(bad)], cwd=ROOT, capture_stdout=True,
+        capture_stderr=True, check=False,
+    )
+    assert result.returncode == 2
+    assert "backends[0].kind" in result.stdout.decode()
