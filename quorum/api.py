@@ -74,7 +74,8 @@ def create_app(
                 f"{max_body_bytes} bytes (max_body_bytes in its config)."
             )
         try:
-            return await request.get_data(cache=False, as_text=False)
+            data = await request.get_data(cache=False, as_text=False)
+            return data if isinstance(data, bytes) else data.encode()
         except RequestEntityTooLarge:
             raise PayloadTooLarge(
                 f"The request body is over this node's limit of {max_body_bytes} bytes "
@@ -105,8 +106,13 @@ def create_app(
             for model in member.models:
                 names.setdefault(model, []).append(member.name)
         data = [
-            {"id": m, "object": "model", "created": started, "owned_by": "quorum",
-             "quorum_nodes": sorted(nodes)}
+            {
+                "id": m,
+                "object": "model",
+                "created": started,
+                "owned_by": "quorum",
+                "quorum_nodes": sorted(nodes),
+            }
             for m, nodes in sorted(names.items())
         ]
         return _json(200, {"object": "list", "data": data})
@@ -132,9 +138,11 @@ def create_app(
         if status == 413:
             return _error(PayloadTooLarge(f"The request body is over {max_body_bytes} bytes."))
         if status == 404:
-            msg = (f"There is no endpoint {request.method} {request.path}. Quorum serves "
-                   "/v1/chat/completions, /v1/completions, /v1/models, /health and "
-                   "/cluster/members.")
+            msg = (
+                f"There is no endpoint {request.method} {request.path}. Quorum serves "
+                "/v1/chat/completions, /v1/completions, /v1/models, /health and "
+                "/cluster/members."
+            )
         elif status == 405:
             msg = f"{request.method} is not allowed on {request.path}."
         else:

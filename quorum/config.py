@@ -115,8 +115,10 @@ class NodeConfig:
 
         unknown = set(data) - {"node", "cluster", "backends", "gossip"}
         if unknown:
-            raise fail(f"unknown table(s) {sorted(unknown)}; expected [node], [cluster], "
-                       "[gossip], [[backends]]")
+            raise fail(
+                f"unknown table(s) {sorted(unknown)}; expected [node], [cluster], "
+                "[gossip], [[backends]]"
+            )
         node = data.get("node")
         if not isinstance(node, Mapping):
             raise fail("missing [node] table")
@@ -166,8 +168,13 @@ class NodeConfig:
             preset = g.get("preset", "lan")
             if preset not in ("lan", "local"):
                 raise fail("[gossip].preset must be 'lan' or 'local'")
-            gossip = GossipSettings(bind=bind, seeds=seeds, cluster=str(g.get("cluster", "quorum")),
-                                    keys=tuple(keys), preset=preset)
+            gossip = GossipSettings(
+                bind=bind,
+                seeds=seeds,
+                cluster=str(g.get("cluster", "quorum")),
+                keys=tuple(keys),
+                preset=preset,
+            )
         return cls(
             name=name,
             host=host,

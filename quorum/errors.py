@@ -13,7 +13,7 @@
     └── BackendError              a backend could not do what it was asked
         ├── BackendSaturated      slots and queue full (local, before any byte)
         ├── BackendUnavailable    could not reach it / it answered an error status (before any byte)
-        └── BackendBroken         it broke after bytes were produced (reset, EOF without [DONE], stall)
+        └── BackendBroken         it broke after producing bytes (reset, EOF without [DONE])
 
 ``ApiError`` is what the HTTP layer turns into a response. ``BackendError`` is raised by
 backends and by the relay; the router decides whether it becomes a retry, a resume or an

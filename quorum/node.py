@@ -67,7 +67,7 @@ class Node:
 
     @property
     def node_state(self) -> str:
-        """"draining" once stopping, "warming" while any backend warms, else "ready"."""
+        """ "draining" once stopping, "warming" while any backend warms, else "ready"."""
         if self.draining:
             return "draining"
         if any(b.state == "warming" for b in self.backends.values()):
@@ -107,8 +107,13 @@ class Node:
                 "queue_depth": load.queue_depth,
             },
             "backends": {
-                model: {"kind": b.kind, "state": b.state, "slots": b.load().slots,
-                        "busy": b.load().busy, "queued": b.load().queued}
+                model: {
+                    "kind": b.kind,
+                    "state": b.state,
+                    "slots": b.load().slots,
+                    "busy": b.load().busy,
+                    "queued": b.load().queued,
+                }
                 for model, b in self.backends.items()
             },
         }
@@ -126,15 +131,19 @@ class Node:
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         # hypercorn returns once its graceful shutdown is done; then the rest is cancelled.
-        await serve(self.app, hconfig, shutdown_trigger=self._shutdown.wait,
-                    task_status=task_status)
+        await serve(
+            self.app, hconfig, shutdown_trigger=self._shutdown.wait, task_status=task_status
+        )
         scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()``; reports the node's HTTP base URL once it is listening."""
         hconfig = HypercornConfig()
-        hconfig.bind = [f"[{self.config.host}]:{self.config.port}" if ":" in self.config.host
-                        else f"{self.config.host}:{self.config.port}"]
+        hconfig.bind = [
+            f"[{self.config.host}]:{self.config.port}"
+            if ":" in self.config.host
+            else f"{self.config.host}:{self.config.port}"
+        ]
         hconfig.accesslog = None
         hconfig.errorlog = logging.getLogger("hypercorn.error")
         hconfig.keep_alive_timeout = 75

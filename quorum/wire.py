@@ -115,17 +115,15 @@ Request = ChatRequest | CompletionRequest
 def parse_json_body(body: bytes) -> Json:
     """Decode a request body that must be a JSON object; raises ``InvalidRequest``."""
     try:
-        data = json.loads(body)
+        data: Any = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(
             f"The request body is not valid JSON ({exc}). Send a JSON object with "
             "content-type: application/json."
         ) from None
     if not isinstance(data, dict):
-        raise InvalidRequest(
-            f"The request body must be a JSON object, not {_type_name(data)}."
-        )
-    return data
+        raise InvalidRequest(f"The request body must be a JSON object, not {_type_name(data)}.")
+    return dict(data)
 
 
 def _type_name(value: Any) -> str:
@@ -265,7 +263,7 @@ def _message(i: int, message: Any) -> Json:
         _expect(content, str, f"{where}.content", "a string or an array of content parts")
     if role == "tool":
         _expect(message.get("tool_call_id"), str, f"{where}.tool_call_id", "a string")
-    return message
+    return dict(message)
 
 
 def _tools(body: Json) -> tuple[Tool, ...]:
@@ -354,9 +352,7 @@ def parse_chat_request(body: Json) -> ChatRequest:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
     _expect(messages, list, "messages", "an array of message objects")
     if not messages:
-        raise InvalidRequest(
-            "'messages' must contain at least one message.", param="messages"
-        )
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages")
     parsed = tuple(_message(i, m) for i, m in enumerate(messages))
     stream, include_usage = _stream(body)
     _common_sampling(body)
@@ -446,7 +442,7 @@ class ChatChunkEncoder:
                 "system_fingerprint": SYSTEM_FINGERPRINT,
             }
         )
-        self._head = 'data: ' + head[:-1] + ',"choices":[{"index":0,"delta":'
+        self._head = "data: " + head[:-1] + ',"choices":[{"index":0,"delta":'
         self._tail = "}]}\n\n"
 
     def delta(self, delta: Json, finish_reason: str | None = None) -> bytes:
@@ -490,8 +486,12 @@ class ChatChunkEncoder:
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The ``include_usage`` chunk: empty ``choices`` and the ``usage`` object."""
         head = self._head[: self._head.index(',"choices"')]
-        return (head + ',"choices":[],"usage":' + _dumps(_usage(prompt_tokens, completion_tokens))
-                + "}\n\n").encode()
+        return (
+            head
+            + ',"choices":[],"usage":'
+            + _dumps(_usage(prompt_tokens, completion_tokens))
+            + "}\n\n"
+        ).encode()
 
 
 class CompletionChunkEncoder:
@@ -514,13 +514,21 @@ class CompletionChunkEncoder:
     def text(self, text: str, finish_reason: str | None = None) -> bytes:
         fr = "null" if finish_reason is None else '"' + finish_reason + '"'
         return (
-            self._head + ',"choices":[{"index":0,"text":' + _dumps(text)
-            + ',"logprobs":null,"finish_reason":' + fr + "}]}\n\n"
+            self._head
+            + ',"choices":[{"index":0,"text":'
+            + _dumps(text)
+            + ',"logprobs":null,"finish_reason":'
+            + fr
+            + "}]}\n\n"
         ).encode()
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return (self._head + ',"choices":[],"usage":'
-                + _dumps(_usage(prompt_tokens, completion_tokens)) + "}\n\n").encode()
+        return (
+            self._head
+            + ',"choices":[],"usage":'
+            + _dumps(_usage(prompt_tokens, completion_tokens))
+            + "}\n\n"
+        ).encode()
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Json:
@@ -566,8 +574,11 @@ def aggregate_chat(chunks: Iterable[Json]) -> Json:
                     for tc in value or ():
                         call = calls.setdefault(
                             tc["index"],
-                            {"id": "", "type": "function",
-                             "function": {"name": "", "arguments": ""}},
+                            {
+                                "id": "",
+                                "type": "function",
+                                "function": {"name": "", "arguments": ""},
+                            },
                         )
                         if tc.get("id"):
                             call["id"] = tc["id"]
@@ -635,8 +646,12 @@ def aggregate_completion(chunks: Iterable[Json]) -> Json:
         "model": head["model"],
         "system_fingerprint": head.get("system_fingerprint"),
         "choices": [
-            {"index": 0, "text": "".join(parts), "logprobs": None,
-             "finish_reason": finish_reason or "stop"}
+            {
+                "index": 0,
+                "text": "".join(parts),
+                "logprobs": None,
+                "finish_reason": finish_reason or "stop",
+            }
         ],
     }
     if usage is not None:

@@ -77,7 +77,10 @@ class Up:
 
 async def start_up(nursery: trio.Nursery, args: list[str]) -> Up:
     process = await trio.lowlevel.open_process(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "COLUMNS": "120"},
     )
     up = Up(process)
@@ -109,7 +112,8 @@ async def test_readme_cluster_command_serves_streams_through_node_a(
         async with httpx.AsyncClient(timeout=10) as client:
             chunks = 0
             async with client.stream(
-                "POST", "http://127.0.0.1:32768/v1/chat/completions",
+                "POST",
+                "http://127.0.0.1:32768/v1/chat/completions",
                 json={"model": "mock-coder", "stream": True, "messages": MESSAGES},
             ) as response:
                 assert response.headers["x-quorum-node"] == "node-c"
@@ -132,8 +136,8 @@ async def test_a_node_that_cannot_start_is_reported_and_the_others_stopped(
         blocker.bind(("127.0.0.1", ports["node-b"]))
         blocker.listen()
         up = await start_up(
-            nursery, [sys.executable, "-m", "quorum", "up", "--startup-timeout", "30",
-                      *map(str, paths)]
+            nursery,
+            [sys.executable, "-m", "quorum", "up", "--startup-timeout", "30", *map(str, paths)],
         )
         with trio.fail_after(40):
             status = await up.process.wait()
@@ -147,8 +151,11 @@ async def test_up_rejects_a_bad_config_before_starting_anything(tmp_path: Path) 
     bad = tmp_path / "bad.toml"
     bad.write_text('[node]\nname = "x"\n[[backends]]\nmodel = "m"\nkind = "gpu"\n')
     result = await trio.run_process(
-        [sys.executable, "-m", "quorum", "up", str(bad)], cwd=ROOT, capture_stdout=True,
-        capture_stderr=True, check=False,
+        [sys.executable, "-m", "quorum", "up", str(bad)],
+        cwd=ROOT,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     assert result.returncode == 2
     assert "backends[0].kind" in result.stdout.decode()

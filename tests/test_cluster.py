@@ -72,7 +72,10 @@ def sdk(cluster: Cluster, node: str) -> openai.OpenAI:
 def _stream_every_model(client: openai.OpenAI, entry: str) -> None:
     for model, nodes in SERVED_BY.items():
         response = client.chat.completions.with_raw_response.create(
-            model=model, messages=MESSAGES, stream=True, seed=7,
+            model=model,
+            messages=MESSAGES,
+            stream=True,
+            seed=7,
             stream_options={"include_usage": True},
         )
         served_by = response.headers["x-quorum-node"]
@@ -155,7 +158,8 @@ async def test_reasoning_deltas_keep_the_serving_backends_field_name(
     other = "reasoning" if field == "reasoning_content" else "reasoning_content"
     entry = "node-c"  # serves neither reasoning model: always forwarded
     _, events, _ = await stream_events(
-        http, cluster.url(entry) + "/v1/chat/completions",
+        http,
+        cluster.url(entry) + "/v1/chat/completions",
         {"model": model, "messages": MESSAGES, "stream": True},
     )
     kinds = []
@@ -176,8 +180,10 @@ def _tool_calls(client: openai.OpenAI) -> tuple[dict[int, dict[str, Any]], int, 
     fragments = 0
     finish = None
     for chunk in client.chat.completions.create(
-        model="mock-coder", messages=[{"role": "user", "content": "Weather in Oslo?"}],
-        tools=[WEATHER_TOOL], stream=True,
+        model="mock-coder",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER_TOOL],
+        stream=True,
     ):
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
@@ -240,8 +246,12 @@ class RecordingTransport(httpx.AsyncBaseTransport):
             async def aclose(self_) -> None:
                 await response.aclose()
 
-        return httpx.Response(response.status_code, headers=response.headers, stream=Tap(),
-                              extensions=response.extensions)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=Tap(),
+            extensions=response.extensions,
+        )
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -251,12 +261,14 @@ async def test_forwarded_stream_bytes_equal_the_serving_nodes_bytes(
     nursery: trio.Nursery, http: httpx.AsyncClient
 ) -> None:
     recorder = RecordingTransport()
-    cluster = await start_cluster(
-        nursery, [node_config(n) for n in NODES], transport=recorder
-    )
+    cluster = await start_cluster(nursery, [node_config(n) for n in NODES], transport=recorder)
     for body in (
-        {"model": "mock-coder", "messages": MESSAGES, "stream": True,
-         "stream_options": {"include_usage": True}},
+        {
+            "model": "mock-coder",
+            "messages": MESSAGES,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
         {"model": "mock-coder", "messages": MESSAGES, "stream": True, "tools": [WEATHER_TOOL]},
         {"model": "mock-coder", "prompt": "a b c", "stream": True, "max_tokens": 20},
     ):
@@ -275,7 +287,8 @@ async def test_forwarded_stream_bytes_equal_the_serving_nodes_bytes(
 
 async def test_stream_headers(cluster: Cluster, http: httpx.AsyncClient) -> None:
     response, _, _ = await stream_events(
-        http, cluster.url("node-a") + "/v1/chat/completions",
+        http,
+        cluster.url("node-a") + "/v1/chat/completions",
         {"model": "mock-coder", "messages": MESSAGES, "stream": True},
         headers={"x-request-id": "test-request-0001"},
     )
@@ -294,20 +307,28 @@ async def test_every_response_validates_against_openai_spec(
     validate("ListModelsResponse", models)
     assert {m["id"] for m in models["data"]} == set(SERVED_BY)
     for model in SERVED_BY:
-        chat = await http.post(base + "/v1/chat/completions",
-                               json={"model": model, "messages": MESSAGES})
+        chat = await http.post(
+            base + "/v1/chat/completions", json={"model": model, "messages": MESSAGES}
+        )
         validate("CreateChatCompletionResponse", chat.json())
-        tools = await http.post(base + "/v1/chat/completions",
-                                json={"model": model, "messages": MESSAGES,
-                                      "tools": [WEATHER_TOOL]})
+        tools = await http.post(
+            base + "/v1/chat/completions",
+            json={"model": model, "messages": MESSAGES, "tools": [WEATHER_TOOL]},
+        )
         validate("CreateChatCompletionResponse", tools.json())
         assert tools.json()["choices"][0]["finish_reason"] == "tool_calls"
         text = await http.post(base + "/v1/completions", json={"model": model, "prompt": "hi"})
         validate("CreateCompletionResponse", text.json())
         _, events, _ = await stream_events(
-            http, base + "/v1/chat/completions",
-            {"model": model, "messages": MESSAGES, "stream": True, "tools": [WEATHER_TOOL],
-             "stream_options": {"include_usage": True}},
+            http,
+            base + "/v1/chat/completions",
+            {
+                "model": model,
+                "messages": MESSAGES,
+                "stream": True,
+                "tools": [WEATHER_TOOL],
+                "stream_options": {"include_usage": True},
+            },
         )
         for event in events:
             validate("CreateChatCompletionStreamResponse", event)
@@ -326,8 +347,9 @@ async def test_pin_selects_a_node_and_rejects_unknown_or_unable_nodes(
     unknown = await http.post(url, json=body, headers={"x-quorum-pin": "node-z"})
     assert unknown.status_code == 400
     assert "node-z" in unknown.json()["error"]["message"]
-    unable = await http.post(url, json={"model": "mock-coder", "messages": MESSAGES},
-                             headers={"x-quorum-pin": "node-b"})
+    unable = await http.post(
+        url, json={"model": "mock-coder", "messages": MESSAGES}, headers={"x-quorum-pin": "node-b"}
+    )
     assert unable.status_code == 503
     assert "does not serve" in unable.json()["error"]["message"]
     for response in (unknown, unable):
@@ -354,17 +376,32 @@ BAD_INPUTS = [
     (json.dumps({"model": "mock-chat"}).encode(), 400, "messages"),
     (json.dumps({"model": "mock-chat", "messages": "hi"}).encode(), 400, "messages"),
     (json.dumps({"model": "mock-chat", "messages": []}).encode(), 400, "messages"),
-    (json.dumps({"model": "mock-chat", "messages": [{"content": "x"}]}).encode(), 400,
-     "messages[0].role"),
-    (json.dumps({"model": "mock-chat", "messages": [{"role": "user", "content": 3}]}).encode(),
-     400, "messages[0].content"),
-    (json.dumps({"model": "mock-chat", "messages": MESSAGES, "stream": "yes"}).encode(), 400,
-     "stream"),
-    (json.dumps({"model": "mock-chat", "messages": MESSAGES, "max_tokens": -1}).encode(), 400,
-     "max_tokens"),
+    (
+        json.dumps({"model": "mock-chat", "messages": [{"content": "x"}]}).encode(),
+        400,
+        "messages[0].role",
+    ),
+    (
+        json.dumps({"model": "mock-chat", "messages": [{"role": "user", "content": 3}]}).encode(),
+        400,
+        "messages[0].content",
+    ),
+    (
+        json.dumps({"model": "mock-chat", "messages": MESSAGES, "stream": "yes"}).encode(),
+        400,
+        "stream",
+    ),
+    (
+        json.dumps({"model": "mock-chat", "messages": MESSAGES, "max_tokens": -1}).encode(),
+        400,
+        "max_tokens",
+    ),
     (json.dumps({"model": "mock-chat", "messages": MESSAGES, "n": 2}).encode(), 400, "n"),
-    (json.dumps({"model": "mock-chat", "messages": MESSAGES, "temperature": 9}).encode(), 400,
-     "temperature"),
+    (
+        json.dumps({"model": "mock-chat", "messages": MESSAGES, "temperature": 9}).encode(),
+        400,
+        "temperature",
+    ),
     (json.dumps({"model": "no-such-model", "messages": MESSAGES}).encode(), 404, "model"),
 ]
 
@@ -412,8 +449,10 @@ async def test_unknown_endpoint_and_method_are_openai_errors(
 async def test_no_node_able_to_serve_is_503(nursery: trio.Nursery, http: httpx.AsyncClient) -> None:
     warming_c = node_config("node-c")
     warming_c = type(warming_c).from_mapping(
-        {"node": {"name": "node-c", "listen": "127.0.0.1:0"},
-         "backends": [{"model": "mock-coder", "kind": "mock", "warmup_s": 600}]}
+        {
+            "node": {"name": "node-c", "listen": "127.0.0.1:0"},
+            "backends": [{"model": "mock-coder", "kind": "mock", "warmup_s": 600}],
+        }
     )
     nodes = [node_config("node-a"), warming_c]
     from quorum.node import Node
@@ -426,8 +465,9 @@ async def test_no_node_able_to_serve_is_503(nursery: trio.Nursery, http: httpx.A
         while a.membership.members()[1].name != "node-c":
             await trio.sleep(0.01)
     assert a.membership.members()[1].node_state == "warming"
-    response = await http.post(a.url + "/v1/chat/completions",
-                               json={"model": "mock-coder", "messages": MESSAGES})
+    response = await http.post(
+        a.url + "/v1/chat/completions", json={"model": "mock-coder", "messages": MESSAGES}
+    )
     assert response.status_code == 503
     validate("ErrorResponse", response.json())
     assert "mock-coder" in response.json()["error"]["message"]
@@ -444,9 +484,9 @@ async def test_client_disconnect_frees_the_slot(cluster: Cluster, entry: str) ->
     serving = cluster["node-c"].backends["mock-coder"]
     async with httpx.AsyncClient(timeout=10) as client:
         async with client.stream(
-            "POST", cluster.url(entry) + "/v1/chat/completions",
-            json={"model": "mock-coder", "messages": MESSAGES, "stream": True,
-                  "max_tokens": 5000},
+            "POST",
+            cluster.url(entry) + "/v1/chat/completions",
+            json={"model": "mock-coder", "messages": MESSAGES, "stream": True, "max_tokens": 5000},
             headers={"x-quorum-fault": "stall_after=3"},
         ) as response:
             assert response.status_code == 200

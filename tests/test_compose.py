@@ -22,7 +22,10 @@ pytestmark = pytest.mark.skipif(
 def compose_config() -> dict:
     result = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
@@ -38,8 +41,9 @@ def test_compose_file_validates_with_three_nodes_from_one_image() -> None:
         assert service["command"] == ["node", "--config", f"/app/nodes/compose/{name}.toml"]
         assert "/health" in " ".join(service["healthcheck"]["test"])
         for port in service["ports"]:
-            published.add(int(port["published"]) if isinstance(port, dict)
-                          else int(str(port).split(":")[0]))
+            published.add(
+                int(port["published"]) if isinstance(port, dict) else int(str(port).split(":")[0])
+            )
     assert published == {32768, 32769, 32770}
 
 

@@ -15,7 +15,9 @@ from tests.conftest import NODES
 def test_shipped_cluster_covers_shared_single_and_both_reasoning_styles() -> None:
     configs = [NodeConfig.from_toml(p) for p in sorted(NODES.glob("*.toml"))]
     assert [(c.name, c.port) for c in configs] == [
-        ("node-a", 32768), ("node-b", 32769), ("node-c", 32770)
+        ("node-a", 32768),
+        ("node-b", 32769),
+        ("node-c", 32770),
     ]
     where: dict[str, set[str]] = {}
     fields = set()
@@ -38,8 +40,10 @@ def test_shipped_cluster_covers_shared_single_and_both_reasoning_styles() -> Non
         ('[node]\nname = "a"\n[cluster]\npeers = ["ftp://x"]\n', "[cluster].peers"),
         ('[node]\nname = "a"\n[[backends]]\nkind = "mock"\n', "backends[0].model"),
         ('[node]\nname = "a"\n[[backends]]\nmodel = "m"\nkind = "tpu"\n', "backends[0].kind"),
-        ('[node]\nname = "a"\n[[backends]]\nmodel = "m"\n[[backends]]\nmodel = "m"\n',
-         "configured twice"),
+        (
+            '[node]\nname = "a"\n[[backends]]\nmodel = "m"\n[[backends]]\nmodel = "m"\n',
+            "configured twice",
+        ),
         ('[node]\nname = "a"\n[nodes]\n', "unknown table"),
         ("[node\n", "not valid TOML"),
     ],

@@ -9,10 +9,23 @@ from quorum.routing.membership import Member, MemberLoad
 from quorum.routing.router import candidates
 
 
-def member(name: str, models: tuple[str, ...], *, state: str = "alive",
-           node_state: str = "ready", queue: int = 0, free: int = 4) -> Member:
-    return Member(name=name, url=f"http://{name}", state=state, node_state=node_state,
-                  models=models, load=MemberLoad(free_slots=free, queue_depth=queue))
+def member(
+    name: str,
+    models: tuple[str, ...],
+    *,
+    state: str = "alive",
+    node_state: str = "ready",
+    queue: int = 0,
+    free: int = 4,
+) -> Member:
+    return Member(
+        name=name,
+        url=f"http://{name}",
+        state=state,
+        node_state=node_state,
+        models=models,
+        load=MemberLoad(free_slots=free, queue_depth=queue),
+    )
 
 
 VIEW = [
@@ -32,8 +45,11 @@ def test_remote_nodes_least_loaded_first() -> None:
 
 
 def test_dead_and_warming_nodes_are_not_candidates() -> None:
-    view = [member("a", ()), member("b", ("x",), node_state="warming"),
-            member("c", ("x",), state="dead")]
+    view = [
+        member("a", ()),
+        member("b", ("x",), node_state="warming"),
+        member("c", ("x",), state="dead"),
+    ]
     with pytest.raises(Unavailable):
         candidates(view, "x", self_name="a")
 

@@ -38,16 +38,22 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
         ({"stop": [1]}, "stop[0]"),
         ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}],
-          "tool_choice": {"type": "function", "function": {"name": "g"}}},
-         "tool_choice.function.name"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice.function.name",
+        ),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"seed": "1"}, "seed"),
         ({"max_tokens": True}, "max_tokens"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
-         "messages[0].content[0].text"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+            "messages[0].content[0].text",
+        ),
     ],
 )
 def test_invalid_fields_name_their_param(extra: dict, param: str) -> None:
@@ -68,12 +74,19 @@ def test_completion_prompt_forms() -> None:
 
 def test_chunks_validate_and_fold_into_a_valid_response() -> None:
     enc = ChatChunkEncoder("chatcmpl-1", "m", 1700000000)
-    stream = b"".join([
-        enc.role(), enc.reasoning("reasoning_content", "think"), enc.content("Hel"),
-        enc.content("lo"), enc.tool_call_start(0, "call_1", "f"),
-        enc.tool_call_arguments(0, '{"a":'), enc.tool_call_arguments(0, "1}"),
-        enc.finish("tool_calls"), enc.usage(3, 6),
-    ])
+    stream = b"".join(
+        [
+            enc.role(),
+            enc.reasoning("reasoning_content", "think"),
+            enc.content("Hel"),
+            enc.content("lo"),
+            enc.tool_call_start(0, "call_1", "f"),
+            enc.tool_call_arguments(0, '{"a":'),
+            enc.tool_call_arguments(0, "1}"),
+            enc.finish("tool_calls"),
+            enc.usage(3, 6),
+        ]
+    )
     chunks = [json.loads(e.data) for e in SSEParser().feed(stream)]
     for chunk in chunks:
         validate("CreateChatCompletionStreamResponse", chunk)

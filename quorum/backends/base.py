@@ -7,7 +7,8 @@ the mock, an HTTP upstream and a relay all look the same to the layers above.
 
 Usage::
 
-    async with backend.open(generation) as events:   # may raise BackendSaturated / BackendUnavailable
+    # open() may raise BackendSaturated / BackendUnavailable
+    async with backend.open(generation) as events:
         async for event in events:                   # bytes: one SSE event each
             ...                                      # may raise BackendBroken
 
@@ -109,7 +110,7 @@ class Backend(abc.ABC):
     @property
     @abc.abstractmethod
     def state(self) -> BackendState:
-        """"warming" until the backend can serve, then "ready"."""
+        """ "warming" until the backend can serve, then "ready"."""
 
     @abc.abstractmethod
     def load(self) -> BackendLoad:

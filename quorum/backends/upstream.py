@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -33,8 +33,16 @@ from quorum.sse import SSEParser, SSEProtocolError
 
 __all__ = ["UpstreamBackend"]
 
-_OPTIONS = {"url", "upstream_model", "api_key_env", "slots", "queue", "connect_timeout_s",
-            "weight", "health_interval_s"}
+_OPTIONS = {
+    "url",
+    "upstream_model",
+    "api_key_env",
+    "slots",
+    "queue",
+    "connect_timeout_s",
+    "weight",
+    "health_interval_s",
+}
 
 
 class UpstreamBackend(Backend):
@@ -101,16 +109,18 @@ class UpstreamBackend(Backend):
                 if not isinstance(table[key], int | float) or table[key] <= 0:
                     raise ValueError(f"'{key}' must be a positive number")
                 kwargs[key] = float(table[key])
-        return cls(model, url=url, upstream_model=table.get("upstream_model"), api_key=api_key,
-                   **kwargs)
+        return cls(
+            model, url=url, upstream_model=table.get("upstream_model"), api_key=api_key, **kwargs
+        )
 
     @property
     def state(self) -> BackendState:
         return "ready" if self._ready else "warming"
 
     def load(self) -> BackendLoad:
-        return BackendLoad(slots=self._size, busy=self._size - self._slots.value,
-                           queued=self._queued)
+        return BackendLoad(
+            slots=self._size, busy=self._size - self._slots.value, queued=self._queued
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Poll ``GET {url}/models`` every ``health_interval_s``; ready while it answers 200."""
@@ -151,8 +161,9 @@ class UpstreamBackend(Backend):
             self._queued -= 1
         try:
             path = "/chat/completions" if generation.request.kind == "chat" else "/completions"
-            request = self._client.build_request("POST", self.url + path,
-                                                 json=self._body(generation))
+            request = self._client.build_request(
+                "POST", self.url + path, json=self._body(generation)
+            )
             try:
                 response = await self._client.send(request, stream=True)
             except httpx.TransportError as exc:
@@ -179,10 +190,10 @@ class UpstreamBackend(Backend):
             self._slots.release()
 
 
-async def _events(response: httpx.Response, url: str) -> AsyncIterator[bytes]:
+async def _events(response: httpx.Response, url: str) -> AsyncGenerator[bytes]:
     parser = SSEParser()
     try:
-        async with aclosing(response.aiter_raw()) as chunks:
+        async with aclosing(response.aiter_raw()) as chunks:  # type: ignore[type-var]
             async for chunk in chunks:
                 for event in parser.feed(chunk):
                     yield event.raw

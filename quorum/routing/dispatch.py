@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 
@@ -191,8 +191,10 @@ class Dispatcher:
         except (BackendUnavailable, BackendBroken) as exc:
             await stack.aclose()
             cls = Unavailable if exc.status == 503 else UpstreamFailed
-            raise cls(f"Node {self.name} could not serve '{backend.model}': {exc.message}",
-                      status=exc.status if exc.status >= 500 else None) from None
+            raise cls(
+                f"Node {self.name} could not serve '{backend.model}': {exc.message}",
+                status=exc.status if exc.status >= 500 else None,
+            ) from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stack.aclose()
@@ -210,8 +212,9 @@ class Dispatcher:
         self.in_flight += 1
         try:
             upstream = await self._client.send(
-                self._client.build_request("POST", member.url + path, content=body,
-                                           headers=headers),
+                self._client.build_request(
+                    "POST", member.url + path, content=body, headers=headers
+                ),
                 stream=True,
             )
         except httpx.TransportError as exc:
@@ -229,20 +232,22 @@ class Dispatcher:
             try:
                 data = await upstream.aread()
             except httpx.TransportError as exc:
-                raise UpstreamFailed(f"Node {member.name} broke while answering: {exc!r}.") from None
+                raise UpstreamFailed(
+                    f"Node {member.name} broke while answering: {exc!r}."
+                ) from None
             finally:
                 await upstream.aclose()
                 self.in_flight -= 1
             return Reply(upstream.status_code, out, data)
         return Reply(200, out, self._relay(upstream, member))
 
-    async def _relay(self, upstream: httpx.Response, member: Member) -> AsyncIterator[bytes]:
+    async def _relay(self, upstream: httpx.Response, member: Member) -> AsyncGenerator[bytes]:
         """Yield the serving node's bytes as received, cut at event boundaries."""
         parser = SSEParser()
         pending = b""
         done = False
         try:
-            async with aclosing(upstream.aiter_raw()) as chunks:
+            async with aclosing(upstream.aiter_raw()) as chunks:  # type: ignore[type-var]
                 async for chunk in chunks:
                     events = parser.feed(chunk)
                     pending += chunk
