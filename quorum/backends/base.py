@@ -48,6 +48,14 @@ class Fault:
     stall_after: int | None = None
     status: int | None = None
 
+    def header(self) -> str:
+        """The ``x-quorum-fault`` text that ``parse`` reads back into this fault."""
+        return ",".join(
+            f"{key}={value}"
+            for key in ("fail_after", "stall_after", "status")
+            if (value := getattr(self, key)) is not None
+        )
+
     @classmethod
     def parse(cls, text: str) -> Fault:
         """Parse ``"fail_after=5,status=500"``; raises ``ValueError`` on anything else."""

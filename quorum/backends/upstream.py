@@ -161,8 +161,10 @@ class UpstreamBackend(Backend):
             self._queued -= 1
         try:
             path = "/chat/completions" if generation.request.kind == "chat" else "/completions"
+            # A fault is passed on: a Quorum node or mock upstream applies it, others ignore it.
+            headers = {"x-quorum-fault": generation.fault.header()} if generation.fault else {}
             request = self._client.build_request(
-                "POST", self.url + path, json=self._body(generation)
+                "POST", self.url + path, json=self._body(generation), headers=headers
             )
             try:
                 response = await self._client.send(request, stream=True)

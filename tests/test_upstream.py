@@ -1,0 +1,128 @@
+"""The HTTP upstream backend, against a real OpenAI-compatible server: another Quorum node
+serving the mock (it speaks the same API as vLLM, llama.cpp server and Ollama)."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from quorum.config import NodeConfig
+from quorum.node import Node
+from tests.conftest import FAST
+from tests.openai_spec import validate
+from tests.test_cluster import MESSAGES, stream_events
+
+
+async def start(nursery: trio.Nursery, table: dict) -> Node:
+    node = Node(NodeConfig.from_mapping(table))
+    await nursery.start(node.run)
+    return node
+
+
+async def gateway(nursery: trio.Nursery, upstream_url: str) -> Node:
+    """A node whose only backend is an upstream at ``upstream_url``; waits until ready."""
+    node = await start(
+        nursery,
+        {
+            "node": {"name": "gateway", "listen": "127.0.0.1:0"},
+            "backends": [
+                {
+                    "model": "llama",
+                    "kind": "upstream",
+                    "url": upstream_url,
+                    "upstream_model": "mock-llama",
+                    "health_interval_s": 0.05,
+                }
+            ],
+        },
+    )
+    with trio.fail_after(5):
+        while node.node_state != "ready":
+            await trio.sleep(0.01)
+    return node
+
+
+async def test_upstream_streams_and_folds_and_renames_the_model(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    server = await start(
+        nursery,
+        {
+            "node": {"name": "vllm", "listen": "127.0.0.1:0"},
+            "backends": [{"model": "mock-llama", "kind": "mock", **FAST}],
+        },
+    )
+    node = await gateway(nursery, server.url + "/v1")
+    url = node.url + "/v1/chat/completions"
+    response, events, _ = await stream_events(
+        http, url, {"model": "llama", "messages": MESSAGES, "stream": True, "seed": 4}
+    )
+    assert response.headers["x-quorum-node"] == "gateway"
+    for event in events:
+        validate("CreateChatCompletionStreamResponse", event)
+    streamed = "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]
+    )
+    whole = await http.post(url, json={"model": "llama", "messages": MESSAGES, "seed": 4})
+    validate("CreateChatCompletionResponse", whole.json())
+    assert whole.json()["choices"][0]["message"]["content"] == streamed
+    assert whole.json()["usage"]["completion_tokens"] > 0  # usage asked of the upstream
+    direct = await http.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "mock-llama", "messages": MESSAGES, "seed": 4},
+    )
+    assert direct.json()["choices"][0]["message"]["content"] == streamed
+    assert node.backends["llama"].load().busy == 0
+    node.stop()
+    server.stop()
+
+
+async def test_upstream_errors_map_to_openai_errors(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    server = await start(
+        nursery,
+        {
+            "node": {"name": "vllm", "listen": "127.0.0.1:0"},
+            "backends": [{"model": "mock-llama", "kind": "mock", **FAST}],
+        },
+    )
+    node = await gateway(nursery, server.url + "/v1")
+    url = node.url + "/v1/chat/completions"
+    # the upstream refuses before any byte: 502 with the upstream's reason
+    refused = await http.post(
+        url, json={"model": "llama", "messages": MESSAGES}, headers={"x-quorum-fault": "status=500"}
+    )
+    assert refused.status_code == 502
+    validate("ErrorResponse", refused.json())
+    # the upstream breaks mid-stream: one error event, then [DONE], no finish_reason
+    _, events, _ = await stream_events(
+        http,
+        url,
+        {"model": "llama", "messages": MESSAGES, "stream": True},
+        headers={"x-quorum-fault": "fail_after=3"},
+    )
+    assert "error" in events[-1]
+    validate("ErrorResponse", events[-1])
+    assert not any(c.get("finish_reason") for e in events[:-1] for c in e["choices"])
+    node.stop()
+    server.stop()
+
+
+async def test_unreachable_upstream_keeps_the_backend_warming(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    node = await start(
+        nursery,
+        {
+            "node": {"name": "gateway", "listen": "127.0.0.1:0"},
+            "backends": [{"model": "llama", "kind": "upstream", "url": "http://127.0.0.1:9/v1"}],
+        },
+    )
+    assert node.node_state == "warming"
+    response = await http.post(
+        node.url + "/v1/chat/completions", json={"model": "llama", "messages": MESSAGES}
+    )
+    assert response.status_code == 503
+    validate("ErrorResponse", response.json())
+    node.stop()
