@@ -1,0 +1,49 @@
+"""Gossip membership: SWIM with the Lifeguard refinements, over msgpack datagrams.
+
+Layers, lowest first (nothing here imports anything above ``quorum.gossip``):
+
+* :mod:`~quorum.gossip.messages`: the wire messages and value types.
+* :mod:`~quorum.gossip.codec`, :mod:`~quorum.gossip.keyring`: msgpack and AES-GCM.
+* :mod:`~quorum.gossip.state`: the member-state rules, in one place.
+* :mod:`~quorum.gossip.core`: the sans-IO state machine (``receive``/``tick``/``next_deadline``).
+* :mod:`~quorum.gossip.transport`, :mod:`~quorum.gossip.runner`: trio, UDP and TCP.
+* :mod:`~quorum.gossip.sim`: a seeded virtual-time network for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from .config import GossipConfig
+from .core import GossipCore
+from .events import (
+    MemberDied,
+    MemberEvent,
+    MemberJoined,
+    MemberLeft,
+    MemberSuspected,
+    MemberUpdated,
+    Output,
+    PushPullRequest,
+    Send,
+)
+from .messages import Addr, Load, MemberInfo, MemberState, NodeMeta
+from .runner import GossipNode
+
+__all__ = [
+    "Addr",
+    "GossipConfig",
+    "GossipCore",
+    "GossipNode",
+    "Load",
+    "MemberDied",
+    "MemberEvent",
+    "MemberInfo",
+    "MemberJoined",
+    "MemberLeft",
+    "MemberState",
+    "MemberSuspected",
+    "MemberUpdated",
+    "NodeMeta",
+    "Output",
+    "PushPullRequest",
+    "Send",
+]

@@ -1,0 +1,354 @@
+"""msgpack encoding of gossip messages, with bounded, strictly validated decoding.
+
+A message is a msgpack array ``[tag, field, field, ...]`` with positional fields in the order
+of the dataclass (see :mod:`quorum.gossip.messages`); nested values are arrays too:
+``Addr = [host, port]``, ``NodeMeta = [http_url, [model, ...], state]``,
+``Load = [in_flight, free_slots, queue_depth]``, a push-pull entry is
+``[name, addr, state, incarnation, meta, load | nil, load_version]``, and a compound is
+``[10, [message, ...]]``. Trailing fields beyond the known ones are ignored, so a later
+version may append fields to a message without a new tag.
+
+Decoding never trusts the peer: msgpack itself is bounded (``max_str_len``, ``max_array_len``,
+no maps, no binary, no extension types), then every field is checked for type and range.
+Anything nonsensical raises :class:`DecodeError`, which callers count and drop; nothing else
+escapes :func:`decode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import msgpack  # type: ignore[import-untyped]
+
+from .messages import (
+    META_STATES,
+    Ack,
+    Addr,
+    Alive,
+    Compound,
+    Dead,
+    Left,
+    Load,
+    LoadUpdate,
+    MemberInfo,
+    MemberState,
+    Message,
+    MessageType,
+    Nack,
+    NodeMeta,
+    Ping,
+    PingReq,
+    PushPull,
+    Suspect,
+)
+
+__all__ = [
+    "MAX_MODELS",
+    "MAX_NAME_LEN",
+    "DecodeError",
+    "compound_overhead",
+    "decode",
+    "encode",
+    "encode_compound",
+    "encode_meta",
+]
+
+MAX_NAME_LEN = 128
+"""Longest node name, in characters."""
+MAX_HOST_LEN = 253
+MAX_URL_LEN = 2048
+MAX_MODELS = 256
+MAX_MODEL_LEN = 256
+MAX_SEQ = 2**32 - 1
+MAX_COUNTER = 2**63 - 1
+"""Largest incarnation or load version."""
+MAX_LOAD_FIGURE = 2**31 - 1
+_MAX_STR = max(MAX_URL_LEN, MAX_HOST_LEN, MAX_MODEL_LEN, MAX_NAME_LEN)
+
+
+class DecodeError(Exception):
+    """Bytes that are not a valid gossip message. Internal: count and drop, never raise
+    past the core."""
+
+
+# --- encoding -----------------------------------------------------------------------------
+
+
+def _meta(meta: NodeMeta) -> list[Any]:
+    return [meta.http_url, list(meta.models), meta.state]
+
+
+def _load(load: Load) -> list[int]:
+    return [load.in_flight, load.free_slots, load.queue_depth]
+
+
+def _member(m: MemberInfo) -> list[Any]:
+    return [
+        m.name,
+        list(m.addr),
+        m.state.value,
+        m.incarnation,
+        _meta(m.meta),
+        None if m.load is None else _load(m.load),
+        m.load_version,
+    ]
+
+
+def _fields(msg: Message) -> list[Any]:
+    if isinstance(msg, Ping):
+        return [MessageType.PING, msg.seq, msg.target, msg.source]
+    if isinstance(msg, PingReq):
+        return [
+            MessageType.PING_REQ,
+            msg.seq,
+            msg.target,
+            list(msg.target_addr),
+            msg.source,
+            msg.nack,
+        ]
+    if isinstance(msg, Ack):
+        return [MessageType.ACK, msg.seq]
+    if isinstance(msg, Nack):
+        return [MessageType.NACK, msg.seq]
+    if isinstance(msg, Suspect):
+        return [MessageType.SUSPECT, msg.node, msg.incarnation, msg.source]
+    if isinstance(msg, Alive):
+        return [MessageType.ALIVE, msg.node, msg.incarnation, list(msg.addr), _meta(msg.meta)]
+    if isinstance(msg, Dead):
+        return [MessageType.DEAD, msg.node, msg.incarnation, msg.source]
+    if isinstance(msg, Left):
+        return [MessageType.LEFT, msg.node, msg.incarnation]
+    if isinstance(msg, LoadUpdate):
+        return [MessageType.LOAD, msg.node, msg.version, _load(msg.load)]
+    if isinstance(msg, PushPull):
+        return [MessageType.PUSH_PULL, msg.source, msg.join, [_member(m) for m in msg.members]]
+    if isinstance(msg, Compound):
+        return [MessageType.COMPOUND, [_fields(p) for p in msg.parts]]
+    raise TypeError(f"not a gossip message: {msg!r}")
+
+
+def encode(msg: Message) -> bytes:
+    """msgpack bytes of one message. Raises ``TypeError`` for a non-message."""
+    return msgpack.packb(_fields(msg), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_meta(meta: NodeMeta) -> bytes:
+    """msgpack bytes of a ``NodeMeta`` alone (used to bound its size)."""
+    return msgpack.packb(_meta(meta), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def compound_overhead(count: int) -> int:
+    """Bytes a compound of ``count`` parts adds around its encoded parts."""
+    header = 1 if count < 16 else 3 if count < 2**16 else 5
+    return 2 + header
+
+
+def encode_compound(parts: Sequence[bytes]) -> bytes:
+    """A compound message from already-encoded messages, without re-encoding them
+    (msgpack values are self-delimiting, so an array is its header plus its items)."""
+    count = len(parts)
+    if count < 16:
+        header = bytes((0x90 | count,))
+    elif count < 2**16:
+        header = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + count.to_bytes(4, "big")
+    return b"\x92" + bytes((MessageType.COMPOUND,)) + header + b"".join(parts)
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+
+def _fail(what: str) -> NoReturn:
+    raise DecodeError(what)
+
+
+def _int(v: object, lo: int, hi: int, what: str) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        _fail(f"{what}: expected int in [{lo}, {hi}], got {v!r:.40}")
+    return v
+
+
+def _str(v: object, max_len: int, what: str, *, allow_empty: bool = False) -> str:
+    if type(v) is not str or len(v) > max_len or (not v and not allow_empty):
+        _fail(f"{what}: expected a string of 1..{max_len} characters")
+    return v
+
+
+def _bool(v: object, what: str) -> bool:
+    if type(v) is not bool:
+        _fail(f"{what}: expected a bool")
+    return v
+
+
+def _list(v: object, min_len: int, what: str) -> list[Any]:
+    if type(v) is not list or len(v) < min_len:
+        _fail(f"{what}: expected an array of at least {min_len} items")
+    return v
+
+
+def _addr(v: object) -> Addr:
+    items = _list(v, 2, "addr")
+    return (_str(items[0], MAX_HOST_LEN, "addr.host"), _int(items[1], 1, 65535, "addr.port"))
+
+
+def _name(v: object, what: str = "name") -> str:
+    return _str(v, MAX_NAME_LEN, what)
+
+
+def _decode_meta(v: object) -> NodeMeta:
+    items = _list(v, 3, "meta")
+    url = _str(items[0], MAX_URL_LEN, "meta.http_url", allow_empty=True)
+    models = _list(items[1], 0, "meta.models")
+    if len(models) > MAX_MODELS:
+        _fail("meta.models: too many models")
+    state = items[2]
+    if state not in META_STATES or type(state) is not str:
+        _fail("meta.state: unknown state")
+    return NodeMeta(
+        http_url=url,
+        models=tuple(_str(m, MAX_MODEL_LEN, "meta.models[]") for m in models),
+        state=state,
+    )
+
+
+def _decode_load(v: object) -> Load:
+    items = _list(v, 3, "load")
+    return Load(
+        in_flight=_int(items[0], 0, MAX_LOAD_FIGURE, "load.in_flight"),
+        free_slots=_int(items[1], 0, MAX_LOAD_FIGURE, "load.free_slots"),
+        queue_depth=_int(items[2], 0, MAX_LOAD_FIGURE, "load.queue_depth"),
+    )
+
+
+_STATES = {s.value: s for s in MemberState}
+
+
+def _decode_member(v: object) -> MemberInfo:
+    items = _list(v, 7, "member")
+    state = _STATES.get(items[2]) if type(items[2]) is str else None
+    if state is None:
+        _fail("member.state: unknown state")
+    return MemberInfo(
+        name=_name(items[0], "member.name"),
+        addr=_addr(items[1]),
+        state=state,
+        incarnation=_int(items[3], 0, MAX_COUNTER, "member.incarnation"),
+        meta=_decode_meta(items[4]),
+        load=None if items[5] is None else _decode_load(items[5]),
+        load_version=_int(items[6], 0, MAX_COUNTER, "member.load_version"),
+    )
+
+
+def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
+    items = _list(v, 1, "message")
+    tag = items[0]
+    if type(tag) is not int:
+        _fail("message tag: expected an int")
+    if tag == MessageType.PING:
+        _list(items, 4, "ping")
+        return Ping(
+            seq=_int(items[1], 0, MAX_SEQ, "ping.seq"),
+            target=_name(items[2], "ping.target"),
+            source=_name(items[3], "ping.source"),
+        )
+    if tag == MessageType.PING_REQ:
+        _list(items, 6, "ping-req")
+        return PingReq(
+            seq=_int(items[1], 0, MAX_SEQ, "ping-req.seq"),
+            target=_name(items[2], "ping-req.target"),
+            target_addr=_addr(items[3]),
+            source=_name(items[4], "ping-req.source"),
+            nack=_bool(items[5], "ping-req.nack"),
+        )
+    if tag == MessageType.ACK:
+        _list(items, 2, "ack")
+        return Ack(seq=_int(items[1], 0, MAX_SEQ, "ack.seq"))
+    if tag == MessageType.NACK:
+        _list(items, 2, "nack")
+        return Nack(seq=_int(items[1], 0, MAX_SEQ, "nack.seq"))
+    if tag == MessageType.SUSPECT:
+        _list(items, 4, "suspect")
+        return Suspect(
+            node=_name(items[1], "suspect.node"),
+            incarnation=_int(items[2], 0, MAX_COUNTER, "suspect.incarnation"),
+            source=_name(items[3], "suspect.source"),
+        )
+    if tag == MessageType.ALIVE:
+        _list(items, 5, "alive")
+        return Alive(
+            node=_name(items[1], "alive.node"),
+            incarnation=_int(items[2], 0, MAX_COUNTER, "alive.incarnation"),
+            addr=_addr(items[3]),
+            meta=_decode_meta(items[4]),
+        )
+    if tag == MessageType.DEAD:
+        _list(items, 4, "dead")
+        return Dead(
+            node=_name(items[1], "dead.node"),
+            incarnation=_int(items[2], 0, MAX_COUNTER, "dead.incarnation"),
+            source=_name(items[3], "dead.source"),
+        )
+    if tag == MessageType.LEFT:
+        _list(items, 3, "left")
+        return Left(
+            node=_name(items[1], "left.node"),
+            incarnation=_int(items[2], 0, MAX_COUNTER, "left.incarnation"),
+        )
+    if tag == MessageType.LOAD:
+        _list(items, 4, "load-update")
+        return LoadUpdate(
+            node=_name(items[1], "load-update.node"),
+            version=_int(items[2], 1, MAX_COUNTER, "load-update.version"),
+            load=_decode_load(items[3]),
+        )
+    if tag == MessageType.PUSH_PULL:
+        _list(items, 4, "push-pull")
+        members = _list(items[3], 1, "push-pull.members")
+        if len(members) > max_members:
+            _fail(f"push-pull: {len(members)} members is over the cap of {max_members}")
+        return PushPull(
+            source=_name(items[1], "push-pull.source"),
+            join=_bool(items[2], "push-pull.join"),
+            members=tuple(_decode_member(m) for m in members),
+        )
+    if tag == MessageType.COMPOUND:
+        if nested:
+            _fail("compound inside a compound")
+        _list(items, 2, "compound")
+        parts = _list(items[1], 1, "compound.parts")
+        return Compound(
+            parts=tuple(_decode_fields(p, max_members=0, nested=True) for p in parts),
+        )
+    _fail(f"unknown message tag {tag}")
+
+
+def decode(data: bytes, *, max_size: int, max_members: int = 0) -> Message:
+    """Decode and validate one message.
+
+    ``max_size``: the largest acceptable input in bytes (a datagram: the datagram limit;
+    a push-pull: its frame limit). ``max_members``: the most members a push-pull may carry
+    (0 refuses push-pulls, as in datagrams). Raises :class:`DecodeError` for anything
+    oversized, truncated, trailing, malformed or out of range, and never anything else.
+    """
+    if len(data) > max_size:
+        raise DecodeError(f"{len(data)} bytes is over the limit of {max_size}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=_MAX_STR,
+            max_bin_len=0,
+            max_map_len=0,
+            max_ext_len=0,
+            max_array_len=max(max_members, max_size),
+        )
+    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
+        raise DecodeError(f"not msgpack: {exc}") from None
+    try:
+        return _decode_fields(obj, max_members=max_members, nested=False)
+    except (ValueError, TypeError) as exc:  # a value type's own __post_init__ check
+        raise DecodeError(str(exc)) from None

@@ -1,0 +1,177 @@
+"""Gossip timing and limits, with named presets (memberlist ``config.go``:
+``DefaultLANConfig``, ``DefaultLocalConfig``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .keyring import KEY_SIZES
+
+__all__ = ["GossipConfig"]
+
+_ALIVE_ROOM = 440
+"""Worst-case bytes of an alive message besides its meta: a 128-character name, a 253-byte
+host, numbers, msgpack framing, and 29 bytes of sealing."""
+
+
+@dataclass(frozen=True, slots=True)
+class GossipConfig:
+    """Every knob of the gossip layer. Times are in seconds, sizes in bytes.
+
+    Build one with :meth:`lan` (the numbers of ``DESIGN.md``) or :meth:`local` (one machine),
+    overriding fields by keyword. Raises ``ValueError`` on nonsensical values.
+
+    Failure detection (SWIM, Das et al. 2002; Lifeguard, Dadgar et al. 2018):
+      ``probe_interval``: one probe per interval (scaled by the health multiplier).
+      ``probe_timeout``: wait this long for a direct ack before asking helpers (scaled too).
+      ``indirect_checks``: helpers asked to ping on our behalf (SWIM's k).
+      ``suspicion_mult``: suspicion timeout = mult x max(1, log10 N) x probe_interval.
+      ``suspicion_max_timeout_mult``: with no confirmations the timeout is this many times
+      the minimum (Lifeguard's dynamic suspicion, memberlist ``suspicion.go``).
+      ``awareness_max_multiplier``: health multiplier ceiling; the health score runs from 0
+      to this minus 1 (Lifeguard's local health awareness, memberlist ``awareness.go``).
+    Dissemination:
+      ``gossip_interval``/``gossip_nodes``: piggyback rounds and their fan-out.
+      ``retransmit_mult``: each update is sent mult x ceil(log10(N + 1)) times.
+      ``gossip_to_the_dead_time``: keep gossiping to a dead/left member this long, so it can
+      hear that it was declared dead and refute; afterwards its record is forgotten.
+      ``max_datagram``: largest UDP datagram, sealed.
+    Anti-entropy:
+      ``push_pull_interval``: full-state TCP exchange with one random member (scaled up
+      beyond 32 members as memberlist does); 0 disables it.
+      ``max_push_pull_members``: a push-pull claiming more members is refused.
+      ``max_push_pull_bytes``: largest TCP frame. ``tcp_timeout``: connect/read/write bound.
+      ``join_retry_interval``/``join_retry_max``: retry the seeds, with backoff, while no
+      other member is alive.
+    Identity and security:
+      ``cluster_name``: associated data of every packet (a packet for another cluster is
+      dropped). ``keys``: AES-GCM keys, the first encrypts; empty means plaintext.
+      ``max_meta_size``: encoded ``NodeMeta`` must fit in this many bytes.
+    """
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    indirect_checks: int = 3
+    suspicion_mult: int = 4
+    suspicion_max_timeout_mult: int = 6
+    awareness_max_multiplier: int = 8
+    retransmit_mult: int = 4
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    gossip_to_the_dead_time: float = 30.0
+    max_datagram: int = 1400
+    push_pull_interval: float = 30.0
+    max_push_pull_members: int = 10_000
+    max_push_pull_bytes: int = 8 * 1024 * 1024
+    tcp_timeout: float = 10.0
+    join_retry_interval: float = 1.0
+    join_retry_max: float = 30.0
+    cluster_name: str = "quorum"
+    keys: tuple[bytes, ...] = ()
+    max_meta_size: int = 960
+
+    def __post_init__(self) -> None:
+        positive = (
+            "probe_interval",
+            "probe_timeout",
+            "gossip_interval",
+            "tcp_timeout",
+            "join_retry_interval",
+            "join_retry_max",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GossipConfig.{name} must be > 0")
+        if self.probe_timeout >= self.probe_interval:
+            raise ValueError("GossipConfig.probe_timeout must be shorter than probe_interval")
+        at_least_one = (
+            "suspicion_mult",
+            "suspicion_max_timeout_mult",
+            "awareness_max_multiplier",
+            "retransmit_mult",
+            "gossip_nodes",
+            "max_push_pull_members",
+        )
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"GossipConfig.{name} must be >= 1")
+        if self.indirect_checks < 0 or self.push_pull_interval < 0:
+            raise ValueError("GossipConfig.indirect_checks and push_pull_interval must be >= 0")
+        if not 256 <= self.max_datagram <= 65_000:
+            raise ValueError("GossipConfig.max_datagram must be in [256, 65000]")
+        if self.max_meta_size > self.max_datagram - _ALIVE_ROOM:
+            raise ValueError(
+                f"GossipConfig.max_meta_size must leave {_ALIVE_ROOM} bytes of the datagram "
+                "for the rest of an alive message (name, address, sealing)"
+            )
+        if not self.cluster_name or len(self.cluster_name.encode()) > 255:
+            raise ValueError("GossipConfig.cluster_name must be 1..255 bytes of UTF-8")
+        object.__setattr__(self, "keys", tuple(bytes(k) for k in self.keys))
+        for key in self.keys:
+            if len(key) not in KEY_SIZES:
+                raise ValueError("GossipConfig.keys must be 16, 24 or 32 bytes each")
+
+    @classmethod
+    def lan(cls, **overrides: Any) -> GossipConfig:
+        """memberlist's LAN numbers: probe 1 s / timeout 500 ms, 3 indirect checks,
+        suspicion mult 4, retransmit mult 4, gossip 200 ms to 3 nodes, push-pull 30 s,
+        datagrams of 1400 bytes."""
+        return cls(**overrides)
+
+    @classmethod
+    def local(cls, **overrides: Any) -> GossipConfig:
+        """Faster numbers for a cluster on one machine or in tests (in the spirit of
+        memberlist ``DefaultLocalConfig``): probe 500 ms / timeout 200 ms, 1 indirect
+        check, suspicion mult 3, retransmit mult 2, gossip 100 ms to 3 nodes, push-pull
+        15 s, TCP timeout 1 s."""
+        values: dict[str, Any] = {
+            "probe_interval": 0.5,
+            "probe_timeout": 0.2,
+            "indirect_checks": 1,
+            "suspicion_mult": 3,
+            "retransmit_mult": 2,
+            "gossip_interval": 0.1,
+            "gossip_to_the_dead_time": 15.0,
+            "push_pull_interval": 15.0,
+            "tcp_timeout": 1.0,
+            "join_retry_interval": 0.2,
+            "join_retry_max": 2.0,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> GossipConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # --- derived numbers -----------------------------------------------------------------
+
+    def retransmit_limit(self, n_members: int) -> int:
+        """Sends per update: ``retransmit_mult x ceil(log10(N + 1))`` (memberlist
+        ``util.go`` ``retransmitLimit``)."""
+        return self.retransmit_mult * max(1, math.ceil(math.log10(n_members + 1)))
+
+    def suspicion_min_timeout(self, n_members: int) -> float:
+        """Seconds: ``suspicion_mult x max(1, log10 N) x probe_interval`` (memberlist
+        ``util.go`` ``suspicionTimeout``)."""
+        scale = max(1.0, math.log10(max(1, n_members)))
+        return self.suspicion_mult * scale * self.probe_interval
+
+    def push_pull_every(self, n_members: int) -> float:
+        """Seconds between push-pulls: the interval, doubled for every doubling beyond 32
+        members (memberlist ``util.go`` ``pushPullScale``)."""
+        threshold = 32
+        if n_members <= threshold:
+            return self.push_pull_interval
+        multiplier = math.ceil(math.log2(n_members) - math.log2(threshold)) + 1
+        return self.push_pull_interval * multiplier
+
+    @property
+    def nack_timeout(self) -> float:
+        """Seconds a helper waits for the target before answering a ping-req with a nack:
+        80% of the probe timeout, so the nack reaches the requester before its probe
+        round ends."""
+        return self.probe_timeout * 0.8

@@ -1,0 +1,256 @@
+"""Gossip messages: frozen, slotted dataclasses, one per datagram or push-pull kind.
+
+Like h11's ``_events.py``, these are plain values with no behaviour; ``codec.py`` turns them
+into msgpack bytes and back, ``core.py`` decides what they mean.
+
+Each message has a numeric tag in :class:`MessageType`. The table is append-only (as in
+memberlist ``net.go``): nodes running different versions share a cluster during a rolling
+upgrade, so a tag, once released, keeps its meaning forever.
+
+The value types carried inside messages (:class:`NodeMeta`, :class:`Load`,
+:class:`MemberState`, :class:`MemberInfo`) live here too, because they are wire data.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "META_STATES",
+    "Ack",
+    "Addr",
+    "Alive",
+    "Compound",
+    "Dead",
+    "Left",
+    "Load",
+    "LoadUpdate",
+    "MemberInfo",
+    "MemberState",
+    "Message",
+    "MessageType",
+    "Nack",
+    "NodeMeta",
+    "Ping",
+    "PingReq",
+    "PushPull",
+    "Suspect",
+]
+
+Addr = tuple[str, int]
+"""A UDP/TCP address: (host, port). The host is an IP literal or a resolvable name."""
+
+
+class MessageType(enum.IntEnum):
+    """Numeric tag of each message on the wire.
+
+    ONLY APPEND TO THIS TABLE. Never renumber, never reuse a retired number.
+    """
+
+    PING = 1
+    PING_REQ = 2
+    ACK = 3
+    NACK = 4
+    SUSPECT = 5
+    ALIVE = 6
+    DEAD = 7
+    LEFT = 8
+    PUSH_PULL = 9
+    COMPOUND = 10
+    LOAD = 11
+
+
+class MemberState(enum.StrEnum):
+    """What the local node believes about a member (SWIM, Das et al. 2002, section 4.2).
+
+    ``left`` is a graceful departure announced by the member itself; ``dead`` is a verdict
+    reached by the failure detector. Both are terminal until the member comes back with a
+    higher incarnation.
+    """
+
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+META_STATES = ("warming", "ready", "draining")
+"""Values allowed in :attr:`NodeMeta.state`."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMeta:
+    """What a node tells the cluster about itself. Carried in every ``Alive``.
+
+    ``http_url``: the node's OpenAI-compatible base URL, e.g. ``"http://10.0.0.5:32768"``.
+    ``models``: model ids the node serves. ``state``: ``"warming"`` (booting, do not route),
+    ``"ready"`` or ``"draining"`` (finish what you have, take nothing new).
+    A change of meta raises the owner's incarnation, so it wins over older alive messages.
+    Raises ``ValueError`` on an unknown state.
+    """
+
+    http_url: str
+    models: tuple[str, ...]
+    state: Literal["warming", "ready", "draining"] | str = "ready"
+
+    def __post_init__(self) -> None:
+        if self.state not in META_STATES:
+            raise ValueError(f"NodeMeta.state must be one of {META_STATES}, not {self.state!r}")
+        if not isinstance(self.models, tuple):
+            object.__setattr__(self, "models", tuple(self.models))
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """A node's current load, piggybacked as a versioned value (no incarnation bump).
+
+    ``in_flight``: requests being served now. ``free_slots``: requests the node could start
+    now without queueing. ``queue_depth``: requests waiting for a slot. All are counts >= 0.
+    """
+
+    in_flight: int
+    free_slots: int
+    queue_depth: int
+
+    def __post_init__(self) -> None:
+        for value in (self.in_flight, self.free_slots, self.queue_depth):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"Load figures must be non-negative ints, got {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """One member as the local node sees it; also the entry type of a push-pull.
+
+    ``addr``: the member's gossip address (UDP and TCP share the port number).
+    ``incarnation``: only the member itself raises it, to refute suspicion or publish new meta.
+    ``load``/``load_version``: the newest load figures heard of and their version
+    (``None``/0 before any).
+    """
+
+    name: str
+    addr: Addr
+    state: MemberState
+    incarnation: int
+    meta: NodeMeta
+    load: Load | None = None
+    load_version: int = 0
+
+
+# --- failure detection (SWIM section 3.1, Lifeguard section 4.2) ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Direct probe. ``target`` is the name the sender expects to answer, so a different
+    node that now owns the address does not ack on its behalf. ``seq``: 0..2**32-1."""
+
+    seq: int
+    target: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class PingReq:
+    """Indirect probe request: "please ping ``target`` at ``target_addr`` for me and forward
+    its ack as ``Ack(seq)``". With ``nack`` the helper answers ``Nack(seq)`` when the target
+    stays silent (Lifeguard's nack, which tells the requester that the helper is healthy)."""
+
+    seq: int
+    target: str
+    target_addr: Addr
+    source: str
+    nack: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Answer to a ``Ping``, or a forwarded answer to a ``PingReq`` (same ``seq``)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """A helper's "I tried, the target did not answer" for a ``PingReq`` (same ``seq``)."""
+
+    seq: int
+
+
+# --- membership updates, disseminated by piggybacking (SWIM section 4.1) ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    """``source`` suspects ``node`` at ``incarnation``."""
+
+    node: str
+    incarnation: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Alive:
+    """``node`` is alive at ``incarnation``, reachable at ``addr``, with ``meta``."""
+
+    node: str
+    incarnation: int
+    addr: Addr
+    meta: NodeMeta
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    """``source`` declares ``node`` dead at ``incarnation``."""
+
+    node: str
+    incarnation: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    """``node`` left the cluster on purpose at ``incarnation`` (only ever sent by itself)."""
+
+    node: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadUpdate:
+    """``node``'s load figures, version ``version`` (newer version wins)."""
+
+    node: str
+    version: int
+    load: Load
+
+
+# --- anti-entropy and batching -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PushPull:
+    """Full membership state of ``source``, exchanged over TCP (memberlist ``pushPullReq``).
+
+    ``join`` is true on the exchange that makes a node join the cluster.
+    """
+
+    source: str
+    join: bool
+    members: tuple[MemberInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Compound:
+    """Several messages in one datagram: a primary message plus piggybacked updates.
+    Compounds never nest."""
+
+    parts: tuple[Message, ...]  # forward reference: Message is defined below
+
+
+Message = (
+    Ping | PingReq | Ack | Nack | Suspect | Alive | Dead | Left | LoadUpdate | PushPull | Compound
+)
+"""Any gossip message."""

@@ -1,0 +1,172 @@
+"""msgpack codec and AES-GCM keyring: round trips, and everything hostile is dropped and
+counted."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from gossip_helpers import CONFIG, META, addr_of, make_core, seal
+
+from quorum.gossip import codec
+from quorum.gossip.codec import DecodeError
+from quorum.gossip.keyring import Keyring, OpenError
+from quorum.gossip.messages import (
+    Ack,
+    Alive,
+    Compound,
+    Dead,
+    Left,
+    Load,
+    LoadUpdate,
+    MemberInfo,
+    MemberState,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    Suspect,
+)
+
+OLD_KEY = b"o" * 16
+NEW_KEY = b"n" * 32
+MESSAGES: list[Message] = [
+    Ping(1, "b", "a"),
+    PingReq(2**32 - 1, "c", ("10.0.0.3", 7946), "a", True),
+    Ack(0),
+    Nack(5),
+    Suspect("b", 3, "a"),
+    Alive("b", 4, ("::1", 7946), META),
+    Dead("b", 2**63 - 1, "a"),
+    Left("b", 9),
+    LoadUpdate("b", 12, Load(3, 0, 7)),
+    Compound((Ping(1, "b", "a"), Alive("a", 1, ("10.0.0.1", 1), META), Left("z", 1))),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_message_round_trip(msg: Message) -> None:
+    assert codec.decode(codec.encode(msg), max_size=1400) == msg
+
+
+def test_push_pull_round_trip() -> None:
+    members = (
+        MemberInfo("a", ("10.0.0.1", 7946), MemberState.ALIVE, 3, META, Load(1, 2, 3), 8),
+        MemberInfo("b", ("10.0.0.2", 7946), MemberState.LEFT, 1, META),
+    )
+    msg = PushPull("a", True, members)
+    assert codec.decode(codec.encode(msg), max_size=10_000, max_members=2) == msg
+    with pytest.raises(DecodeError):
+        codec.decode(codec.encode(msg), max_size=10_000, max_members=1)
+
+
+def test_compound_of_pre_encoded_parts_decodes() -> None:
+    parts = [codec.encode(m) for m in MESSAGES[:9]] * 3
+    decoded = codec.decode(codec.encode_compound(parts), max_size=10_000)
+    assert isinstance(decoded, Compound) and len(decoded.parts) == 27
+    assert len(codec.encode_compound(parts)) <= sum(map(len, parts)) + codec.compound_overhead(27)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [],
+        [99, 1],
+        ["1", 1],
+        [1, -1, "b", "a"],  # negative seq
+        [1, 2**32, "b", "a"],  # seq out of range
+        [1, True, "b", "a"],  # bool is not an int
+        [1, 1, "", "a"],  # empty name
+        [1, 1, "x" * 129, "a"],  # name too long
+        [1, 1, "b"],  # missing field
+        [6, "b", 1, ["10.0.0.1", 0], ["u", [], "ready"]],  # port 0
+        [6, "b", 1, ["10.0.0.1", 7946], ["u", [], "asleep"]],  # unknown meta state
+        [6, "b", 1, ["10.0.0.1", 7946], ["u", [1], "ready"]],  # model not a string
+        [11, "b", 1, [1, -2, 0]],  # negative load
+        [10, [[10, [[3, 1]]]]],  # nested compound
+        [10, []],  # empty compound
+        [9, "a", False, []],  # push-pull in a datagram
+        {"not": "a list"},
+        "just a string",
+    ],
+)
+def test_decode_rejects_nonsense(obj: object) -> None:
+    data = msgpack.packb(obj)
+    with pytest.raises(DecodeError):
+        codec.decode(data, max_size=1400)
+
+
+def test_decode_rejects_truncated_trailing_and_oversized() -> None:
+    data = codec.encode(Alive("b", 4, ("10.0.0.2", 7946), META))
+    for cut in range(len(data)):
+        with pytest.raises(DecodeError):
+            codec.decode(data[:cut], max_size=1400)
+    with pytest.raises(DecodeError):
+        codec.decode(data + b"\x00", max_size=1400)
+    with pytest.raises(DecodeError):
+        codec.decode(data, max_size=len(data) - 1)
+    with pytest.raises(DecodeError):
+        codec.decode(msgpack.packb(b"binary"), max_size=1400)
+
+
+def test_keyring_round_trip_and_key_sizes() -> None:
+    for size in (16, 24, 32):
+        ring = Keyring([bytes(size)])
+        assert ring.open(ring.seal(b"hello", b"quorum"), b"quorum") == b"hello"
+        assert len(ring.seal(b"hello", b"quorum")) == 5 + ring.overhead(b"quorum")
+    with pytest.raises(ValueError):
+        Keyring([bytes(17)])
+    with pytest.raises(ValueError):
+        Keyring([bytes(16), bytes(16)])
+
+
+def test_key_rotation_new_key_encrypts_old_key_still_decrypts() -> None:
+    old_only = Keyring([OLD_KEY])
+    rotating = Keyring([NEW_KEY, OLD_KEY])
+    new_only = Keyring([NEW_KEY])
+    assert rotating.open(old_only.seal(b"x", b"q"), b"q") == b"x"
+    sealed = rotating.seal(b"y", b"q")
+    assert new_only.open(sealed, b"q") == b"y"
+    with pytest.raises(OpenError):
+        old_only.open(sealed, b"q")
+
+
+def test_wrong_key_dropped_and_counted() -> None:
+    core = make_core()
+    other = CONFIG.replace(keys=(OLD_KEY,))
+    assert core.receive(0.0, addr_of("b"), seal(Ping(1, "a", "b"), config=other)) == []
+    assert core.counters["dropped_decrypt"] == 1
+    assert core.counters["received"] == 1
+
+
+def test_cluster_name_mismatch_dropped() -> None:
+    core = make_core()
+    other = CONFIG.replace(cluster_name="another-cluster")
+    assert core.receive(0.0, addr_of("b"), seal(Ping(1, "a", "b"), config=other)) == []
+    assert core.counters["dropped_decrypt"] == 1
+    plain = make_core(config=CONFIG.replace(keys=()))
+    plain_other = CONFIG.replace(keys=(), cluster_name="another-cluster")
+    assert plain.receive(0.0, addr_of("b"), seal(Ping(1, "a", "b"), config=plain_other)) == []
+    assert plain.counters["dropped_decrypt"] == 1
+
+
+def test_plaintext_packet_refused_by_a_keyed_core() -> None:
+    core = make_core()
+    plain = CONFIG.replace(keys=())
+    core.receive(0.0, addr_of("b"), seal(Ping(1, "a", "b"), config=plain))
+    assert core.counters["dropped_decrypt"] == 1
+
+
+def test_truncated_and_garbage_datagrams_dropped() -> None:
+    core = make_core()
+    good = seal(Ping(1, "a", "b"))
+    for data in (b"", good[:5], good[:-1], b"\x01" + b"\x00" * 40, b"garbage" * 10, b"\xff"):
+        assert core.receive(0.0, addr_of("b"), data) == []
+    core.receive(0.0, addr_of("b"), b"x" * 1401)
+    c = core.counters
+    assert c["received"] == 7
+    assert c["dropped_decrypt"] == 6 and c["dropped_oversize"] == 1
+    plain = make_core(config=CONFIG.replace(keys=()))
+    framed = Keyring().seal(b"\xc1garbage", CONFIG.cluster_name.encode())
+    plain.receive(0.0, addr_of("b"), framed)
+    assert plain.counters["dropped_decode"] == 1
