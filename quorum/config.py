@@ -73,6 +73,7 @@ class GossipSettings:
     cluster: str = "quorum"
     keys: tuple[str, ...] = ()
     preset: str = "lan"
+    advertise: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,7 @@ class NodeConfig:
             try:
                 bind = parse_hostport(str(g.get("bind", "127.0.0.1:7946")))
                 seeds = tuple(parse_hostport(str(s)) for s in g.get("seeds", []))
+                advertise = parse_hostport(str(g["advertise"])) if "advertise" in g else None
             except ValueError as exc:
                 raise fail(f"[gossip]: {exc}") from None
             keys = g.get("keys", [])
@@ -174,6 +176,7 @@ class NodeConfig:
                 cluster=str(g.get("cluster", "quorum")),
                 keys=tuple(keys),
                 preset=preset,
+                advertise=advertise,
             )
         return cls(
             name=name,

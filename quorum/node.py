@@ -11,7 +11,10 @@ together from a ``NodeConfig`` and run in one trio nursery.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import socket
 from typing import Any
 
 import httpx
@@ -24,8 +27,15 @@ from quorum.backends.base import Backend
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
+from quorum.gossip import GossipConfig, GossipNode, NodeMeta
 from quorum.routing.dispatch import Dispatcher
-from quorum.routing.membership import Member, MemberLoad, StaticMembership
+from quorum.routing.membership import (
+    GossipMembership,
+    Member,
+    MemberLoad,
+    Membership,
+    StaticMembership,
+)
 
 __all__ = ["Node", "make_backend"]
 
@@ -56,7 +66,10 @@ class Node:
         }
         self.url: str = config.url or f"http://{config.host}:{config.port}"
         self.draining = False
-        self.membership = StaticMembership(self.self_member, config.peers, transport=transport)
+        self.gossip: GossipNode | None = None
+        self.membership: Membership = StaticMembership(
+            self.self_member, config.peers, transport=transport
+        )
         self.dispatcher = Dispatcher(
             config.name, self.backends, self.membership, transport=transport
         )
@@ -134,7 +147,40 @@ class Node:
         await serve(
             self.app, hconfig, shutdown_trigger=self._shutdown.wait, task_status=task_status
         )
+        if self.gossip is not None:
+            await self.gossip.leave(timeout=2.0)  # announce "left", not a death
         scope.cancel()
+
+    async def _gossip_node(self) -> GossipNode:
+        settings = self.config.gossip
+        assert settings is not None
+        try:
+            keys = tuple(base64.b64decode(k, validate=True) for k in settings.keys)
+            preset = GossipConfig.lan if settings.preset == "lan" else GossipConfig.local
+            config = preset(cluster_name=settings.cluster, keys=keys)
+        except (binascii.Error, ValueError) as exc:
+            raise ConfigError(f"{self.config.source}: [gossip].keys: {exc}") from None
+
+        def resolve(host: str, port: int) -> tuple[str, int]:
+            return socket.gethostbyname(host), port
+
+        seeds = [await trio.to_thread.run_sync(resolve, *s) for s in settings.seeds]
+        advertise = None
+        if settings.advertise is not None:
+            advertise = await trio.to_thread.run_sync(resolve, *settings.advertise)
+        elif settings.bind[0] in ("0.0.0.0", "::"):
+            advertise = await trio.to_thread.run_sync(
+                resolve, socket.gethostname(), settings.bind[1]
+            )
+        me = self.self_member()
+        return GossipNode(
+            self.name,
+            config,
+            settings.bind,
+            NodeMeta(http_url=self.url, models=me.models, state=me.node_state),
+            seeds,
+            advertise=advertise,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()``; reports the node's HTTP base URL once it is listening."""
@@ -156,6 +202,11 @@ class Node:
                 binds = await nursery.start(self._serve, hconfig, nursery.cancel_scope)
                 if self.config.url is None:
                     self.url = binds[0]
+                if self.config.gossip is not None:
+                    self.gossip = await self._gossip_node()
+                    await nursery.start(self.gossip.run)
+                    self.membership = GossipMembership(self.self_member, self.gossip)
+                    self.dispatcher.membership = self.membership
                 await nursery.start(self.membership.run)
                 log.info("node %s serving %s on %s", self.name, list(self.backends), self.url)
                 task_status.started(self.url)

@@ -13,6 +13,7 @@ import trio
 
 from quorum.config import BackendConfig, NodeConfig
 from quorum.node import Node
+from quorum.routing.membership import StaticMembership
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = ROOT / "nodes"
@@ -22,7 +23,8 @@ FAST = {"ttft_ms": 5, "itl_ms": 1}
 
 
 def node_config(name: str, *, fast: bool = True, **overrides: Any) -> NodeConfig:
-    """The shipped ``nodes/<name>.toml`` on port 0 with no peers (set after start)."""
+    """The shipped ``nodes/<name>.toml`` on port 0: gossip on port 0 with the LOCAL preset
+    and no seeds (``start_cluster`` points each node at the first), no static peers."""
     config = NodeConfig.from_toml(NODES / f"{name}.toml")
     backends = config.backends
     if fast:
@@ -30,7 +32,12 @@ def node_config(name: str, *, fast: bool = True, **overrides: Any) -> NodeConfig
             dataclasses.replace(b, options={**b.options, **FAST}) if b.kind == "mock" else b
             for b in backends
         )
-    return dataclasses.replace(config, port=0, peers=(), backends=backends, **overrides)
+    gossip = config.gossip
+    if gossip is not None:
+        gossip = dataclasses.replace(gossip, bind=("127.0.0.1", 0), seeds=(), preset="local")
+    return dataclasses.replace(
+        config, port=0, peers=(), backends=backends, gossip=gossip, **overrides
+    )
 
 
 @dataclasses.dataclass
@@ -45,18 +52,33 @@ class Cluster:
 
 
 async def start_cluster(
-    nursery: trio.Nursery, configs: list[NodeConfig], *, transport: Any = None
+    nursery: trio.Nursery, configs: list[NodeConfig], *, transport: Any = None, ready: bool = True
 ) -> Cluster:
-    """Start nodes in ``nursery``, point each at the others, and wait until every node sees
-    every other one alive."""
-    nodes = {c.name: Node(c, transport=transport) for c in configs}
-    for node in nodes.values():
+    """Start nodes in ``nursery`` and wait until every node sees every other one alive (and
+    ready, if ``ready``). Gossip nodes join through the first node; static ones are given
+    each other's URLs."""
+    nodes: dict[str, Node] = {}
+    seed = None
+    for config in configs:
+        if config.gossip is not None and seed is not None:
+            config = dataclasses.replace(
+                config, gossip=dataclasses.replace(config.gossip, seeds=(seed,))
+            )
+        node = Node(config, transport=transport)
         await nursery.start(node.run)
+        if node.gossip is not None and seed is None:
+            seed = node.gossip.address
+        nodes[config.name] = node
     for node in nodes.values():
-        node.membership.set_peers([n.url for n in nodes.values() if n is not node])
-    with trio.fail_after(10):
+        if isinstance(node.membership, StaticMembership):
+            node.membership.set_peers([n.url for n in nodes.values() if n is not node])
+    with trio.fail_after(15):
         while not all(
-            all(m.state == "alive" and m.node_state == "ready" for m in node.membership.members())
+            len(node.membership.members()) == len(nodes)
+            and all(
+                m.state == "alive" and (m.node_state == "ready" or not ready)
+                for m in node.membership.members()
+            )
             for node in nodes.values()
         ):
             await trio.sleep(0.01)

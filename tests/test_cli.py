@@ -159,3 +159,77 @@ async def test_up_rejects_a_bad_config_before_starting_anything(tmp_path: Path) 
     )
     assert result.returncode == 2
     assert "backends[0].kind" in result.stdout.decode()
+
+
+async def members(client: httpx.AsyncClient, port: int) -> dict[str, dict]:
+    data = (await client.get(f"http://127.0.0.1:{port}/cluster/members")).json()
+    return {m["name"]: m for m in data["members"]}
+
+
+async def test_killed_node_is_dead_everywhere_then_alive_after_restart(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Real processes, gossip on loopback with the LAN preset: kill -9 node-c."""
+    http_ports = {n: free_port() for n in ("node-a", "node-b", "node-c")}
+    paths = write_configs(tmp_path, http_ports)
+    gossip_ports = {n: free_port() for n in http_ports}
+    for path, name in zip(paths, http_ports, strict=True):
+        text = re.sub(r'bind = ".*"', f'bind = "127.0.0.1:{gossip_ports[name]}"', path.read_text())
+        seeds = [f"127.0.0.1:{p}" for n, p in gossip_ports.items() if n != name]
+        path.write_text(re.sub(r"seeds = \[.*\]", "seeds = " + json.dumps(seeds), text))
+
+    async def start(path: Path) -> trio.Process:
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-m", "quorum", "node", "--config", str(path)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    procs = {name: await start(path) for name, path in zip(http_ports, paths, strict=True)}
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+
+            async def wait_states(want: str, limit_s: float) -> float:
+                start = trio.current_time()
+                with trio.fail_after(limit_s):
+                    while True:
+                        try:
+                            seen = [
+                                (await members(client, http_ports[n]))["node-c"]["state"]
+                                for n in ("node-a", "node-b")
+                            ]
+                            if seen == [want, want]:
+                                return trio.current_time() - start
+                        except (httpx.HTTPError, KeyError):
+                            pass
+                        await trio.sleep(0.1)
+
+            await wait_states("alive", 30)
+            body = {"model": "mock-coder", "messages": MESSAGES}
+            url = f"http://127.0.0.1:{http_ports['node-a']}/v1/chat/completions"
+            assert (await client.post(url, json=body)).headers["x-quorum-node"] == "node-c"
+
+            procs["node-c"].kill()  # SIGKILL: no goodbye
+            await procs["node-c"].wait()
+            took = await wait_states("dead", 20)
+            assert took <= 12.0  # DESIGN.md: p99 <= 12 s at N = 10 with the LAN preset
+            refused = await client.post(url, json=body)
+            assert refused.status_code == 503  # nobody else serves mock-coder
+
+            procs["node-c"] = await start(paths[2])  # same name, new generation
+            await wait_states("alive", 30)
+            with trio.fail_after(10):
+                while (await client.post(url, json=body)).status_code != 200:
+                    await trio.sleep(0.1)
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(15):
+            for proc in procs.values():
+                await proc.wait()
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

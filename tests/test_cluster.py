@@ -3,6 +3,7 @@ relay's byte-exactness, errors, and slots freed when a client goes away."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import aclosing
 from typing import Any
@@ -447,32 +448,24 @@ async def test_unknown_endpoint_and_method_are_openai_errors(
 
 
 async def test_no_node_able_to_serve_is_503(nursery: trio.Nursery, http: httpx.AsyncClient) -> None:
-    warming_c = node_config("node-c")
-    warming_c = type(warming_c).from_mapping(
-        {
-            "node": {"name": "node-c", "listen": "127.0.0.1:0"},
-            "backends": [{"model": "mock-coder", "kind": "mock", "warmup_s": 600}],
-        }
+    c = node_config("node-c")
+    warming = dataclasses.replace(
+        c,
+        backends=tuple(
+            dataclasses.replace(b, options={**b.options, "warmup_s": 600}) for b in c.backends
+        ),
     )
-    nodes = [node_config("node-a"), warming_c]
-    from quorum.node import Node
-
-    a, c = Node(nodes[0]), Node(nodes[1])
-    await nursery.start(a.run)
-    await nursery.start(c.run)
-    a.membership.set_peers([c.url])
-    with trio.fail_after(5):
-        while a.membership.members()[1].name != "node-c":
-            await trio.sleep(0.01)
-    assert a.membership.members()[1].node_state == "warming"
+    cluster = await start_cluster(nursery, [node_config("node-a"), warming], ready=False)
+    a = cluster["node-a"]
+    assert {m.name: m.node_state for m in a.membership.members()}["node-c"] == "warming"
     response = await http.post(
         a.url + "/v1/chat/completions", json={"model": "mock-coder", "messages": MESSAGES}
     )
     assert response.status_code == 503
     validate("ErrorResponse", response.json())
     assert "mock-coder" in response.json()["error"]["message"]
-    a.stop()
-    c.stop()
+    for node in cluster.nodes.values():
+        node.stop()
 
 
 # --- a client that goes away ----------------------------------------------------------------

@@ -47,10 +47,11 @@ def test_compose_file_validates_with_three_nodes_from_one_image() -> None:
     assert published == {32768, 32769, 32770}
 
 
-def test_compose_node_configs_name_their_peers_by_service() -> None:
+def test_compose_node_configs_name_their_gossip_seeds_by_service() -> None:
     for name in ("node-a", "node-b", "node-c"):
         config = NodeConfig.from_toml(ROOT / "nodes" / "compose" / f"{name}.toml")
         assert config.name == name and config.port == 32768 and config.host == "0.0.0.0"
         assert config.url == f"http://{name}:32768"
-        others = {f"http://{n}:32768" for n in ("node-a", "node-b", "node-c") if n != name}
-        assert set(config.peers) == others
+        assert config.gossip is not None and config.gossip.bind == ("0.0.0.0", 7946)
+        others = {(n, 7946) for n in ("node-a", "node-b", "node-c") if n != name}
+        assert set(config.gossip.seeds) == others

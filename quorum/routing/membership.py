@@ -1,7 +1,8 @@
 """What a node knows about the cluster: one ``Member`` record per node, including itself.
 
-Two sources fill the view: ``StaticMembership`` polls a fixed list of peer URLs over HTTP
-(``GET /health``), and the gossip layer (``quorum.gossip``) replaces it when configured. The
+Two sources fill the view: ``GossipMembership`` reads the gossip layer (``quorum.gossip``)
+when the node's config has a ``[gossip]`` table; ``StaticMembership`` polls a fixed list of
+peer URLs over HTTP (``GET /health``) otherwise. The
 router only reads ``members()``; it does not care where the view came from.
 """
 
@@ -15,7 +16,9 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-__all__ = ["Member", "MemberLoad", "Membership", "StaticMembership"]
+from quorum.gossip import GossipNode, Load, NodeMeta
+
+__all__ = ["GossipMembership", "Member", "MemberLoad", "Membership", "StaticMembership"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,10 @@ class Membership(Protocol):
 
     def members(self) -> Sequence[Member]:
         """Every known member, this node first."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Keep the view fresh for the node's lifetime (started with ``nursery.start``)."""
         ...
 
 
@@ -165,3 +172,64 @@ class StaticMembership:
         if url in self._known:
             self._misses[url] = 0
             self._known[url] = member
+
+
+class GossipMembership:
+    """Membership from the gossip layer (SWIM with Lifeguard, ``quorum.gossip``).
+
+    ``local``: returns this node's own ``Member``; its URL, models and node state are published
+    as gossip metadata (a change raises the incarnation), its load as versioned load values
+    every ``publish_interval`` seconds when it changed (no incarnation bump).
+    """
+
+    def __init__(
+        self, local: Callable[[], Member], gossip: GossipNode, *, publish_interval: float = 0.2
+    ) -> None:
+        self._local = local
+        self.gossip = gossip
+        self._interval = publish_interval
+        self._meta: NodeMeta | None = None
+        self._load: Load | None = None
+
+    def members(self) -> list[Member]:
+        me = self._local()
+        own = self.gossip.member(me.name)
+        out = [replace(me, incarnation=own.incarnation) if own else me]
+        for info in self.gossip.members():
+            if info.name == me.name:
+                continue
+            load = info.load
+            out.append(
+                Member(
+                    name=info.name,
+                    url=info.meta.http_url,
+                    state=info.state.value,
+                    node_state=info.meta.state,
+                    models=tuple(info.meta.models),
+                    load=MemberLoad(load.in_flight, load.free_slots, load.queue_depth)
+                    if load
+                    else MemberLoad(),
+                    incarnation=info.incarnation,
+                )
+            )
+        return out
+
+    def publish(self) -> None:
+        """Tell the cluster this node's current meta and load (cheap when unchanged)."""
+        me = self._local()
+        meta = NodeMeta(http_url=me.url, models=me.models, state=me.node_state)
+        if meta != self._meta:
+            self._meta = meta
+            self.gossip.set_meta(meta)
+        load = Load(me.load.in_flight, me.load.free_slots, me.load.queue_depth)
+        if load != self._load:
+            self._load = load
+            self.gossip.set_load(load)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish meta and load every ``publish_interval`` seconds, forever."""
+        self.publish()
+        task_status.started()
+        while True:
+            await trio.sleep(self._interval)
+            self.publish()
