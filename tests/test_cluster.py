@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from contextlib import aclosing
 from typing import Any
 
@@ -492,3 +494,39 @@ async def test_client_disconnect_frees_the_slot(cluster: Cluster, entry: str) ->
             await trio.sleep(0.005)
     assert serving.load().queued == 0
     assert cluster["node-a"].dispatcher.in_flight == 0
+
+
+async def test_cluster_members_shows_state_incarnation_and_load(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(5):  # load travels by gossip: wait for node-c's figures
+        while True:
+            data = (await http.get(cluster.url("node-b") + "/cluster/members")).json()
+            by_name = {m["name"]: m for m in data["members"]}
+            if by_name["node-c"]["load"]["free_slots"]:
+                break
+            await trio.sleep(0.05)
+    assert data["self"] == "node-b"
+    by_name = {m["name"]: m for m in data["members"]}
+    assert set(by_name) == set(NODES)
+    for name, m in by_name.items():
+        assert m["state"] == "alive" and m["node_state"] == "ready"
+        assert m["url"] == cluster.url(name)
+        assert isinstance(m["incarnation"], int)
+        assert set(m["load"]) == {"in_flight", "free_slots", "queue_depth"}
+    assert set(by_name["node-c"]["models"]) == {"mock-chat", "mock-coder"}
+    assert by_name["node-c"]["load"]["free_slots"] == 24  # 16 + 8 slots, all free
+
+
+async def test_quorum_members_prints_the_table(cluster: Cluster) -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "quorum", "members", cluster.url("node-a")],
+        capture_stdout=True,
+        capture_stderr=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out = result.stdout.decode()
+    assert "members as seen by node-a" in out
+    for name in NODES:
+        assert name in out
+    assert out.count("alive") == 3
