@@ -19,6 +19,17 @@ async def start(nursery: trio.Nursery, table: dict) -> Node:
     return node
 
 
+async def mock_server(nursery: trio.Nursery) -> Node:
+    """A node serving the mock as ``mock-llama``: the stand-in for vLLM or Ollama."""
+    return await start(
+        nursery,
+        {
+            "node": {"name": "vllm", "listen": "127.0.0.1:0"},
+            "backends": [{"model": "mock-llama", "kind": "mock", **FAST}],
+        },
+    )
+
+
 async def gateway(nursery: trio.Nursery, upstream_url: str) -> Node:
     """A node whose only backend is an upstream at ``upstream_url``; waits until ready."""
     node = await start(
@@ -45,13 +56,7 @@ async def gateway(nursery: trio.Nursery, upstream_url: str) -> Node:
 async def test_upstream_streams_and_folds_and_renames_the_model(
     nursery: trio.Nursery, http: httpx.AsyncClient
 ) -> None:
-    server = await start(
-        nursery,
-        {
-            "node": {"name": "vllm", "listen": "127.0.0.1:0"},
-            "backends": [{"model": "mock-llama", "kind": "mock", **FAST}],
-        },
-    )
+    server = await mock_server(nursery)
     node = await gateway(nursery, server.url + "/v1")
     url = node.url + "/v1/chat/completions"
     response, events, _ = await stream_events(
@@ -80,13 +85,7 @@ async def test_upstream_streams_and_folds_and_renames_the_model(
 async def test_upstream_errors_map_to_openai_errors(
     nursery: trio.Nursery, http: httpx.AsyncClient
 ) -> None:
-    server = await start(
-        nursery,
-        {
-            "node": {"name": "vllm", "listen": "127.0.0.1:0"},
-            "backends": [{"model": "mock-llama", "kind": "mock", **FAST}],
-        },
-    )
+    server = await mock_server(nursery)
     node = await gateway(nursery, server.url + "/v1")
     url = node.url + "/v1/chat/completions"
     # the upstream refuses before any byte: 502 with the upstream's reason
