@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_members = sub.add_parser("members", help="list the cluster's members")
     p_members.add_argument("url", nargs="?", default="http://127.0.0.1:32768")
 
+    from quorum import bench
+
+    bench.add_arguments(sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint"))
+
     args = parser.parse_args(argv)
     if args.command == "node":
         return _node(args.config, args.log_level)
@@ -60,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_up, configs, args.startup_timeout)
     if args.command == "members":
         return _members(args.url)
+    if args.command == "bench":
+        return bench.main(args)
     return 2
 
 
@@ -156,11 +162,11 @@ async def _wait_healthy(client: httpx.AsyncClient, child: _Child, deadline: floa
     return "did not answer /health in time"
 
 
-async def _stop(children: list[_Child], timeout: float = 10.0) -> None:
+async def _stop(children: list[_Child], grace_s: float = 10.0) -> None:
     for child in children:
         if child.process is not None and child.process.returncode is None:
             child.process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(grace_s):
         for child in children:
             if child.process is not None:
                 await child.process.wait()
@@ -213,8 +219,9 @@ async def _up(paths: list[Path], startup_timeout: float) -> int:
                             watch.start_soon(_first_signal, signals, watch.cancel_scope)
                         dead = [c for c in children if c.exited.is_set()]
                         for child in dead:
+                            code = child.process.returncode if child.process else None
                             console.print(f"[red]node {child.config.name} exited "
-                                          f"(status {child.process.returncode})")
+                                          f"(status {code})")
                             status = 1
             finally:
                 with trio.CancelScope(shield=True):

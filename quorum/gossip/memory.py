@@ -26,7 +26,7 @@ __all__ = ["MemoryNetwork", "MemoryTransport"]
 
 class MemoryNetwork:
     """The fake network. ``loss``/``duplicate``: probabilities in [0, 1]; ``delay``: seconds
-    of one-way latency (each datagram gets ``delay × U(0.5, 1.5)``)."""
+    of one-way latency (each datagram gets ``delay * U(0.5, 1.5)``)."""
 
     def __init__(
         self,
