@@ -41,7 +41,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quorum.bench import BenchConfig, NodeProcess, Report, peak_rss_kb, run_bench  # noqa: E402
+from quorum.bench import BenchConfig, NodeProcess, Report, peak_rss_kb, run_bench
 
 MODEL = "mock-zero"
 console = Console(highlight=False, width=max(132, shutil.get_terminal_size().columns))
@@ -193,10 +193,10 @@ class Nginx:
                 await process.wait()
 
 
-async def wait_forwarder_knows(url: str, serving: str, timeout: float = 15.0) -> None:
+async def wait_forwarder_knows(url: str, serving: str, timeout_s: float = 15.0) -> None:
     """Until the forwarding node lists ``MODEL`` on ``serving`` (its peer poll ran)."""
     async with httpx.AsyncClient(timeout=2.0) as client:
-        with trio.fail_after(timeout):
+        with trio.fail_after(timeout_s):
             while True:
                 try:
                     data = (await client.get(url + "/v1/models")).json()["data"]
@@ -231,7 +231,7 @@ async def run(args: argparse.Namespace) -> int:
     rss: dict[str, int | None] = {}
     began = time.monotonic()
     try:
-        with open(tmp / "serving.log", "wb") as log_a, open(tmp / "forwarding.log", "wb") as log_b:
+        with open(tmp / "serving.log", "wb") as log_a, open(tmp / "forwarding.log", "wb") as log_b:  # noqa: ASYNC230
             await serving.start(log=log_a)
             await forwarding.start(log=log_b)
             await wait_forwarder_knows(forward_url, "hop-serving")
@@ -276,7 +276,7 @@ async def run(args: argparse.Namespace) -> int:
         await serving.stop()
     print_results(results, list(paths), rss, plan, time.monotonic() - began)
     if args.json:
-        Path(args.json).write_text(json.dumps(
+        Path(args.json).write_text(json.dumps(  # noqa: ASYNC240 (after the measurements)
             {f"{c}/{name}": r.as_json() for (c, name), r in results.items()} | {"rss_kb": rss},
             indent=2))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -330,8 +330,8 @@ def print_results(
     if c64:
         ratio = results[64, "forward"].req_per_s / max(results[64, "direct"].req_per_s, 1e-9)
         ok = "[green]met" if ratio >= TARGET_THROUGHPUT else "[red]missed"
-        console.print(f"target: throughput through a forwarding node ≥ {TARGET_THROUGHPUT}× "
-                      f"direct at concurrency 64: {ratio:.2f}×, {ok}")
+        console.print(f"target: throughput through a forwarding node ≥ {TARGET_THROUGHPUT}x "
+                      f"direct at concurrency 64: {ratio:.2f}x, {ok}")
     console.print(f"whole run {elapsed:.0f} s")
 
 

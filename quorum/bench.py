@@ -31,6 +31,7 @@ stops ``quorum node`` processes and reads their peak RSS (``VmHWM``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -138,7 +139,7 @@ def stream_timings(
     if not token_times:
         return Timings(ttft=None, itl=(), tpot=None, e2e=e2e)
     ttft = token_times[0] - start
-    itl = tuple(b - a for a, b in zip(token_times, token_times[1:], strict=False))
+    itl = tuple(b - a for a, b in itertools.pairwise(token_times))
     tpot = (e2e - ttft) / (output_tokens - 1) if output_tokens > 1 else None
     return Timings(ttft=ttft, itl=itl, tpot=tpot, e2e=e2e)
 
@@ -648,7 +649,8 @@ async def _main(args: argparse.Namespace, console: Any) -> int:
         config = BenchConfig(
             url=args.url,
             model=model,
-            concurrency=None if args.rate is not None else (8 if args.concurrency is None else args.concurrency),
+            concurrency=(None if args.rate is not None
+                         else 8 if args.concurrency is None else args.concurrency),
             rate=args.rate,
             max_concurrency=args.max_concurrency,
             prompt_tokens=args.prompt_tokens,
@@ -701,6 +703,7 @@ async def _first_model(url: str) -> str:
 def print_report(report: Report, console: Any) -> None:
     """The report as rich tables on ``console``."""
     from rich.table import Table
+    from rich.text import Text
 
     cfg = report.config
     shape = (f"concurrency {cfg.get('concurrency')}" if cfg.get("concurrency")
@@ -714,7 +717,7 @@ def print_report(report: Report, console: Any) -> None:
     head.add_row("failed requests", str(report.failed))
     for kind, count in report.errors.items():
         head.add_row(f"  {kind}", str(count))
-        head.add_row(f"    e.g. {report.error_examples.get(kind, '')[:100]}", "")
+        head.add_row(Text(f"    e.g. {report.error_examples.get(kind, '')[:60]}"), "")
     head.add_row("wall time (s)", f"{report.wall_s:.2f}")
     head.add_row("requests/s", f"{report.req_per_s:.2f}")
     head.add_row("output tokens", str(report.output_tokens))
