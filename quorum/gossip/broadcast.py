@@ -14,6 +14,7 @@ class _Item:
     order: int
     payload: bytes
     transmits: int = 0
+    useless_to: str | None = None  # the one member this update tells nothing new
 
 
 class BroadcastQueue:
@@ -38,19 +39,22 @@ class BroadcastQueue:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
-    def queue(self, key: Hashable, payload: bytes) -> None:
-        """Queue ``payload`` (an encoded message) under ``key``, replacing any older one."""
+    def queue(self, key: Hashable, payload: bytes, *, useless_to: str | None = None) -> None:
+        """Queue ``payload`` (an encoded message) under ``key``, replacing any older one.
+        ``useless_to``: a member that gains nothing from it (the subject of an ``alive``);
+        ``take`` for that member skips it, so its few transmits reach members who need it."""
         self._counter += 1
-        self._items[key] = _Item(order=self._counter, payload=payload)
+        self._items[key] = _Item(order=self._counter, payload=payload, useless_to=useless_to)
 
     def transmits(self, key: Hashable) -> int | None:
         """How often the update under ``key`` has been sent, or None when not queued."""
         item = self._items.get(key)
         return None if item is None else item.transmits
 
-    def take(self, budget: int, limit: int) -> list[bytes]:
-        """Updates to piggyback, least-sent first, whose sizes sum to at most ``budget``
-        bytes. Each one handed out counts as one transmit; after ``limit`` it is dropped."""
+    def take(self, budget: int, limit: int, *, target: str | None = None) -> list[bytes]:
+        """Updates to piggyback to member ``target``, least-sent first, whose sizes sum to at
+        most ``budget`` bytes. Each one handed out counts as one transmit; after ``limit`` it is
+        dropped. Updates useless to ``target`` are left for others."""
         if not self._items or budget <= 0:
             return []
         chosen: list[bytes] = []
@@ -58,6 +62,8 @@ class BroadcastQueue:
         finished: list[Hashable] = []
         ranked = sorted(self._items.items(), key=lambda kv: (kv[1].transmits, -kv[1].order))
         for key, item in ranked:
+            if target is not None and item.useless_to == target:
+                continue
             size = len(item.payload)
             if spent + size > budget:
                 continue

@@ -521,7 +521,7 @@ class GossipCore:
                 event = MemberUpdated(current.info())
             else:
                 event = None
-        self._queue.queue(("m", msg.node), codec.encode(msg))
+        self._queue.queue(("m", msg.node), codec.encode(msg), useless_to=msg.node)
         if event is not None:
             self._out.append(event)
 
@@ -629,7 +629,7 @@ class GossipCore:
     def _queue_load(self, member: Member) -> None:
         assert member.load is not None
         msg = LoadUpdate(member.name, member.load_version, member.load)
-        self._queue.queue(("l", member.name), codec.encode(msg))
+        self._queue.queue(("l", member.name), codec.encode(msg), useless_to=member.name)
 
     # --- timers ----------------------------------------------------------------------------
 
@@ -753,10 +753,10 @@ class GossipCore:
             return
         targets = self._gossip_targets()
         for member in self._rng.sample(targets, min(self.config.gossip_nodes, len(targets))):
-            parts = self._queue.take(self._budget, self.config.retransmit_limit(self._live))
-            if not parts:
-                return
-            self._emit(member.addr, parts)
+            limit = self.config.retransmit_limit(self._live)
+            parts = self._queue.take(self._budget, limit, target=member.name)
+            if parts:
+                self._emit(member.addr, parts)
 
     def _tick_push_pull(self, now: float) -> None:
         if now < self._next_push_pull:
@@ -794,7 +794,9 @@ class GossipCore:
         parts = [codec.encode(primary)]
         parts.extend(codec.encode(m) for m in extra)
         budget = self._budget - sum(len(p) for p in parts)
-        parts.extend(self._queue.take(budget, self.config.retransmit_limit(self._live)))
+        target = next((m.name for m in self._members.values() if m.addr == addr), None)
+        limit = self.config.retransmit_limit(self._live)
+        parts.extend(self._queue.take(budget, limit, target=target))
         self._emit(addr, parts)
 
     def _emit(self, addr: Addr, parts: list[bytes]) -> None:
