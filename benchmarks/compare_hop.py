@@ -150,9 +150,17 @@ class Nginx:
         conf = self.tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(tmp=self.tmp, port=self.port, upstream=self.upstream))
         self.process = await trio.lowlevel.open_process(
-            [self.binary, "-p", str(self.tmp), "-c", str(conf), "-e",
-             str(self.tmp / "nginx-error.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                "-p",
+                str(self.tmp),
+                "-c",
+                str(conf),
+                "-e",
+                str(self.tmp / "nginx-error.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         async with httpx.AsyncClient(timeout=1.0) as client:
             with trio.move_on_after(10):
@@ -164,9 +172,10 @@ class Nginx:
                         pass
                     await trio.sleep(0.05)
         await self.stop()
-        log = (self.tmp / "nginx-error.log")
-        raise RuntimeError("nginx did not start: " + (log.read_text()[-500:] if log.exists()
-                                                       else "no error log"))
+        log = self.tmp / "nginx-error.log"
+        raise RuntimeError(
+            "nginx did not start: " + (log.read_text()[-500:] if log.exists() else "no error log")
+        )
 
     def pids(self) -> list[int]:
         """The master and its workers."""
@@ -219,9 +228,11 @@ async def run(args: argparse.Namespace) -> int:
     direct_url = f"http://127.0.0.1:{ports['direct']}"
     forward_url = f"http://127.0.0.1:{ports['forward']}"
     (tmp / "serving.toml").write_text(
-        node_toml("hop-serving", ports["direct"], peers=[], output_tokens=args.output_tokens))
+        node_toml("hop-serving", ports["direct"], peers=[], output_tokens=args.output_tokens)
+    )
     (tmp / "forwarding.toml").write_text(
-        node_toml("hop-forwarding", ports["forward"], peers=[direct_url], output_tokens=None))
+        node_toml("hop-forwarding", ports["forward"], peers=[direct_url], output_tokens=None)
+    )
     serving = NodeProcess(tmp / "serving.toml", direct_url)
     forwarding = NodeProcess(tmp / "forwarding.toml", forward_url)
     nginx: Nginx | None = None
@@ -248,13 +259,20 @@ async def run(args: argparse.Namespace) -> int:
                 f"mock backend: ttft_ms=0 itl_ms=0, {args.output_tokens} output tokens, "
                 f"{args.prompt_tokens} prompt tokens; {os.cpu_count()} CPUs; nodes: serving "
                 f"pid {serving.pid}, forwarding pid {forwarding.pid}"
-                + (f", nginx pid {nginx.pids()}" if nginx else ""))
+                + (f", nginx pid {nginx.pids()}" if nginx else "")
+            )
             for concurrency, count, warmup in plan:
                 for name, url in paths.items():
                     config = BenchConfig(
-                        url=url, model=MODEL, concurrency=concurrency, requests=count,
-                        warmup=warmup, prompt_tokens=args.prompt_tokens,
-                        output_tokens=args.output_tokens, duration_s=120.0, timeout_s=60.0,
+                        url=url,
+                        model=MODEL,
+                        concurrency=concurrency,
+                        requests=count,
+                        warmup=warmup,
+                        prompt_tokens=args.prompt_tokens,
+                        output_tokens=args.output_tokens,
+                        duration_s=120.0,
+                        timeout_s=60.0,
                         seed=args.seed,
                     )
                     t = time.monotonic()
@@ -263,9 +281,12 @@ async def run(args: argparse.Namespace) -> int:
                     console.print(
                         f"  c={concurrency:<4} {name:<8} {report.completed} ok, "
                         f"{report.failed} failed, {report.req_per_s:8.1f} req/s "
-                        f"({time.monotonic() - t:.1f} s)")
-            rss = {"serving node": serving.peak_rss_kb(),
-                   "forwarding node": forwarding.peak_rss_kb()}
+                        f"({time.monotonic() - t:.1f} s)"
+                    )
+            rss = {
+                "serving node": serving.peak_rss_kb(),
+                "forwarding node": forwarding.peak_rss_kb(),
+            }
             if nginx is not None:
                 for i, pid in enumerate(nginx.pids()):
                     rss["nginx master" if i == 0 else f"nginx worker {i}"] = peak_rss_kb(pid)
@@ -276,9 +297,12 @@ async def run(args: argparse.Namespace) -> int:
         await serving.stop()
     print_results(results, list(paths), rss, plan, time.monotonic() - began)
     if args.json:
-        Path(args.json).write_text(json.dumps(  # noqa: ASYNC240 (after the measurements)
-            {f"{c}/{name}": r.as_json() for (c, name), r in results.items()} | {"rss_kb": rss},
-            indent=2))
+        Path(args.json).write_text(  # noqa: ASYNC240 - once, after the measurements
+            json.dumps(
+                {f"{c}/{name}": r.as_json() for (c, name), r in results.items()} | {"rss_kb": rss},
+                indent=2,
+            )
+        )
     shutil.rmtree(tmp, ignore_errors=True)
     return 0 if all(r.failed == 0 for r in results.values()) else 1
 
@@ -291,8 +315,19 @@ def print_results(
     elapsed: float,
 ) -> None:
     table = Table(title="forwarding hop vs direct vs nginx (zero-latency mock, 127.0.0.1)")
-    for col in ("conc", "path", "ok", "failed", "TTFT p50 ms", "E2E p50 ms", "req/s",
-                "tokens/s", "req/s ÷ direct", "+TTFT p50 ms", "+E2E p50 ms"):
+    for col in (
+        "conc",
+        "path",
+        "ok",
+        "failed",
+        "TTFT p50 ms",
+        "E2E p50 ms",
+        "req/s",
+        "tokens/s",
+        "req/s ÷ direct",
+        "+TTFT p50 ms",
+        "+E2E p50 ms",
+    ):
         table.add_column(col, justify="left" if col == "path" else "right")
     for concurrency, _, _ in plan:
         base = results[concurrency, "direct"]
@@ -303,14 +338,30 @@ def print_results(
             base_ttft = base.ttft_ms.p50 if base.ttft_ms else None
             base_e2e = base.e2e_ms.p50 if base.e2e_ms else None
             ratio = r.req_per_s / base.req_per_s if base.req_per_s else 0.0
-            added = "" if name == "direct" or ttft is None or base_ttft is None \
+            added = (
+                ""
+                if name == "direct" or ttft is None or base_ttft is None
                 else f"{ttft - base_ttft:+.2f}"
-            added_e2e = "" if name == "direct" or e2e is None or base_e2e is None \
+            )
+            added_e2e = (
+                ""
+                if name == "direct" or e2e is None or base_e2e is None
                 else f"{e2e - base_e2e:+.2f}"
-            table.add_row(str(concurrency), name, str(r.completed), str(r.failed), ms(ttft),
-                          ms(e2e), f"{r.req_per_s:.1f}", f"{r.output_tok_per_s:.0f}",
-                          "" if name == "direct" else f"{ratio:.2f}", added, added_e2e,
-                          end_section=name == names[-1])
+            )
+            table.add_row(
+                str(concurrency),
+                name,
+                str(r.completed),
+                str(r.failed),
+                ms(ttft),
+                ms(e2e),
+                f"{r.req_per_s:.1f}",
+                f"{r.output_tok_per_s:.0f}",
+                "" if name == "direct" else f"{ratio:.2f}",
+                added,
+                added_e2e,
+                end_section=name == names[-1],
+            )
     console.print(table)
     mem = Table(title="peak RSS (VmHWM)")
     mem.add_column("process")
@@ -325,13 +376,17 @@ def print_results(
         if d.ttft_ms and f.ttft_ms:
             added = f.ttft_ms.p50 - d.ttft_ms.p50
             ok = "[green]met" if added <= TARGET_ADDED_TTFT_MS else "[red]missed"
-            console.print(f"target: forwarding hop adds ≤ {TARGET_ADDED_TTFT_MS} ms median TTFT "
-                          f"at concurrency 1: {added:.2f} ms, {ok}")
+            console.print(
+                f"target: forwarding hop adds ≤ {TARGET_ADDED_TTFT_MS} ms median TTFT "
+                f"at concurrency 1: {added:.2f} ms, {ok}"
+            )
     if c64:
         ratio = results[64, "forward"].req_per_s / max(results[64, "direct"].req_per_s, 1e-9)
         ok = "[green]met" if ratio >= TARGET_THROUGHPUT else "[red]missed"
-        console.print(f"target: throughput through a forwarding node ≥ {TARGET_THROUGHPUT}x "
-                      f"direct at concurrency 64: {ratio:.2f}x, {ok}")
+        console.print(
+            f"target: throughput through a forwarding node ≥ {TARGET_THROUGHPUT}x "
+            f"direct at concurrency 64: {ratio:.2f}x, {ok}"
+        )
     console.print(f"whole run {elapsed:.0f} s")
 
 

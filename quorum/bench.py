@@ -281,8 +281,8 @@ _VOCABULARY = tuple(
     """time person year way day thing man world life hand part child eye woman place work week
     case point number group problem fact river garden window morning story idea reason step
     path table letter word line page book note plan method pattern signal balance change
-    choice effect level measure order record source model cluster node request token stream"""
-    .split()
+    choice effect level measure order record source model cluster node request token stream
+    """.split()
 )
 
 
@@ -346,8 +346,9 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, timeout_s: floa
                             try:
                                 chunk = json.loads(event.data)
                             except ValueError:
-                                raise _StreamError("broken stream", "a chunk is not JSON: "
-                                                   + event.data[:200]) from None
+                                raise _StreamError(
+                                    "broken stream", "a chunk is not JSON: " + event.data[:200]
+                                ) from None
                             if not isinstance(chunk, dict):
                                 raise _StreamError("broken stream", "a chunk is not an object")
                             if "error" in chunk:
@@ -581,31 +582,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", help="OpenAI base URL (http://127.0.0.1:32768/v1) or node URL")
     parser.add_argument("--model", help="model to request (default: the first in /v1/models)")
     arrivals = parser.add_mutually_exclusive_group()
-    arrivals.add_argument("--concurrency", type=int, metavar="N",
-                          help="N concurrent streams, each sending its next request when one "
-                               "ends (the default, N=8)")
-    arrivals.add_argument("--rate", type=float, metavar="R",
-                          help="Poisson arrivals at R requests/s instead")
-    parser.add_argument("--max-concurrency", type=int, default=256, metavar="N",
-                        help="with --rate: at most N in flight (default 256)")
+    arrivals.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="N concurrent streams, each sending its next request when one ends (the default, N=8)",
+    )
+    arrivals.add_argument(
+        "--rate", type=float, metavar="R", help="Poisson arrivals at R requests/s instead"
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=256,
+        metavar="N",
+        help="with --rate: at most N in flight (default 256)",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=128, metavar="N")
-    parser.add_argument("--output-tokens", type=int, default=128, metavar="N",
-                        help="sent as max_tokens (default 128)")
-    parser.add_argument("--requests", type=int, default=200, metavar="N",
-                        help="stop after N requests (default 200)")
-    parser.add_argument("--duration", type=float, default=60.0, metavar="S",
-                        help="stop issuing requests after S seconds (default 60)")
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                        help="one request's limit (default 60)")
-    parser.add_argument("--warmup", type=int, default=0, metavar="N",
-                        help="N requests first, not counted")
+    parser.add_argument(
+        "--output-tokens",
+        type=int,
+        default=128,
+        metavar="N",
+        help="sent as max_tokens (default 128)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=200, metavar="N", help="stop after N requests (default 200)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="stop issuing requests after S seconds (default 60)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="one request's limit (default 60)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=0, metavar="N", help="N requests first, not counted"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--node-config", type=Path, action="append", default=[],
-                        metavar="TOML", help="start this node first (repeatable), report its "
-                        "peak RSS, stop it at the end")
-    parser.add_argument("--pid", type=int, action="append", default=[],
-                        help="also report this running process's peak RSS (repeatable)")
+    parser.add_argument(
+        "--node-config",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="start this node first (repeatable), report its peak RSS, stop it at the end",
+    )
+    parser.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        default=[],
+        help="also report this running process's peak RSS (repeatable)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -649,8 +682,13 @@ async def _main(args: argparse.Namespace, console: Any) -> int:
         config = BenchConfig(
             url=args.url,
             model=model,
-            concurrency=(None if args.rate is not None
-                         else 8 if args.concurrency is None else args.concurrency),
+            concurrency=(
+                None
+                if args.rate is not None
+                else 8
+                if args.concurrency is None
+                else args.concurrency
+            ),
             rate=args.rate,
             max_concurrency=args.max_concurrency,
             prompt_tokens=args.prompt_tokens,
@@ -663,9 +701,14 @@ async def _main(args: argparse.Namespace, console: Any) -> int:
         )
         show = not args.json and console.is_terminal
         with Progress(
-            TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
-            console=console, disable=not show, transient=True,
+            TextColumn("[bold]bench"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not show,
+            transient=True,
         ) as progress:
             task = progress.add_task("requests", total=config.requests, failed=0)
             failed = 0
@@ -696,8 +739,9 @@ async def _first_model(url: str) -> str:
             data = (await client.get(base + "/models")).json()
         return str(data["data"][0]["id"])
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise RuntimeError(f"no --model given and {base}/models did not name one: {exc!r}") \
-            from None
+        raise RuntimeError(
+            f"no --model given and {base}/models did not name one: {exc!r}"
+        ) from None
 
 
 def print_report(report: Report, console: Any) -> None:
@@ -706,10 +750,15 @@ def print_report(report: Report, console: Any) -> None:
     from rich.text import Text
 
     cfg = report.config
-    shape = (f"concurrency {cfg.get('concurrency')}" if cfg.get("concurrency")
-             else f"rate {cfg.get('rate')}/s, max concurrency {cfg.get('max_concurrency')}")
-    console.print(f"[bold]quorum bench[/]: {cfg.get('model')} at {cfg.get('url')}, {shape}, "
-                  f"{cfg.get('prompt_tokens')} prompt / {cfg.get('output_tokens')} output tokens")
+    shape = (
+        f"concurrency {cfg.get('concurrency')}"
+        if cfg.get("concurrency")
+        else f"rate {cfg.get('rate')}/s, max concurrency {cfg.get('max_concurrency')}"
+    )
+    console.print(
+        f"[bold]quorum bench[/]: {cfg.get('model')} at {cfg.get('url')}, {shape}, "
+        f"{cfg.get('prompt_tokens')} prompt / {cfg.get('output_tokens')} output tokens"
+    )
     head = Table(show_header=False)
     head.add_column(justify="left")
     head.add_column(justify="right")
@@ -729,11 +778,16 @@ def print_report(report: Report, console: Any) -> None:
     lat = Table(title="latency (ms)")
     for col in ("", "mean", "p50", "p90", "p99", "n"):
         lat.add_column(col, justify="right" if col else "left")
-    for name, s in (("TTFT", report.ttft_ms), ("ITL", report.itl_ms), ("TPOT", report.tpot_ms),
-                    ("E2E", report.e2e_ms)):
+    for name, s in (
+        ("TTFT", report.ttft_ms),
+        ("ITL", report.itl_ms),
+        ("TPOT", report.tpot_ms),
+        ("E2E", report.e2e_ms),
+    ):
         if s is None:
             lat.add_row(name, "-", "-", "-", "-", "0")
         else:
-            lat.add_row(name, f"{s.mean:.2f}", f"{s.p50:.2f}", f"{s.p90:.2f}", f"{s.p99:.2f}",
-                        str(s.n))
+            lat.add_row(
+                name, f"{s.mean:.2f}", f"{s.p50:.2f}", f"{s.p90:.2f}", f"{s.p99:.2f}", str(s.n)
+            )
     console.print(lat)

@@ -42,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_node.add_argument("--log-level", default="info")
 
     p_up = sub.add_parser("up", help="run a local cluster, one process per node")
-    p_up.add_argument("configs", nargs="*", type=Path,
-                      help="node configs (default: nodes/*.toml)")
+    p_up.add_argument("configs", nargs="*", type=Path, help="node configs (default: nodes/*.toml)")
     p_up.add_argument("--startup-timeout", type=float, default=30.0, metavar="SECONDS")
 
     p_members = sub.add_parser("members", help="list the cluster's members")
@@ -102,8 +101,11 @@ def _node(path: Path, level: str) -> int:
         error = _first(exc, OSError)
         if error is None:
             raise
-        print(f"quorum node {config.name}: cannot listen on {config.host}:{config.port}: "
-              f"{error.strerror or error}", file=sys.stderr)
+        print(
+            f"quorum node {config.name}: cannot listen on {config.host}:{config.port}: "
+            f"{error.strerror or error}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -191,7 +193,8 @@ async def _up(paths: list[Path], startup_timeout: float) -> int:
                 for child in children:
                     child.process = await trio.lowlevel.open_process(
                         [sys.executable, "-m", "quorum", "node", "--config", str(child.path)],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
                     )
                     nursery.start_soon(_pump, child)
                 deadline = trio.current_time() + startup_timeout
@@ -203,8 +206,10 @@ async def _up(paths: list[Path], startup_timeout: float) -> int:
                             failures.append((child, why))
                     if failures:
                         for child, why in failures:
-                            console.print(f"[red]node {child.config.name} ({child.path}) failed "
-                                          f"to start: {why}")
+                            console.print(
+                                f"[red]node {child.config.name} ({child.path}) failed "
+                                f"to start: {why}"
+                            )
                             for line in list(child.tail)[-10:]:
                                 console.print(f"    {line}", markup=False)
                         console.print("[red]stopping the other nodes")
@@ -220,8 +225,7 @@ async def _up(paths: list[Path], startup_timeout: float) -> int:
                         dead = [c for c in children if c.exited.is_set()]
                         for child in dead:
                             code = child.process.returncode if child.process else None
-                            console.print(f"[red]node {child.config.name} exited "
-                                          f"(status {code})")
+                            console.print(f"[red]node {child.config.name} exited (status {code})")
                             status = 1
             finally:
                 with trio.CancelScope(shield=True):
@@ -267,13 +271,30 @@ def _members(url: str) -> int:
         console.print(f"[red]quorum members: {url} did not answer: {exc}")
         return 1
     table = Table(title=f"members as seen by {data['self']}")
-    for col in ("name", "state", "node", "incarnation", "in flight", "free slots", "queue",
-                "url", "models"):
+    for col in (
+        "name",
+        "state",
+        "node",
+        "incarnation",
+        "in flight",
+        "free slots",
+        "queue",
+        "url",
+        "models",
+    ):
         table.add_column(col)
     for m in data["members"]:
         load = m.get("load", {})
-        table.add_row(m["name"], m["state"], m["node_state"], str(m.get("incarnation", 0)),
-                      str(load.get("in_flight", "")), str(load.get("free_slots", "")),
-                      str(load.get("queue_depth", "")), m["url"], ", ".join(m["models"]))
+        table.add_row(
+            m["name"],
+            m["state"],
+            m["node_state"],
+            str(m.get("incarnation", 0)),
+            str(load.get("in_flight", "")),
+            str(load.get("free_slots", "")),
+            str(load.get("queue_depth", "")),
+            m["url"],
+            ", ".join(m["models"]),
+        )
     console.print(table)
     return 0

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BackendConfig", "ConfigError", "NodeConfig", "parse_hostport"]
+from quorum.routing.config import RoutingConfig
+
+__all__ = ["BackendConfig", "ConfigError", "NodeConfig", "RoutingConfig", "parse_hostport"]
 
 BACKEND_KINDS = ("mock", "upstream")
 
@@ -93,6 +95,7 @@ class NodeConfig:
     max_body_bytes: int = 4 << 20
     backends: tuple[BackendConfig, ...] = ()
     gossip: GossipSettings | None = None
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     source: str = "<config>"
 
     @classmethod
@@ -114,11 +117,11 @@ class NodeConfig:
         def fail(msg: str) -> ConfigError:
             return ConfigError(f"{source}: {msg}")
 
-        unknown = set(data) - {"node", "cluster", "backends", "gossip"}
+        unknown = set(data) - {"node", "cluster", "backends", "gossip", "routing"}
         if unknown:
             raise fail(
                 f"unknown table(s) {sorted(unknown)}; expected [node], [cluster], "
-                "[gossip], [[backends]]"
+                "[gossip], [routing], [[backends]]"
             )
         node = data.get("node")
         if not isinstance(node, Mapping):
@@ -178,8 +181,19 @@ class NodeConfig:
                 preset=preset,
                 advertise=advertise,
             )
+        table = data.get("routing", {})
+        defaults = RoutingConfig()
+        for key, value in table.items():
+            if key not in RoutingConfig.__dataclass_fields__:
+                raise fail(f"[routing].{key} is not a routing option")
+            if isinstance(getattr(defaults, key), int):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise fail(f"[routing].{key} must be an integer >= 1")
+            elif not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise fail(f"[routing].{key} must be a number >= 0 (seconds)")
         return cls(
             name=name,
+            routing=RoutingConfig(**table),
             host=host,
             port=port,
             url=url,

@@ -71,7 +71,11 @@ class Node:
             self.self_member, config.peers, transport=transport
         )
         self.dispatcher = Dispatcher(
-            config.name, self.backends, self.membership, transport=transport
+            config.name,
+            self.backends,
+            self.membership,
+            config=config.routing,
+            transport=transport,
         )
         self.app = create_app(
             self.dispatcher, health=self.health, max_body_bytes=config.max_body_bytes
@@ -134,6 +138,7 @@ class Node:
     def stop(self) -> None:
         """Begin a graceful stop: the server stops accepting and ``run`` returns."""
         self.draining = True
+        self.dispatcher.draining = True
         self._shutdown.set()
 
     async def _serve(

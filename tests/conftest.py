@@ -72,16 +72,26 @@ async def start_cluster(
     for node in nodes.values():
         if isinstance(node.membership, StaticMembership):
             node.membership.set_peers([n.url for n in nodes.values() if n is not node])
-    with trio.fail_after(15):
-        while not all(
+
+    def converged() -> bool:
+        return all(
             len(node.membership.members()) == len(nodes)
             and all(
                 m.state == "alive" and (m.node_state == "ready" or not ready)
                 for m in node.membership.members()
             )
             for node in nodes.values()
-        ):
+        )
+
+    with trio.move_on_after(15):
+        while not converged():
             await trio.sleep(0.01)
+    if not converged():
+        views = {
+            name: [(m.name, m.state, m.node_state) for m in node.membership.members()]
+            for name, node in nodes.items()
+        }
+        raise AssertionError(f"the cluster did not converge in 15 s: {views}")
     return Cluster(nodes)
 
 

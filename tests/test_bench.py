@@ -65,8 +65,13 @@ def test_stream_timings_from_a_timed_event_list() -> None:
     # Sent at 10.000; role chunk at 10.020 (no token); content chunks at 10.050, 10.060,
     # 10.075, 10.100; usage says 4 tokens; [DONE] at 10.110.
     start, end = 10.000, 10.110
-    events = [(10.020, "role"), (10.050, "content"), (10.060, "content"),
-              (10.075, "reasoning"), (10.100, "content")]
+    events = [
+        (10.020, "role"),
+        (10.050, "content"),
+        (10.060, "content"),
+        (10.075, "reasoning"),
+        (10.100, "content"),
+    ]
     tokens = [t for t, kind in events if kind in ("content", "reasoning")]
     t = stream_timings(start, tokens, end, output_tokens=4)
     assert t.ttft == pytest.approx(0.050)
@@ -90,10 +95,16 @@ def test_a_stream_without_tokens_has_no_ttft_or_tpot() -> None:
 
 def test_report_counts_only_successes_in_latency_and_throughput() -> None:
     ok = [
-        RequestResult(0.0, 1.0, stream_timings(0.0, [0.2, 0.4, 0.6], 1.0, 3), output_tokens=3,
-                      prompt_tokens=10),
-        RequestResult(0.5, 2.0, stream_timings(0.5, [0.9, 1.0], 2.0, 2), output_tokens=2,
-                      prompt_tokens=10),
+        RequestResult(
+            0.0,
+            1.0,
+            stream_timings(0.0, [0.2, 0.4, 0.6], 1.0, 3),
+            output_tokens=3,
+            prompt_tokens=10,
+        ),
+        RequestResult(
+            0.5, 2.0, stream_timings(0.5, [0.9, 1.0], 2.0, 2), output_tokens=2, prompt_tokens=10
+        ),
     ]
     bad = [
         RequestResult(0.1, 0.2, stream_timings(0.1, [], 0.2, 0), error="http 503", detail="x"),
@@ -151,9 +162,17 @@ async def test_bench_against_a_real_node_counts_every_request(
 ) -> None:
     cluster = await start_cluster(nursery, [node_config("node-a")])
     node = cluster["node-a"]
-    config = BenchConfig(url=node.url + "/v1", model="mock-chat", requests=8, output_tokens=12,
-                         prompt_tokens=30, duration_s=20, timeout_s=10, warmup=2,
-                         **arrivals)  # type: ignore[arg-type]
+    config = BenchConfig(
+        url=node.url + "/v1",
+        model="mock-chat",
+        requests=8,
+        output_tokens=12,
+        prompt_tokens=30,
+        duration_s=20,
+        timeout_s=10,
+        warmup=2,
+        **arrivals,
+    )  # type: ignore[arg-type]
     seen = []
     with trio.fail_after(20):
         report = await run_bench(config, on_result=seen.append)
@@ -173,8 +192,14 @@ async def test_bench_against_a_real_node_counts_every_request(
 
 async def test_bench_reports_http_errors_by_status(nursery: trio.Nursery) -> None:
     cluster = await start_cluster(nursery, [node_config("node-a")])
-    config = BenchConfig(url=cluster.url("node-a"), model="no-such-model", concurrency=2,
-                         requests=3, output_tokens=4, timeout_s=10)
+    config = BenchConfig(
+        url=cluster.url("node-a"),
+        model="no-such-model",
+        concurrency=2,
+        requests=3,
+        output_tokens=4,
+        timeout_s=10,
+    )
     with trio.fail_after(20):
         report = await run_bench(config)
     cluster["node-a"].stop()

@@ -16,6 +16,7 @@ import openai
 import pytest
 import trio
 
+from quorum.config import NodeConfig, RoutingConfig
 from quorum.sse import SSEParser
 from tests.conftest import Cluster, node_config, start_cluster
 from tests.openai_spec import validate
@@ -83,8 +84,6 @@ def _stream_every_model(client: openai.OpenAI, entry: str) -> None:
         )
         served_by = response.headers["x-quorum-node"]
         assert served_by in nodes
-        if entry in nodes:
-            assert served_by == entry  # a model served locally is not forwarded
         ids, content, reasoning, finish, usage = set(), [], [], [], None
         for chunk in response.parse():
             ids.add(chunk.id)
@@ -211,6 +210,29 @@ async def test_tool_call_fragments_concatenate_to_valid_json(cluster: Cluster, e
     jsonschema.validate(arguments, WEATHER_TOOL["function"]["parameters"])
 
 
+async def test_a_shared_prefix_goes_to_the_same_node_from_every_entry(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    """Prefix affinity: the conversation's node is the same whichever node it enters at,
+    so a real backend's prompt cache is reused."""
+    for topic in ("apples", "ships", "rivers", "clocks"):
+        served = set()
+        for turn in range(2):
+            for entry in NODES:
+                messages = [
+                    {"role": "system", "content": f"You talk about {topic}."},
+                    {"role": "user", "content": "Begin."},
+                    *[{"role": "assistant", "content": "..."}, {"role": "user", "content": "More."}]
+                    * turn,
+                ]
+                response = await http.post(
+                    cluster.url(entry) + "/v1/chat/completions",
+                    json={"model": "mock-chat", "messages": messages},
+                )
+                served.add(response.headers["x-quorum-node"])
+        assert len(served) == 1, (topic, served)
+
+
 async def test_same_seed_gives_the_same_text_on_every_node(
     cluster: Cluster, http: httpx.AsyncClient
 ) -> None:
@@ -241,10 +263,17 @@ class RecordingTransport(httpx.AsyncBaseTransport):
             self.bodies.append(recorded)  # type: ignore[arg-type]
 
         class Tap(httpx.AsyncByteStream):
-            async def __aiter__(self_) -> Any:
-                async for chunk in response.stream:  # type: ignore[union-attr]
-                    recorded.extend(chunk)
-                    yield chunk
+            def __init__(self_) -> None:
+                self_.inner: Any = None
+
+            def __aiter__(self_) -> Any:
+                self_.inner = response.stream.__aiter__()  # type: ignore[union-attr]
+                return self_
+
+            async def __anext__(self_) -> bytes:
+                chunk: bytes = await self_.inner.__anext__()
+                recorded.extend(chunk)
+                return chunk
 
             async def aclose(self_) -> None:
                 await response.aclose()
@@ -449,23 +478,49 @@ async def test_unknown_endpoint_and_method_are_openai_errors(
     validate("ErrorResponse", wrong.json())
 
 
-async def test_no_node_able_to_serve_is_503(nursery: trio.Nursery, http: httpx.AsyncClient) -> None:
-    c = node_config("node-c")
-    warming = dataclasses.replace(
-        c,
+def warming(config: NodeConfig, warmup_s: float) -> NodeConfig:
+    return dataclasses.replace(
+        config,
         backends=tuple(
-            dataclasses.replace(b, options={**b.options, "warmup_s": 600}) for b in c.backends
+            dataclasses.replace(b, options={**b.options, "warmup_s": warmup_s})
+            for b in config.backends
         ),
     )
-    cluster = await start_cluster(nursery, [node_config("node-a"), warming], ready=False)
-    a = cluster["node-a"]
-    assert {m.name: m.node_state for m in a.membership.members()}["node-c"] == "warming"
+
+
+async def test_no_node_able_to_serve_is_503_after_the_cold_start_hold(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    a = dataclasses.replace(node_config("node-a"), routing=RoutingConfig(cold_start_wait_s=0.3))
+    cluster = await start_cluster(nursery, [a, warming(node_config("node-c"), 600)], ready=False)
+    assert {m.name: m.node_state for m in cluster["node-a"].membership.members()}[
+        "node-c"
+    ] == "warming"
+    started = trio.current_time()
     response = await http.post(
-        a.url + "/v1/chat/completions", json={"model": "mock-coder", "messages": MESSAGES}
+        cluster.url("node-a") + "/v1/chat/completions",
+        json={"model": "mock-coder", "messages": MESSAGES},
     )
     assert response.status_code == 503
+    assert trio.current_time() - started >= 0.3  # held first
     validate("ErrorResponse", response.json())
     assert "mock-coder" in response.json()["error"]["message"]
+    for node in cluster.nodes.values():
+        node.stop()
+
+
+async def test_cold_boot_holds_the_request_until_a_node_is_ready(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    cluster = await start_cluster(
+        nursery, [node_config("node-a"), warming(node_config("node-c"), 1.0)], ready=False
+    )
+    response = await http.post(
+        cluster.url("node-a") + "/v1/chat/completions",
+        json={"model": "mock-coder", "messages": MESSAGES},
+    )
+    assert response.status_code == 200
+    assert response.headers["x-quorum-node"] == "node-c"
     for node in cluster.nodes.values():
         node.stop()
 
@@ -499,13 +554,14 @@ async def test_client_disconnect_frees_the_slot(cluster: Cluster, entry: str) ->
 async def test_cluster_members_shows_state_incarnation_and_load(
     cluster: Cluster, http: httpx.AsyncClient
 ) -> None:
-    with trio.fail_after(5):  # load travels by gossip: wait for node-c's figures
+    with trio.move_on_after(5):  # load travels by gossip: wait for node-c's figures
         while True:
             data = (await http.get(cluster.url("node-b") + "/cluster/members")).json()
             by_name = {m["name"]: m for m in data["members"]}
             if by_name["node-c"]["load"]["free_slots"]:
                 break
             await trio.sleep(0.05)
+    assert by_name["node-c"]["load"]["free_slots"], (by_name, cluster["node-c"].health())
     assert data["self"] == "node-b"
     by_name = {m["name"]: m for m in data["members"]}
     assert set(by_name) == set(NODES)

@@ -116,6 +116,7 @@ async def test_unreachable_upstream_keeps_the_backend_warming(
         {
             "node": {"name": "gateway", "listen": "127.0.0.1:0"},
             "backends": [{"model": "llama", "kind": "upstream", "url": "http://127.0.0.1:9/v1"}],
+            "routing": {"cold_start_wait_s": 0.2},
         },
     )
     assert node.node_state == "warming"

@@ -19,16 +19,16 @@ away) stops the work and frees the slot before ``__aexit__`` returns.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import trio
 
 from quorum.wire import Request
 
-__all__ = ["Backend", "BackendLoad", "BackendState", "Fault", "Generation"]
+__all__ = ["Backend", "BackendLoad", "BackendState", "Fault", "Generation", "Resume"]
 
 BackendState = Literal["warming", "ready"]
 
@@ -69,6 +69,38 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a broken stream stopped, for another backend to continue it.
+
+    ``events``: how many events of the stream the client already has (the role chunk
+    included, ``[DONE]`` excluded). ``text``: per delta field (``content``,
+    ``reasoning_content``, ``reasoning``; ``text`` for completions) the text already delivered.
+    A deterministic backend (the mock) skips ``events`` events of the same plan; an HTTP
+    upstream continues from the partial assistant ``text``.
+    """
+
+    events: int
+    text: Mapping[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"events": self.events, "text": dict(self.text)}
+
+    @classmethod
+    def from_json(cls, value: Any) -> Resume:
+        """Parse the ``quorum_resume`` body field; raises ``ValueError``."""
+        if not isinstance(value, dict):
+            raise ValueError("quorum_resume must be an object")
+        events, text = value.get("events"), value.get("text", {})
+        if not isinstance(events, int) or isinstance(events, bool) or events < 0:
+            raise ValueError("quorum_resume.events must be an integer >= 0")
+        if not isinstance(text, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in text.items()
+        ):
+            raise ValueError("quorum_resume.text must map field names to strings")
+        return cls(events=events, text=text)
+
+
+@dataclass(frozen=True, slots=True)
 class Generation:
     """What a backend is asked to produce.
 
@@ -76,7 +108,8 @@ class Generation:
     id is ``chatcmpl-<request_id>``, a completion's ``cmpl-<request_id>``, so the node that
     assigned it (the entry node) gets the same id from whichever node serves. ``created``: unix
     seconds for the ``created`` field. ``include_usage``: emit the usage chunk (true for every
-    non-streamed request). ``fault``: injected fault, or None.
+    non-streamed request). ``fault``: injected fault, or None. ``resume``: continue a stream
+    that broke elsewhere, or None for a fresh one.
     """
 
     request: Request
@@ -84,6 +117,7 @@ class Generation:
     created: int
     include_usage: bool
     fault: Fault | None = None
+    resume: Resume | None = None
 
     @property
     def stream_id(self) -> str:

@@ -1057,7 +1057,6 @@ class _Stream(AsyncIterator[bytes]):
         self._tool_started = False
         self._field = backend.reasoning_field or "reasoning_content"
         self._include_usage = generation.include_usage
-        self._t_first = t_acquired + backend.ttft_ms / 1000
         self._itl = backend.itl_ms / 1000
         self._i = 0
         self._closed = False
@@ -1081,6 +1080,38 @@ class _Stream(AsyncIterator[bytes]):
                 self._fault_at, self._fail = max(0, fault.fail_after), True
             if fault.stall_after is not None and fault.stall_after < self._fault_at:
                 self._fault_at, self._fail = max(0, fault.stall_after), False
+        if generation.resume is not None:
+            self._skip(generation.resume.events)
+        # Token i is due at _t_first + i * itl: the first one this stream emits after TTFT.
+        self._t_first = t_acquired + backend.ttft_ms / 1000 - self._i * self._itl
+
+    def _skip(self, events: int) -> None:
+        """Advance past the first ``events`` events without emitting them: the client has
+        them already from a stream that broke elsewhere (the plan is the same everywhere)."""
+        for _ in range(events):
+            if self._phase == _ROLE:
+                self._phase = _TOKENS
+                continue
+            if self._phase == _TOKENS:
+                if self._i < self._n:
+                    at_tool = (
+                        self._chat is not None
+                        and self._tool is not None
+                        and not self._tool_started
+                        and self._i >= self._reasoning_count
+                    )
+                    if at_tool:
+                        self._tool_started = True
+                    else:
+                        self._i += 1
+                    continue
+                self._phase = _FINISH
+            if self._phase == _FINISH:
+                self._phase = _USAGE if self._include_usage else _DONE
+            elif self._phase == _USAGE:
+                self._phase = _DONE
+            elif self._phase == _DONE:
+                self._phase = _END
 
     def close(self) -> None:
         """The session was left: any further ``__anext__`` raises ``ClosedResourceError``."""

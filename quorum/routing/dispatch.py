@@ -1,28 +1,41 @@
-"""Serving one request: locally on a backend, or forwarded to the node that serves it.
+"""Serving one request: choose nodes, try them in order, relay, and resume broken streams.
 
 ``Dispatcher.handle`` takes a validated request and returns a ``Reply`` (status, headers and
-either bytes or an async iterator of bytes). A forwarded reply relays the serving node's bytes
-unchanged; they are cut only at event boundaries, so the client never receives half an event.
+either bytes or an async iterator of bytes).
 
-Failure semantics (DESIGN.md, "Failure semantics of a request"): a failure before the first
-byte becomes an HTTP error (``ApiError``); a failure after streaming began ends the stream
-with one ``data: {"error": ...}`` event and ``data: [DONE]`` — never a fake finish_reason.
+Failure semantics (DESIGN.md, "Failure semantics of a request"):
+
+1. Candidates come from the membership view (alive, ready, serving the model, breaker closed).
+2. Until the first token reaches the client, any failure (connect error, 5xx, 429, an error
+   event, no first token within ``ttft_timeout_s``) moves the request to the next candidate,
+   at most ``max_attempts`` in all, with jittered exponential backoff. The role chunk is held
+   back until the first token so that a failover before it is invisible.
+3. After that, a broken stream (reset, EOF without ``[DONE]``, an error event, no chunk within
+   ``inter_token_timeout_s``) is resumed on another candidate: it is sent the same request id
+   and ``quorum_resume`` (the events and text the client has), and continues from there.
+4. Only when no candidate can continue does the client get one ``data: {"error": ...}`` event
+   and ``data: [DONE]``. Never a fake ``finish_reason``.
+
+A stream served without incident is relayed as the serving node produced it, byte for byte,
+cut only at event boundaries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import trio
 
-from quorum.backends.base import Backend, Fault, Generation
+from quorum.backends.base import Backend, Fault, Generation, Resume
 from quorum.errors import (
     ApiError,
     BackendBroken,
@@ -33,12 +46,15 @@ from quorum.errors import (
     Unavailable,
     UpstreamFailed,
 )
+from quorum.routing.breaker import BreakerBoard
+from quorum.routing.config import RoutingConfig
 from quorum.routing.membership import Member, Membership
 from quorum.routing.router import candidates
+from quorum.routing.select import RoutingPolicy, Selector, prefix_key
 from quorum.sse import DONE, SSEParser, SSEProtocolError
 from quorum.wire import Request, aggregate_chat, aggregate_completion, error_event
 
-__all__ = ["Dispatcher", "Reply"]
+__all__ = ["Dispatcher", "Reply", "RoutingConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +65,7 @@ FAULT = "x-quorum-fault"
 REQUEST_ID = "x-request-id"
 NODE = "x-quorum-node"
 ATTEMPTS = "x-quorum-attempts"
+RESUME_FIELD = "quorum_resume"
 
 STREAM_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -56,8 +73,6 @@ STREAM_HEADERS = {
     "x-accel-buffering": "no",
 }
 JSON_HEADERS = {"content-type": "application/json"}
-# Headers of the serving node's reply that a relay passes on to the client.
-RELAYED_HEADERS = ("content-type", "cache-control", "x-accel-buffering", NODE, "retry-after")
 
 
 @dataclass(slots=True)
@@ -70,6 +85,36 @@ class Reply:
     body: bytes | AsyncIterator[bytes] = field(default=b"")
 
 
+class _AttemptFailed(Exception):
+    """One node could not start (or keep) serving the request.
+
+    ``saturated``: it was full (429), not broken. ``final``: a client error (4xx) that another
+    node would answer the same way; ``body`` is then relayed as is.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 502,
+        saturated: bool = False,
+        retry_after: float | None = None,
+        final: bool = False,
+        body: bytes = b"",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.saturated = saturated
+        self.retry_after = retry_after
+        self.final = final
+        self.body = body
+
+
+# One event as relayed: its exact bytes and its data field.
+_Event = tuple[bytes, str | bytes]
+
+
 def _request_id(headers: Mapping[str, str]) -> str:
     given = headers.get(REQUEST_ID, "")
     if 8 <= len(given) <= 64 and all(c.isalnum() or c in "-_" for c in given):
@@ -77,9 +122,25 @@ def _request_id(headers: Mapping[str, str]) -> str:
     return uuid.uuid4().hex
 
 
-def _error_event(exc: Exception) -> bytes:
-    body = ApiError(str(exc), code="stream_broken", status=502).body()
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+def _stream_error(message: str) -> bytes:
+    body = ApiError(message, code="stream_broken", status=502).body()
     return error_event(body) + DONE
+
+
+def _fault(headers: Mapping[str, str]) -> Fault | None:
+    if FAULT not in headers:
+        return None
+    try:
+        return Fault.parse(headers[FAULT])
+    except ValueError as exc:
+        raise InvalidRequest(f"x-quorum-fault: {exc}") from None
 
 
 class Dispatcher:
@@ -87,7 +148,7 @@ class Dispatcher:
 
     ``name``: this node's name. ``backends``: model name → local ``Backend``. ``membership``:
     the cluster view. ``transport``: an httpx transport for node-to-node calls (tests pass a
-    recording one). Timeouts in seconds.
+    recording one). ``rng``: randomness for backoff jitter.
     """
 
     def __init__(
@@ -96,17 +157,28 @@ class Dispatcher:
         backends: Mapping[str, Backend],
         membership: Membership,
         *,
+        config: RoutingConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        connect_timeout: float = 2.0,
         max_connections: int = 4096,
+        rng: random.Random | None = None,
+        policy: RoutingPolicy | None = None,
     ) -> None:
         self.name = name
         self.backends = dict(backends)
         self.membership = membership
-        self.in_flight = 0
+        self.config = config or RoutingConfig()
+        self.in_flight = 0  # requests this node is working on, as entry or server
+        self.outstanding: dict[str, int] = {}  # attempts open to each node, by name
+        self.breakers = BreakerBoard()
+        self.draining = False
+        self._rng = rng or random.Random()
+        self.policy = policy or RoutingPolicy()
+        self.selector = Selector(name, self.policy, rng=self._rng)
         self._client = httpx.AsyncClient(
             transport=transport,
-            timeout=httpx.Timeout(connect=connect_timeout, read=None, write=10.0, pool=10.0),
+            timeout=httpx.Timeout(
+                connect=self.config.connect_timeout_s, read=None, write=10.0, pool=10.0
+            ),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
@@ -123,167 +195,714 @@ class Dispatcher:
     ) -> Reply:
         """Serve ``request`` (``body``: the raw bytes received, ``path``: the endpoint path,
         ``headers``: lower-cased request headers). Raises ``ApiError`` before any byte."""
-        forwarded = FORWARDED in headers
-        order = candidates(
-            self.members(),
-            request.model,
-            self_name=self.name,
-            pin=headers.get(PIN) or None,
-            forwarded=forwarded,
-        )
         request_id = _request_id(headers)
         created = _int_header(headers, CREATED) or int(time.time())
-        target = order[0]
-        if target.name == self.name:
-            fault = None
-            if FAULT in headers:
+        fault = _fault(headers)
+        if FORWARDED in headers:
+            candidates(
+                self.members(),
+                request.model,
+                self_name=self.name,
+                pin=headers.get(PIN) or None,
+                forwarded=True,
+            )
+            resume = None
+            if RESUME_FIELD in request.raw:
                 try:
-                    fault = Fault.parse(headers[FAULT])
+                    resume = Resume.from_json(request.raw[RESUME_FIELD])
                 except ValueError as exc:
-                    raise InvalidRequest(f"x-quorum-fault: {exc}") from None
+                    raise InvalidRequest(str(exc), param=RESUME_FIELD) from None
             generation = Generation(
                 request=request,
                 request_id=request_id,
                 created=created,
                 include_usage=request.include_usage or not request.stream,
                 fault=fault,
+                resume=resume,
             )
-            return await self._serve_local(generation, self.backends[request.model])
-        out_headers = {
-            "content-type": "application/json",
-            FORWARDED: self.name,
+            return await self._serve_local(generation)
+        if RESUME_FIELD in request.raw:
+            raise InvalidRequest(
+                f"'{RESUME_FIELD}' is set by Quorum nodes between themselves; remove it.",
+                param=RESUME_FIELD,
+            )
+        pin = headers.get(PIN) or None
+        order = await self._candidates(request, pin)
+        self.in_flight += 1
+        try:
+            if not request.stream:
+                return await self._unary(
+                    request, body, path, order, request_id, created, fault, pin
+                )
+            relay = _StreamRelay(self, request, body, path, order, request_id, created, fault, pin)
+            first = await relay.start()
+        except BaseException:
+            self.in_flight -= 1
+            raise
+        headers_out = {
             REQUEST_ID: request_id,
-            CREATED: str(created),
-        }
-        if FAULT in headers:
-            out_headers[FAULT] = headers[FAULT]
-        return await self._forward(request, target, path, body, out_headers)
+            NODE: relay.node,
+            ATTEMPTS: str(relay.attempts),
+        } | STREAM_HEADERS
+        return Reply(200, headers_out, relay.body(first))
 
-    # --- local --------------------------------------------------------------------------
+    def order(
+        self, request: Request, pin: str | None = None, exclude: Sequence[str] = ()
+    ) -> list[Member]:
+        """The nodes to try for ``request``, best first (``quorum.routing.select``): alive,
+        ready, breaker closed, not in ``exclude``; prefix-affine, else power of two choices
+        on gossiped load corrected by this node's own outstanding requests. Raises
+        ``ApiError`` (404 unknown model, 400 bad pin, 503 nobody can take it)."""
+        key = prefix_key(request, prefix_chars=self.policy.affinity_prefix_chars)
+        return self.selector.order(
+            self.members(),
+            request.model,
+            key=key if self.policy.affinity else None,
+            own_in_flight=self.outstanding,
+            breakers=self.breakers,
+            now=trio.current_time(),
+            exclude=exclude,
+            pin=pin,
+        )
 
-    async def _serve_local(self, generation: Generation, backend: Backend) -> Reply:
+    async def _candidates(self, request: Request, pin: str | None) -> list[Member]:
+        """``order``, but a request whose nodes are all warming is held (bounded)."""
+        deadline = trio.current_time() + self.config.cold_start_wait_s
+        while True:
+            try:
+                return self.order(request, pin)
+            except Unavailable:
+                warming = any(
+                    request.model in m.models and m.state == "alive" and m.node_state == "warming"
+                    for m in self.members()
+                )
+                if not warming or trio.current_time() >= deadline:
+                    raise
+            await trio.sleep(0.1)
+
+    def next_member(
+        self, request: Request, first: list[Member], pin: str | None, tried: Sequence[str]
+    ) -> Member | None:
+        """The node for the next attempt: the head of ``first`` for the first attempt, then a
+        fresh ``order`` without the nodes tried; None when nobody is left."""
+        if not tried:
+            return first[0]
+        try:
+            return self.order(request, pin, exclude=tried)[0]
+        except ApiError:
+            return None
+
+    async def backoff(self, attempt: int) -> None:
+        """Full jitter (AWS Architecture Blog, "Exponential Backoff and Jitter")."""
+        await trio.sleep(self._rng.uniform(0, self.config.backoff_s * 2 ** (attempt - 1)))
+
+    # --- serving here -------------------------------------------------------------------
+
+    async def _serve_local(self, generation: Generation) -> Reply:
+        """Serve a request forwarded here (or a non-streamed one) on the local backend."""
+        request = generation.request
+        if self.draining:
+            raise Unavailable(f"Node {self.name} is draining and takes no new requests.")
+        backend = self.backends[request.model]
         headers = {REQUEST_ID: generation.request_id, NODE: self.name, ATTEMPTS: "1"}
         stack = AsyncExitStack()
         self.in_flight += 1
         stack.callback(self._done)
         try:
-            events = await stack.enter_async_context(backend.open(generation))
-            iterator = aiter(events)
-            if not generation.request.stream:
-                parser = SSEParser()
+            events = await stack.enter_async_context(_open_local(backend, generation))
+            if not request.stream:
                 chunks = [
-                    json.loads(ev.data)
-                    async for e in iterator
-                    for ev in parser.feed(e)
-                    if not ev.is_done
+                    json.loads(data)
+                    async for batch in events
+                    for _, data in batch
+                    if data != "[DONE]" and data != b"[DONE]"
                 ]
                 await stack.aclose()
-                fold = aggregate_chat if generation.request.kind == "chat" else aggregate_completion
+                fold = aggregate_chat if request.kind == "chat" else aggregate_completion
                 return Reply(200, headers | JSON_HEADERS, json.dumps(fold(chunks)).encode())
-            first = await anext(iterator)
-        except BackendSaturated as exc:
+            first = await anext(events)
+        except _AttemptFailed as exc:
             await stack.aclose()
-            raise Saturated(
-                f"Model '{backend.model}' is saturated on node {self.name}: every slot and "
-                "queue place is taken. Retry after the time in Retry-After.",
-                retry_after=exc.retry_after,
-            ) from None
-        except (BackendUnavailable, BackendBroken) as exc:
+            raise _api_error(exc) from None
+        except BackendBroken as exc:
             await stack.aclose()
-            cls = Unavailable if exc.status == 503 else UpstreamFailed
-            raise cls(
-                f"Node {self.name} could not serve '{backend.model}': {exc.message}",
-                status=exc.status if exc.status >= 500 else None,
-            ) from None
+            raise UpstreamFailed(f"Node {self.name}: {exc.message}") from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             raise
-        return Reply(200, headers | STREAM_HEADERS, _local_stream(first, iterator, stack))
+        return Reply(200, headers | STREAM_HEADERS, _local_stream(first, events, stack))
 
     def _done(self) -> None:
         self.in_flight -= 1
 
-    # --- forwarded ----------------------------------------------------------------------
+    # --- non-streamed, from the entry node -----------------------------------------------
 
-    async def _forward(
-        self, request: Request, member: Member, path: str, body: bytes, headers: dict[str, str]
+    async def _unary(
+        self,
+        request: Request,
+        body: bytes,
+        path: str,
+        order: list[Member],
+        request_id: str,
+        created: int,
+        fault: Fault | None,
+        pin: str | None,
     ) -> Reply:
-        self.in_flight += 1
-        try:
-            upstream = await self._client.send(
-                self._client.build_request(
-                    "POST", member.url + path, content=body, headers=headers
-                ),
-                stream=True,
-            )
-        except httpx.TransportError as exc:
-            self.in_flight -= 1
-            raise UpstreamFailed(
-                f"Node {member.name} ({member.url}) could not be reached: {exc!r}."
-            ) from None
-        except BaseException:
-            self.in_flight -= 1
-            raise
-        out = {k: v for k in RELAYED_HEADERS if (v := upstream.headers.get(k)) is not None}
-        out[REQUEST_ID] = headers[REQUEST_ID]
-        out[ATTEMPTS] = "1"
-        if upstream.status_code != 200 or not request.stream:
+        failures: list[_AttemptFailed] = []
+        tried: list[str] = []
+        while len(tried) < self.config.max_attempts:
+            member = self.next_member(request, order, pin, tried)
+            if member is None:
+                break
+            if tried:
+                await self.backoff(len(tried))
+            tried.append(member.name)
+            breaker = self.breakers.get(member.name)
+            breaker.allow(trio.current_time())
             try:
-                data = await upstream.aread()
-            except httpx.TransportError as exc:
-                raise UpstreamFailed(
-                    f"Node {member.name} broke while answering: {exc!r}."
-                ) from None
-            finally:
-                await upstream.aclose()
-                self.in_flight -= 1
-            return Reply(upstream.status_code, out, data)
-        return Reply(200, out, self._relay(upstream, member))
+                reply = await self._unary_once(
+                    request,
+                    body,
+                    path,
+                    member,
+                    request_id,
+                    created,
+                    fault if len(tried) == 1 else None,
+                )
+            except _AttemptFailed as exc:
+                if exc.final:
+                    breaker.release(trio.current_time())
+                    return Reply(exc.status, JSON_HEADERS | {REQUEST_ID: request_id}, exc.body)
+                if exc.saturated:
+                    breaker.release(trio.current_time())
+                else:
+                    breaker.record_failure(trio.current_time())
+                log.info("%s: attempt on %s failed: %s", request_id, member.name, exc.message)
+                failures.append(exc)
+                continue
+            except BaseException:
+                breaker.release(trio.current_time())
+                raise
+            breaker.record_success(trio.current_time())
+            reply.headers[ATTEMPTS] = str(len(tried))
+            return reply
+        raise _exhausted(request.model, failures)
 
-    async def _relay(self, upstream: httpx.Response, member: Member) -> AsyncGenerator[bytes]:
-        """Yield the serving node's bytes as received, cut at event boundaries."""
-        parser = SSEParser()
-        pending = b""
-        done = False
+    async def _unary_once(
+        self,
+        request: Request,
+        body: bytes,
+        path: str,
+        member: Member,
+        request_id: str,
+        created: int,
+        fault: Fault | None,
+    ) -> Reply:
+        self.outstanding[member.name] = self.outstanding.get(member.name, 0) + 1
         try:
-            async with aclosing(upstream.aiter_raw()) as chunks:  # type: ignore[type-var]
-                async for chunk in chunks:
-                    events = parser.feed(chunk)
-                    pending += chunk
-                    if parser.pending < len(pending):
-                        cut = len(pending) - parser.pending
-                        out, pending = pending[:cut], pending[cut:]
-                        yield out
-                    if events and events[-1].is_done:
-                        done = True
-            if not done:
-                raise BackendBroken(f"node {member.name} ended the stream without [DONE]")
-        except (httpx.TransportError, BackendBroken, SSEProtocolError) as exc:
-            log.warning("relay from %s broke: %r", member.name, exc)
-            yield _error_event(exc)
+            if member.name == self.name:
+                generation = Generation(request, request_id, created, True, fault=fault)
+                try:
+                    return await self._serve_local(generation)
+                except ApiError as exc:
+                    raise _AttemptFailed(
+                        exc.message,
+                        status=exc.status,
+                        saturated=exc.status == 429,
+                        retry_after=exc.retry_after,
+                    ) from None
+            response = await self._post(member, path, body, request_id, created, fault)
+            try:
+                data = await response.aread()
+            except httpx.TransportError as exc:
+                raise _AttemptFailed(f"node {member.name} broke while answering: {exc!r}") from None
+            finally:
+                await response.aclose()
+            if response.status_code != 200:
+                raise _status_failure(member, response, data)
+            headers = {REQUEST_ID: request_id, NODE: response.headers.get(NODE, member.name)}
+            return Reply(200, headers | JSON_HEADERS, data)
         finally:
-            with trio.CancelScope(shield=True):
-                await upstream.aclose()
-            self.in_flight -= 1
+            self.outstanding[member.name] -= 1
+
+    # --- talking to other nodes -----------------------------------------------------------
+
+    async def _post(
+        self,
+        member: Member,
+        path: str,
+        body: bytes,
+        request_id: str,
+        created: int,
+        fault: Fault | None,
+    ) -> httpx.Response:
+        headers = {
+            "content-type": "application/json",
+            FORWARDED: self.name,
+            REQUEST_ID: request_id,
+            CREATED: str(created),
+        }
+        if fault is not None:
+            headers[FAULT] = fault.header()
+        request = self._client.build_request(
+            "POST", member.url + path, content=body, headers=headers
+        )
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise _AttemptFailed(
+                f"node {member.name} ({member.url}) could not be reached: {exc!r}"
+            ) from None
+
+    @asynccontextmanager
+    async def open_source(
+        self,
+        member: Member,
+        request: Request,
+        body: bytes,
+        path: str,
+        request_id: str,
+        created: int,
+        fault: Fault | None,
+        resume: Resume | None,
+    ) -> AsyncIterator[AsyncIterator[list[_Event]]]:
+        """A stream of event batches from ``member`` (this node or another). Raises
+        ``_AttemptFailed`` if it cannot start."""
+        self.outstanding[member.name] = self.outstanding.get(member.name, 0) + 1
+        try:
+            if member.name == self.name:
+                if self.draining:
+                    raise _AttemptFailed(f"node {self.name} is draining", status=503)
+                generation = Generation(
+                    request, request_id, created, request.include_usage, fault=fault, resume=resume
+                )
+                async with _open_local(self.backends[request.model], generation) as events:
+                    yield events
+                return
+            if resume is not None:
+                body = json.dumps({**request.raw, RESUME_FIELD: resume.as_json()}).encode()
+            response = await self._post(member, path, body, request_id, created, fault)
+            try:
+                if response.status_code != 200:
+                    raise _status_failure(member, response, await _read_some(response))
+                events = _remote_events(response)
+                try:
+                    yield events
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await events.aclose()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
+        finally:
+            self.outstanding[member.name] -= 1
+
+
+class _StreamRelay:
+    """One streamed request at the entry node: attempts until the first token, then the
+    relay, then resumes on other nodes if the serving one breaks."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        request: Request,
+        body: bytes,
+        path: str,
+        order: list[Member],
+        request_id: str,
+        created: int,
+        fault: Fault | None,
+        pin: str | None,
+    ) -> None:
+        self.d = dispatcher
+        self.pin = pin
+        self.request = request
+        self.body_bytes = body
+        self.path = path
+        self.order = order
+        self.request_id = request_id
+        self.created = created
+        self.fault = fault
+        self.tried: list[str] = []
+        self.attempts = 0
+        self.node = ""
+        self.events_sent = 0
+        self.text: dict[str, list[str]] = {}
+        self.done = False
+        self._stack = AsyncExitStack()
+        self._source: AsyncIterator[list[_Event]] | None = None
+        self._pending: list[_Event] = []  # events read but not relayed yet
+
+    async def _open(self, member: Member, resume: Resume | None) -> AsyncIterator[list[_Event]]:
+        await self._stack.aclose()
+        self._stack = AsyncExitStack()
+        fault = self.fault if self.attempts == 1 and resume is None else None
+        source = await self._stack.enter_async_context(
+            self.d.open_source(
+                member,
+                self.request,
+                self.body_bytes,
+                self.path,
+                self.request_id,
+                self.created,
+                fault,
+                resume,
+            )
+        )
+        self._source = source
+        return source
+
+    async def _close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._stack.aclose()
+        self._source = None
+
+    async def start(self) -> bytes:
+        """Try candidates until one yields its first token; return the bytes to send first
+        (the held role chunk and that token). Raises ``ApiError`` when every attempt failed."""
+        failures: list[_AttemptFailed] = []
+        cfg = self.d.config
+        while self.attempts < cfg.max_attempts:
+            member = self.d.next_member(self.request, self.order, self.pin, self.tried)
+            if member is None:
+                break
+            if self.attempts:
+                await self.d.backoff(self.attempts)
+            self.attempts += 1
+            self.tried.append(member.name)
+            self._pending = []
+            breaker = self.d.breakers.get(member.name)
+            breaker.allow(trio.current_time())
+            try:
+                with trio.fail_after(cfg.ttft_timeout_s):
+                    source = await self._open(member, None)
+                    held: list[_Event] = []
+                    while not self._pending:
+                        try:
+                            batch = await anext(source)
+                        except StopAsyncIteration:
+                            raise _AttemptFailed(
+                                f"node {member.name} ended before a token"
+                            ) from None
+                        for i, event in enumerate(batch):
+                            kind = _kind(event[1])
+                            if kind == "error":
+                                raise _AttemptFailed(f"node {member.name} sent an error event")
+                            held.append(event)
+                            if kind != "role":
+                                # the first token: send it with what was held; the rest of
+                                # the batch is relayed (and checked) by _relay
+                                self._pending = [event, *batch[i + 1 :]]
+                                held.pop()
+                                break
+            except (
+                _AttemptFailed,
+                trio.TooSlowError,
+                BackendBroken,
+                httpx.TransportError,
+                SSEProtocolError,
+            ) as exc:
+                await self._close()
+                failure = _as_failure(member, exc, cfg.ttft_timeout_s)
+                if failure.final:
+                    breaker.release(trio.current_time())
+                    raise _final_error(failure) from None
+                if failure.saturated:
+                    breaker.release(trio.current_time())
+                else:
+                    breaker.record_failure(trio.current_time())
+                log.info(
+                    "%s: attempt on %s failed: %s", self.request_id, member.name, failure.message
+                )
+                failures.append(failure)
+                continue
+            except BaseException:
+                breaker.release(trio.current_time())
+                await self._close()
+                raise
+            breaker.record_success(trio.current_time())
+            self.node = member.name
+            for raw, data in held:
+                self._account(raw, data)
+            return b"".join(raw for raw, _ in held)
+        await self._close()
+        raise _exhausted(self.request.model, failures)
+
+    def _account(self, raw: bytes, data: str | bytes) -> bool:
+        """Count an event as delivered; False for an error event (never relayed here)."""
+        if data == "[DONE]" or data == b"[DONE]":
+            self.done = True
+            return True
+        obj = json.loads(data)
+        if "error" in obj:
+            return False
+        self.events_sent += 1
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta")
+            if delta is None:
+                text = choice.get("text")
+                if text:
+                    self.text.setdefault("text", []).append(text)
+                continue
+            for key, value in delta.items():
+                if key != "role" and isinstance(value, str) and value:
+                    self.text.setdefault(key, []).append(value)
+        return True
+
+    def _resume_point(self) -> Resume:
+        return Resume(self.events_sent, {k: "".join(v) for k, v in self.text.items()})
+
+    async def body(self, first: bytes) -> AsyncGenerator[bytes]:
+        """The client's stream: ``first``, the rest, resumes; always ends with ``[DONE]``."""
+        try:
+            yield first
+            while not self.done:
+                try:
+                    async with aclosing(self._relay()) as relay:
+                        async for out in relay:
+                            yield out
+                    if self.done:
+                        break
+                    raise BackendBroken(f"node {self.node} ended the stream without [DONE]")
+                except (
+                    BackendBroken,
+                    httpx.TransportError,
+                    SSEProtocolError,
+                    _AttemptFailed,
+                    trio.TooSlowError,
+                ) as exc:
+                    log.warning("%s: stream from %s broke: %r", self.request_id, self.node, exc)
+                    self.d.breakers.get(self.node).record_failure(trio.current_time())
+                    await self._close()
+                    if not await self._resume():
+                        yield _stream_error(
+                            f"The stream broke on node {self.node} and no other node could "
+                            f"continue it ({exc})."
+                        )
+                        return
+            await self._drain()
+        finally:
+            await self._close()
+            self.d.in_flight -= 1
+
+    async def _drain(self) -> None:
+        """Read the source to its end after [DONE] (the chunked terminator), so the
+        node-to-node connection goes back to the pool instead of being closed."""
+        if self._source is None:
+            return
+        with trio.move_on_after(1.0):
+            try:
+                async for _ in self._source:
+                    pass
+            except (httpx.TransportError, SSEProtocolError, BackendBroken):
+                pass
+
+    async def _relay(self) -> AsyncGenerator[bytes]:
+        source = self._source
+        assert source is not None
+        while True:
+            if self._pending:
+                batch, self._pending = self._pending, []
+            else:
+                with trio.move_on_after(self.d.config.inter_token_timeout_s) as timeout:
+                    try:
+                        batch = await anext(source)
+                    except StopAsyncIteration:
+                        return
+                if timeout.cancelled_caught:
+                    limit = self.d.config.inter_token_timeout_s
+                    raise BackendBroken(f"no chunk from node {self.node} in {limit} s")
+            out: list[bytes] = []
+            for raw, data in batch:
+                if not self._account(raw, data):
+                    if out:
+                        yield b"".join(out)
+                    raise BackendBroken(f"node {self.node} sent an error event")
+                out.append(raw)
+                if self.done:
+                    break
+            if out:
+                yield b"".join(out)
+            if self.done:
+                return
+
+    async def _resume(self) -> bool:
+        """Open another candidate at the resume point; False when none could."""
+        for attempt in range(1, self.d.config.max_attempts + 1):
+            member = self.d.next_member(self.request, [], self.pin, self.tried)
+            if member is None:
+                return False
+            self.tried.append(member.name)
+            if attempt > 1:
+                await self.d.backoff(attempt - 1)
+            try:
+                await self._open(member, self._resume_point())
+            except _AttemptFailed as exc:
+                self.d.breakers.get(member.name).record_failure(trio.current_time())
+                log.info("%s: resume on %s failed: %s", self.request_id, member.name, exc)
+                continue
+            log.info(
+                "%s: resumed on %s after %d events", self.request_id, member.name, self.events_sent
+            )
+            self.node = member.name
+            return True
+        return False
+
+
+# --- event sources ---------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _open_local(
+    backend: Backend, generation: Generation
+) -> AsyncIterator[AsyncIterator[list[_Event]]]:
+    """A local backend's events in batches of one; backend refusals as ``_AttemptFailed``."""
+    try:
+        context = backend.open(generation)
+        events = await context.__aenter__()
+    except BackendSaturated as exc:
+        raise _AttemptFailed(
+            f"model '{backend.model}' is saturated: {exc.message}",
+            status=429,
+            saturated=True,
+            retry_after=exc.retry_after,
+        ) from None
+    except BackendUnavailable as exc:
+        raise _AttemptFailed(exc.message, status=exc.status if exc.status >= 500 else 502) from None
+    batches = _local_events(events)
+    try:
+        yield batches
+    except BaseException as exc:
+        with trio.CancelScope(shield=True):
+            await batches.aclose()
+        if not await context.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await batches.aclose()
+        await context.__aexit__(None, None, None)
+
+
+async def _local_events(events: AsyncIterator[bytes]) -> AsyncGenerator[list[_Event]]:
+    async for raw in events:
+        if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2:
+            yield [(raw, raw[6:-2])]
+        else:
+            yield [(e.raw, e.data) for e in SSEParser().feed(raw)]
+
+
+async def _remote_events(response: httpx.Response) -> AsyncGenerator[list[_Event]]:
+    parser = SSEParser()
+    async with aclosing(response.aiter_raw()) as chunks:  # type: ignore[type-var]
+        async for chunk in chunks:
+            events = parser.feed(chunk)
+            if events:
+                yield [(e.raw, e.data) for e in events]
+
+
+async def _read_some(response: httpx.Response, limit: int = 65536) -> bytes:
+    data = b""
+    try:
+        async for chunk in response.aiter_raw():
+            data += chunk
+            if len(data) >= limit:
+                break
+    except httpx.TransportError:
+        pass
+    return data[:limit]
 
 
 async def _local_stream(
-    first: bytes, iterator: AsyncIterator[bytes], stack: AsyncExitStack
-) -> AsyncIterator[bytes]:
+    first: list[_Event], events: AsyncIterator[list[_Event]], stack: AsyncExitStack
+) -> AsyncGenerator[bytes]:
+    """The stream of a request forwarded here: the backend's bytes as produced."""
     try:
-        yield first
-        async for event in iterator:
-            yield event
+        yield b"".join(raw for raw, _ in first)
+        async for batch in events:
+            yield b"".join(raw for raw, _ in batch)
     except BackendBroken as exc:
-        yield _error_event(exc)
+        yield _stream_error(str(exc))
     finally:
         with trio.CancelScope(shield=True):
             await stack.aclose()
 
 
-def _int_header(headers: Mapping[str, str], name: str) -> int | None:
-    value = headers.get(name)
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
+# --- classifying and mapping failures ----------------------------------------------------------
+
+
+def _kind(data: str | bytes) -> str:
+    """ "role" (a chunk with only the role), "error", or "token" (anything else, [DONE] too)."""
+    if data == "[DONE]" or data == b"[DONE]":
+        return "token"
+    obj: Any = json.loads(data)
+    if "error" in obj:
+        return "error"
+    if obj.get("usage"):
+        return "token"
+    for choice in obj.get("choices") or ():
+        if choice.get("finish_reason") or choice.get("text"):
+            return "token"
+        delta = choice.get("delta") or {}
+        if any(k != "role" and v for k, v in delta.items()):
+            return "token"
+    return "role"
+
+
+def _status_failure(member: Member, response: httpx.Response, data: bytes) -> _AttemptFailed:
+    status = response.status_code
+    try:
+        message = json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = data[:200].decode("utf-8", "replace")
+    text = f"node {member.name} answered {status}: {message}"
+    if status == 429:
+        retry = response.headers.get("retry-after", "1")
+        return _AttemptFailed(
+            text, status=429, saturated=True, retry_after=float(retry) if retry.isdigit() else 1.0
+        )
+    if 400 <= status < 500 and status != 408:
+        return _AttemptFailed(text, status=status, final=True, body=data)
+    return _AttemptFailed(text, status=status)
+
+
+def _as_failure(member: Member, exc: BaseException, ttft: float) -> _AttemptFailed:
+    if isinstance(exc, _AttemptFailed):
+        return exc
+    if isinstance(exc, trio.TooSlowError):
+        return _AttemptFailed(f"node {member.name} gave no first token in {ttft} s", status=504)
+    return _AttemptFailed(f"node {member.name} broke: {exc!r}")
+
+
+def _api_error(exc: _AttemptFailed) -> ApiError:
+    if exc.saturated:
+        return Saturated(
+            f"{exc.message}. Every slot and queue place is taken; retry after the time in "
+            "Retry-After.",
+            retry_after=exc.retry_after or 1.0,
+        )
+    if exc.status == 503:
+        return Unavailable(exc.message)
+    return UpstreamFailed(exc.message, status=exc.status if exc.status >= 500 else None)
+
+
+def _final_error(exc: _AttemptFailed) -> ApiError:
+    try:
+        error = json.loads(exc.body)["error"]
+        return ApiError(
+            error["message"], param=error.get("param"), code=error.get("code"), status=exc.status
+        )
+    except (ValueError, KeyError, TypeError):
+        return ApiError(exc.message, status=exc.status)
+
+
+def _exhausted(model: str, failures: list[_AttemptFailed]) -> ApiError:
+    if not failures:
+        return Unavailable(f"No node can serve model '{model}' now. Retry shortly.")
+    if all(f.saturated for f in failures):
+        return Saturated(
+            f"Every node serving '{model}' is saturated (slots and queues full). Retry after "
+            "the time in Retry-After.",
+            retry_after=min(f.retry_after or 1.0 for f in failures),
+        )
+    reasons = "; ".join(f.message for f in failures)
+    return UpstreamFailed(f"Every node tried for '{model}' failed before the first byte: {reasons}")

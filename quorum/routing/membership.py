@@ -9,6 +9,7 @@ router only reads ``members()``; it does not care where the view came from.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -179,15 +180,25 @@ class GossipMembership:
 
     ``local``: returns this node's own ``Member``; its URL, models and node state are published
     as gossip metadata (a change raises the incarnation), its load as versioned load values
-    every ``publish_interval`` seconds when it changed (no incarnation bump).
+    every ``publish_interval`` seconds when it changed (no incarnation bump), and again when
+    the member count changes or ``refresh_interval`` passed: a load update has a bounded
+    number of retransmissions, and a member that joined after they ran out must still learn it.
     """
 
     def __init__(
-        self, local: Callable[[], Member], gossip: GossipNode, *, publish_interval: float = 0.2
+        self,
+        local: Callable[[], Member],
+        gossip: GossipNode,
+        *,
+        publish_interval: float = 0.2,
+        refresh_interval: float = 5.0,
     ) -> None:
         self._local = local
         self.gossip = gossip
         self._interval = publish_interval
+        self._refresh = refresh_interval
+        self._published_at = -math.inf
+        self._member_count = 0
         self._meta: NodeMeta | None = None
         self._load: Load | None = None
 
@@ -222,8 +233,14 @@ class GossipMembership:
             self._meta = meta
             self.gossip.set_meta(meta)
         load = Load(me.load.in_flight, me.load.free_slots, me.load.queue_depth)
-        if load != self._load:
-            self._load = load
+        count = len(self.gossip.members())
+        now = trio.current_time()
+        if (
+            load != self._load
+            or count != self._member_count
+            or now - self._published_at >= self._refresh
+        ):
+            self._load, self._member_count, self._published_at = load, count, now
             self.gossip.set_load(load)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -391,3 +391,17 @@ def test_oversized_push_pull_rejected() -> None:
     assert answer is None and out == []
     assert core.counters["dropped_push_pull"] == 1
     assert [m.name for m in core.members()] == ["a"]
+
+
+def test_alive_updates_are_not_spent_on_their_own_subject() -> None:
+    """With few retransmits (2 in a small cluster), an ``alive`` about X sent to X is one
+    transmit the member who has not heard of X never gets."""
+    from quorum.gossip.broadcast import BroadcastQueue
+
+    queue = BroadcastQueue()
+    queue.queue(("m", "c"), b"alive-c", useless_to="c")
+    queue.queue(("m", "d"), b"dead-d")
+    assert queue.take(1400, 2, target="c") == [b"dead-d"]  # c gets news about d only
+    assert queue.take(1400, 2, target="b") == [b"alive-c", b"dead-d"]
+    assert queue.take(1400, 2, target="b") == [b"alive-c"]  # dead-d used its 2 transmits
+    assert queue.take(1400, 2, target="b") == []  # and so has alive-c now
