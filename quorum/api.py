@@ -51,6 +51,7 @@ def create_app(
     dispatcher: Dispatcher,
     *,
     health: Callable[[], dict[str, Any]],
+    drain: Callable[[], dict[str, Any]] | None = None,
     max_body_bytes: int = 4 << 20,
     created: int | None = None,
 ) -> QuartTrio:
@@ -120,6 +121,20 @@ def create_app(
     @app.get("/health")
     async def health_() -> Response:
         return _json(200, health())
+
+    @app.post("/admin/drain")
+    async def admin_drain() -> Response:
+        """Stop taking requests, finish those under way, leave the cluster and exit."""
+        if drain is None:
+            raise ApiError("This node cannot be drained over HTTP.", status=404)
+        host = (request.scope.get("client") or ("", 0))[0]
+        if not (host.startswith("127.") or host == "::1"):
+            raise ApiError(
+                "POST /admin/drain is accepted from this machine only (127.0.0.0/8, ::1).",
+                status=403,
+                code="forbidden",
+            )
+        return _json(202, drain())
 
     @app.get("/cluster/members")
     async def members() -> Response:

@@ -15,6 +15,7 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up.add_argument("configs", nargs="*", type=Path, help="node configs (default: nodes/*.toml)")
     p_up.add_argument("--startup-timeout", type=float, default=30.0, metavar="SECONDS")
 
+    p_drain = sub.add_parser(
+        "drain", help="drain a node: it stops taking requests, finishes its streams and exits"
+    )
+    p_drain.add_argument("node", help="node name (looked up through --via) or its URL")
+    p_drain.add_argument("--via", default="http://127.0.0.1:32768", help="any node's URL")
+    p_drain.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
+
     p_members = sub.add_parser("members", help="list the cluster's members")
     p_members.add_argument("url", nargs="?", default="http://127.0.0.1:32768")
 
@@ -63,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_up, configs, args.startup_timeout)
     if args.command == "members":
         return _members(args.url)
+    if args.command == "drain":
+        return _drain(args.node, args.via, args.timeout)
     if args.command == "bench":
         return bench.main(args)
     return 2
@@ -71,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- quorum node --------------------------------------------------------------------------
 
 
-def _node(path: Path, level: str) -> int:
+def _node(path: Path, level: str, drain_s: float = 30.0) -> int:
     from quorum.node import Node  # the server stack is only imported for a node
 
     logging.basicConfig(
@@ -88,12 +98,21 @@ def _node(path: Path, level: str) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await nursery.start(node.run)
+
+                async def run_node(*, task_status: trio.TaskStatus[str]) -> None:
+                    await node.run(task_status=task_status)
+                    nursery.cancel_scope.cancel()  # stopped (drained, or by a signal)
+
+                await nursery.start(run_node)
                 print(f"quorum node {config.name} ready on {node.url}", flush=True)
-                async for _ in signals:
-                    logging.getLogger("quorum").info("stopping %s", config.name)
-                    node.stop()
-                    break
+                log = logging.getLogger("quorum")
+                async for signum in signals:
+                    if node.draining:
+                        log.info("%s: second signal, stopping now", config.name)
+                        nursery.cancel_scope.cancel()
+                        break
+                    log.info("%s: %s, draining", config.name, signal.Signals(signum).name)
+                    nursery.start_soon(node.drain, drain_s)
 
     try:
         trio.run(run)
@@ -298,3 +317,44 @@ def _members(url: str) -> int:
         )
     console.print(table)
     return 0
+
+
+# --- quorum drain -------------------------------------------------------------------------
+
+
+def _drain(node: str, via: str, timeout_s: float) -> int:
+    """POST /admin/drain to the node, then wait until it has left (or stopped answering)."""
+    url = node.rstrip("/")
+    if not url.startswith("http"):
+        try:
+            data = httpx.get(via.rstrip("/") + "/cluster/members", timeout=5.0).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            console.print(f"[red]quorum drain: {via} did not answer: {exc}")
+            return 1
+        urls = {m["name"]: m["url"] for m in data["members"]}
+        if node not in urls:
+            console.print(
+                f"[red]quorum drain: no member named {node!r} (members: {', '.join(sorted(urls))})"
+            )
+            return 1
+        url = urls[node]
+    try:
+        response = httpx.post(url + "/admin/drain", timeout=5.0)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]quorum drain: {url} did not answer: {exc}")
+        return 1
+    if response.status_code != 202:
+        console.print(f"[red]quorum drain: {url} answered {response.status_code}: {response.text}")
+        return 1
+    console.print(f"draining {node}: {response.json()['in_flight']} requests in flight")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(url + "/health", timeout=2.0).json()
+        except (httpx.HTTPError, ValueError):
+            console.print(f"{node} has finished its requests and left the cluster")
+            return 0
+        console.print(f"  {health['load']['in_flight']} in flight", highlight=False)
+        time.sleep(0.5)
+    console.print(f"[red]quorum drain: {node} still answers after {timeout_s} s")
+    return 1

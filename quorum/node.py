@@ -78,9 +78,13 @@ class Node:
             transport=transport,
         )
         self.app = create_app(
-            self.dispatcher, health=self.health, max_body_bytes=config.max_body_bytes
+            self.dispatcher,
+            health=self.health,
+            drain=self.start_drain,
+            max_body_bytes=config.max_body_bytes,
         )
         self._shutdown = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     @property
     def node_state(self) -> str:
@@ -134,6 +138,32 @@ class Node:
                 for model, b in self.backends.items()
             },
         }
+
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        """Stop taking new requests, finish the ones under way (at most ``timeout_s``), then
+        stop. Gossip says "draining" at once, so other nodes stop sending work here, and
+        "left" at the end, so nobody takes the exit for a death. Idempotent."""
+        if self.draining:
+            await self._shutdown.wait()
+            return
+        self.draining = True
+        self.dispatcher.draining = True
+        if isinstance(self.membership, GossipMembership):
+            self.membership.publish()
+        log.info("node %s draining: %d requests in flight", self.name, self.dispatcher.in_flight)
+        with trio.move_on_after(timeout_s):
+            await self.dispatcher.wait_idle()
+        if self.dispatcher.in_flight:
+            log.warning(
+                "node %s: drain timed out with %d in flight", self.name, self.dispatcher.in_flight
+            )
+        self.stop()
+
+    def start_drain(self) -> dict[str, Any]:
+        """Begin ``drain`` in the background (``POST /admin/drain``); returns the state."""
+        if self._nursery is not None and not self.draining:
+            self._nursery.start_soon(self.drain)
+        return {"node": self.name, "state": "draining", "in_flight": self.dispatcher.in_flight}
 
     def stop(self) -> None:
         """Begin a graceful stop: the server stops accepting and ``run`` returns."""
@@ -207,6 +237,8 @@ class Node:
                 binds = await nursery.start(self._serve, hconfig, nursery.cancel_scope)
                 if self.config.url is None:
                     self.url = binds[0]
+                self.dispatcher.nursery = nursery
+                self._nursery = nursery
                 if self.config.gossip is not None:
                     self.gossip = await self._gossip_node()
                     await nursery.start(self.gossip.run)

@@ -22,6 +22,7 @@ cut only at event boundaries.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -66,6 +67,7 @@ REQUEST_ID = "x-request-id"
 NODE = "x-quorum-node"
 ATTEMPTS = "x-quorum-attempts"
 RESUME_FIELD = "quorum_resume"
+SINGLE_FLIGHT = "x-quorum-single-flight"
 
 STREAM_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -167,13 +169,16 @@ class Dispatcher:
         self.backends = dict(backends)
         self.membership = membership
         self.config = config or RoutingConfig()
-        self.in_flight = 0  # requests this node is working on, as entry or server
+        self._in_flight = 0
+        self._idle = trio.Event()
         self.outstanding: dict[str, int] = {}  # attempts open to each node, by name
         self.breakers = BreakerBoard()
         self.draining = False
         self._rng = rng or random.Random()
         self.policy = policy or RoutingPolicy()
         self.selector = Selector(name, self.policy, rng=self._rng)
+        self.flights: dict[bytes, _Flight] = {}
+        self.nursery: trio.Nursery | None = None  # set by the node: where flights run
         self._client = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(
@@ -183,6 +188,23 @@ class Dispatcher:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
         )
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this node is working on, as entry or as server."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._in_flight = value
+        if value == 0:
+            self._idle.set()
+            self._idle = trio.Event()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        while self._in_flight:
+            await self._idle.wait()
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -221,12 +243,19 @@ class Dispatcher:
                 resume=resume,
             )
             return await self._serve_local(generation)
+        if self.draining:
+            raise Unavailable(
+                f"Node {self.name} is draining: send requests to another node of the cluster.",
+                retry_after=1.0,
+            )
         if RESUME_FIELD in request.raw:
             raise InvalidRequest(
                 f"'{RESUME_FIELD}' is set by Quorum nodes between themselves; remove it.",
                 param=RESUME_FIELD,
             )
         pin = headers.get(PIN) or None
+        if self.nursery is not None and _shareable(request, headers):
+            return await self._single_flight(request, body, path, headers, request_id, created)
         order = await self._candidates(request, pin)
         self.in_flight += 1
         try:
@@ -264,6 +293,42 @@ class Dispatcher:
             exclude=exclude,
             pin=pin,
         )
+
+    async def _single_flight(
+        self,
+        request: Request,
+        body: bytes,
+        path: str,
+        headers: Mapping[str, str],
+        request_id: str,
+        created: int,
+    ) -> Reply:
+        """Identical concurrent deterministic requests share one generation: the first one
+        starts a flight in the node's nursery, the others follow it (from its start)."""
+        key = hashlib.sha256(path.encode() + b"\0" + body).digest()
+        flight = self.flights.get(key)
+        if flight is None:
+            flight = _Flight()
+            self.flights[key] = flight
+            plain = {k: v for k, v in headers.items() if k != SINGLE_FLIGHT}
+            plain[SINGLE_FLIGHT] = "off"
+            plain[REQUEST_ID] = request_id
+            plain[CREATED] = str(created)
+
+            async def run() -> None:
+                try:
+                    with flight.scope:
+                        await flight.run(self.handle(request, body, path, plain))
+                finally:
+                    flight.finish()
+                    if self.flights.get(key) is flight:
+                        del self.flights[key]
+
+            assert self.nursery is not None
+            self.nursery.start_soon(run)
+        else:
+            flight.shared += 1
+        return await flight.reply()
 
     async def _candidates(self, request: Request, pin: str | None) -> list[Member]:
         """``order``, but a request whose nodes are all warming is held (bounded)."""
@@ -748,6 +813,85 @@ class _StreamRelay:
             self.node = member.name
             return True
         return False
+
+
+def _shareable(request: Request, headers: Mapping[str, str]) -> bool:
+    """Deterministic (``seed`` set, or temperature 0) and not opted out."""
+    if headers.get(SINGLE_FLIGHT, "").lower() in ("off", "0", "false", "no"):
+        return False
+    return request.seed is not None or request.raw.get("temperature") == 0
+
+
+class _Flight:
+    """One generation shared by identical concurrent requests.
+
+    The generation runs in the node's nursery, not in any one client's request, so a client
+    that leaves does not end it for the others; when the last follower has left, it is
+    cancelled. Every follower gets the whole stream from its first byte.
+    """
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.started = trio.Event()
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.error: ApiError | None = None
+        self.chunks: list[bytes] = []
+        self.done = False
+        self.followers = 0
+        self.shared = 1  # requests that asked for this flight
+        self._changed = trio.Event()
+
+    async def run(self, reply_coro: Any) -> None:
+        try:
+            reply: Reply = await reply_coro
+        except ApiError as exc:
+            self.error = exc
+            self.started.set()
+            return
+        self.status, self.headers = reply.status, reply.headers
+        if isinstance(reply.body, bytes):
+            self.chunks.append(reply.body)
+            self.started.set()
+            return
+        self.started.set()
+        async with aclosing(reply.body) as body:  # type: ignore[type-var]
+            async for chunk in body:
+                self.chunks.append(chunk)
+                self._changed.set()
+                self._changed = trio.Event()
+
+    def finish(self) -> None:
+        self.done = True
+        self.started.set()
+        self._changed.set()
+
+    async def reply(self) -> Reply:
+        await self.started.wait()
+        if self.error is not None:
+            raise self.error
+        if not self.chunks and self.done:
+            raise UpstreamFailed("the shared generation ended before it produced anything")
+        headers = self.headers | {"x-quorum-shared": str(self.shared)}
+        if not self.headers.get("content-type", "").startswith("text/event-stream"):
+            return Reply(self.status, headers, b"".join(self.chunks))
+        self.followers += 1  # counted now: the first follower may leave before this one reads
+        return Reply(self.status, headers, self.follow())
+
+    async def follow(self) -> AsyncGenerator[bytes]:
+        try:
+            i = 0
+            while True:
+                while i < len(self.chunks):
+                    yield self.chunks[i]
+                    i += 1
+                if self.done:
+                    return
+                await self._changed.wait()
+        finally:
+            self.followers -= 1
+            if not self.followers and not self.done:
+                self.scope.cancel()  # the last client left: stop the work
 
 
 # --- event sources ---------------------------------------------------------------------------
