@@ -8,7 +8,7 @@ import trio
 
 from quorum.config import NodeConfig
 from quorum.node import Node
-from tests.conftest import FAST
+from tests.conftest import FAST, start_cluster
 from tests.openai_spec import validate
 from tests.test_cluster import MESSAGES, stream_events
 
@@ -126,3 +126,61 @@ async def test_unreachable_upstream_keeps_the_backend_warming(
     assert response.status_code == 503
     validate("ErrorResponse", response.json())
     node.stop()
+
+
+def test_a_resumed_upstream_request_continues_the_partial_answer() -> None:
+    from quorum.backends.base import Generation, Resume
+    from quorum.backends.upstream import UpstreamBackend
+    from quorum.wire import parse_chat_request, parse_completion_request
+
+    backend = UpstreamBackend("llama", url="http://127.0.0.1:9/v1", upstream_model="Qwen/Q")
+    chat = parse_chat_request({"model": "llama", "messages": MESSAGES, "stream": True})
+    resume = Resume(events=4, text={"content": "One, two,", "reasoning_content": "count"})
+    body = backend._body(Generation(chat, "rid00001", 1, False, resume=resume))
+    assert body["model"] == "Qwen/Q" and body["stream"] is True
+    assert body["messages"] == [*MESSAGES, {"role": "assistant", "content": "One, two,"}]
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert "quorum_resume" not in body
+    text = parse_completion_request({"model": "llama", "prompt": "Once upon"})
+    body = backend._body(Generation(text, "rid00001", 1, True, resume=Resume(2, {"text": " a"})))
+    assert body["prompt"] == "Once upon a"
+    assert body["stream_options"] == {"include_usage": True}
+
+
+async def test_a_stream_broken_at_the_upstream_is_resumed_through_another_gateway(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    """Two nodes front the same upstream; the first one's upstream stream breaks mid-way.
+    The client still gets one well-formed stream: one id, one role, one finish, no error."""
+    server = await mock_server(nursery)
+    tables = [
+        {
+            "node": {"name": name, "listen": "127.0.0.1:0"},
+            "gossip": {"bind": "127.0.0.1:0", "preset": "local", "keys": []},
+            "backends": [
+                {
+                    "model": "llama",
+                    "kind": "upstream",
+                    "url": server.url + "/v1",
+                    "upstream_model": "mock-llama",
+                    "health_interval_s": 0.05,
+                }
+            ],
+        }
+        for name in ("g1", "g2")
+    ]
+    cluster = await start_cluster(nursery, [NodeConfig.from_mapping(t) for t in tables])
+    _, events, raw = await stream_events(
+        http,
+        cluster.url("g1") + "/v1/chat/completions",
+        {"model": "llama", "messages": MESSAGES, "stream": True},
+        headers={"x-quorum-fault": "fail_after=3"},
+    )
+    assert b'"error"' not in raw
+    for event in events:
+        validate("CreateChatCompletionStreamResponse", event)
+    assert len({e["id"] for e in events}) == 1
+    deltas = [c["delta"] for e in events for c in e["choices"]]
+    assert sum("role" in d for d in deltas) == 1
+    assert sum(c["finish_reason"] is not None for e in events for c in e["choices"]) == 1
+    assert len("".join(d.get("content") or "" for d in deltas).split()) > 3

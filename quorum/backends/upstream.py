@@ -4,7 +4,15 @@ another Quorum node.
 The client's body is sent on with ``model`` replaced by ``upstream_model`` and ``stream``
 forced on (with ``stream_options.include_usage`` when usage is wanted), so every request is a
 stream here and the node folds it for non-streaming clients. The upstream's events are passed
-on as received (``Event.raw``), cut at event boundaries.
+on with ``id``, ``created`` and ``model`` set to the stream's own, so that a stream resumed on
+another node keeps one id.
+
+Resume (``Generation.resume``): the partial answer is appended as an assistant message with
+vLLM's ``continue_final_message`` (llama.cpp and Ollama continue a trailing assistant message
+too), and the upstream's repeated role chunk is dropped. Unlike the deterministic mock, a real
+model continues plausibly, not identically: the client sees no repeated and no missing text,
+but a break during reasoning restarts the answer after it, and usage counts the continuation
+only.
 
 Config (``[[backends]]`` with ``kind = "upstream"``)::
 
@@ -18,6 +26,7 @@ Config (``[[backends]]`` with ``kind = "upstream"``)::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -29,7 +38,7 @@ import trio
 
 from quorum.backends.base import Backend, BackendLoad, BackendState, Generation
 from quorum.errors import BackendBroken, BackendSaturated, BackendUnavailable
-from quorum.sse import SSEParser, SSEProtocolError
+from quorum.sse import DONE, SSEParser, SSEProtocolError, encode
 
 __all__ = ["UpstreamBackend"]
 
@@ -138,13 +147,27 @@ class UpstreamBackend(Backend):
                 await self._client.aclose()
 
     def _body(self, generation: Generation) -> dict[str, Any]:
-        body = dict(generation.request.raw)
+        """The upstream request: the client's body with our model name and streaming on; for
+        a resume, the partial answer appended for the upstream to continue."""
+        request = generation.request
+        body = dict(request.raw)
+        body.pop("quorum_resume", None)
         body["model"] = self.upstream_model
         body["stream"] = True
         if generation.include_usage:
             body["stream_options"] = {"include_usage": True}
         else:
             body.pop("stream_options", None)
+        resume = generation.resume
+        if resume is not None:
+            if request.kind == "chat":
+                partial = resume.text.get("content", "")
+                body["messages"] = [*body["messages"], {"role": "assistant", "content": partial}]
+                # vLLM's chat-template switches: continue the last assistant message.
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            else:
+                body["prompt"] = str(body.get("prompt", "")) + resume.text.get("text", "")
         return body
 
     @asynccontextmanager
@@ -179,7 +202,7 @@ class UpstreamBackend(Backend):
                         f"{self.url} answered {response.status_code}: {text}",
                         status=503 if response.status_code == 503 else 502,
                     )
-                events = _events(response, self.url)
+                events = _events(response, self.url, generation)
                 try:
                     yield events
                 finally:
@@ -192,15 +215,47 @@ class UpstreamBackend(Backend):
             self._slots.release()
 
 
-async def _events(response: httpx.Response, url: str) -> AsyncGenerator[bytes]:
+async def _events(
+    response: httpx.Response, url: str, generation: Generation
+) -> AsyncGenerator[bytes]:
+    """The upstream's events as this node's stream: ``id``, ``created`` and ``model`` become
+    the stream's own (so the stream keeps one id if another node resumes it); for a resume,
+    the upstream's role chunk is dropped (the client has had it)."""
     parser = SSEParser()
+    head = {
+        "id": generation.stream_id,
+        "created": generation.created,
+        "model": generation.request.model,
+    }
+    resuming = generation.resume is not None
     try:
         async with aclosing(response.aiter_raw()) as chunks:  # type: ignore[type-var]
             async for chunk in chunks:
                 for event in parser.feed(chunk):
-                    yield event.raw
                     if event.is_done:
+                        yield DONE
                         return
+                    try:
+                        obj = json.loads(event.data)
+                    except ValueError:
+                        raise BackendBroken(f"{url} sent an event that is not JSON") from None
+                    if "error" in obj:
+                        yield event.raw  # the relay above decides what a broken stream means
+                        continue
+                    if resuming and _role_only(obj):
+                        resuming = False
+                        continue
+                    obj.update(head)
+                    yield encode(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
     except (httpx.TransportError, SSEProtocolError) as exc:
         raise BackendBroken(f"{url} broke mid-stream: {exc!r}") from None
     raise BackendBroken(f"{url} ended the stream without [DONE]")
+
+
+def _role_only(chunk: dict[str, Any]) -> bool:
+    """A chunk whose only news is the assistant role (empty content)."""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if any(k != "role" and v for k, v in delta.items()) or choice.get("finish_reason"):
+            return False
+    return bool(chunk.get("choices"))
