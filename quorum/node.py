@@ -230,6 +230,7 @@ class Node:
         hconfig.keep_alive_timeout = 75
         hconfig.graceful_timeout = 5
         hconfig.include_server_header = False
+        hconfig.backlog = 4096  # the default 100 reset connections at 256 concurrent connects
         try:
             async with trio.open_nursery() as nursery:
                 for backend in self.backends.values():

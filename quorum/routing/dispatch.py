@@ -161,7 +161,6 @@ class Dispatcher:
         *,
         config: RoutingConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = 4096,
         rng: random.Random | None = None,
         policy: RoutingPolicy | None = None,
     ) -> None:
@@ -179,15 +178,7 @@ class Dispatcher:
         self.selector = Selector(name, self.policy, rng=self._rng)
         self.flights: dict[bytes, _Flight] = {}
         self.nursery: trio.Nursery | None = None  # set by the node: where flights run
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(
-                connect=self.config.connect_timeout_s, read=None, write=10.0, pool=10.0
-            ),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+        self._peers = _PeerPools(self.config.connect_timeout_s, transport)
 
     @property
     def in_flight(self) -> int:
@@ -207,7 +198,7 @@ class Dispatcher:
             await self._idle.wait()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._peers.aclose()
 
     def members(self) -> Sequence[Member]:
         return self.membership.members()
@@ -477,13 +468,13 @@ class Dispatcher:
                         saturated=exc.status == 429,
                         retry_after=exc.retry_after,
                     ) from None
-            response = await self._post(member, path, body, request_id, created, fault)
-            try:
-                data = await response.aread()
-            except httpx.TransportError as exc:
-                raise _AttemptFailed(f"node {member.name} broke while answering: {exc!r}") from None
-            finally:
-                await response.aclose()
+            async with self._exchange(member, path, body, request_id, created, fault) as response:
+                try:
+                    data = await response.aread()
+                except httpx.TransportError as exc:
+                    raise _AttemptFailed(
+                        f"node {member.name} broke while answering: {exc!r}"
+                    ) from None
             if response.status_code != 200:
                 raise _status_failure(member, response, data)
             headers = {REQUEST_ID: request_id, NODE: response.headers.get(NODE, member.name)}
@@ -493,7 +484,8 @@ class Dispatcher:
 
     # --- talking to other nodes -----------------------------------------------------------
 
-    async def _post(
+    @asynccontextmanager
+    async def _exchange(
         self,
         member: Member,
         path: str,
@@ -501,7 +493,9 @@ class Dispatcher:
         request_id: str,
         created: int,
         fault: Fault | None,
-    ) -> httpx.Response:
+    ) -> AsyncIterator[httpx.Response]:
+        """POST ``body`` to ``member``; yields the streaming response, closes it on exit.
+        Raises ``_AttemptFailed`` when the node cannot be reached."""
         headers = {
             "content-type": "application/json",
             FORWARDED: self.name,
@@ -510,15 +504,19 @@ class Dispatcher:
         }
         if fault is not None:
             headers[FAULT] = fault.header()
-        request = self._client.build_request(
-            "POST", member.url + path, content=body, headers=headers
-        )
-        try:
-            return await self._client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise _AttemptFailed(
-                f"node {member.name} ({member.url}) could not be reached: {exc!r}"
-            ) from None
+        async with self._peers.lease(member.url) as client:
+            request = client.build_request("POST", member.url + path, content=body, headers=headers)
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                raise _AttemptFailed(
+                    f"node {member.name} ({member.url}) could not be reached: {exc!r}"
+                ) from None
+            try:
+                yield response
+            finally:
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
 
     @asynccontextmanager
     async def open_source(
@@ -547,8 +545,7 @@ class Dispatcher:
                 return
             if resume is not None:
                 body = json.dumps({**request.raw, RESUME_FIELD: resume.as_json()}).encode()
-            response = await self._post(member, path, body, request_id, created, fault)
-            try:
+            async with self._exchange(member, path, body, request_id, created, fault) as response:
                 if response.status_code != 200:
                     raise _status_failure(member, response, await _read_some(response))
                 events = _remote_events(response)
@@ -557,11 +554,67 @@ class Dispatcher:
                 finally:
                     with trio.CancelScope(shield=True):
                         await events.aclose()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await response.aclose()
         finally:
             self.outstanding[member.name] -= 1
+
+
+class _PeerPools:
+    """Keep-alive connections to other nodes: per peer, a stack of one-connection clients,
+    the most recently used on top (LIFO keeps few connections warm under light load).
+
+    httpx's own pool looks at every connection of the pool on each request and on each
+    release, which at a few hundred concurrent streams cost half of a forwarding node's CPU
+    (py-spy, ``benchmarks/compare_hop.py`` at concurrency 256); taking a client off a stack
+    costs the same at any concurrency. ``transport``: tests inject one (then one shared
+    client is used, since closing a client closes its transport).
+    """
+
+    def __init__(
+        self,
+        connect_timeout_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_idle: int = 512,
+    ) -> None:
+        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=10.0, pool=10.0)
+        self._idle: dict[str, list[httpx.AsyncClient]] = {}
+        self._max_idle = max_idle
+        self._shared = (
+            httpx.AsyncClient(transport=transport, timeout=self._timeout)
+            if transport is not None
+            else None
+        )
+
+    @asynccontextmanager
+    async def lease(self, peer: str) -> AsyncIterator[httpx.AsyncClient]:
+        """A client for ``peer`` (a base URL), put back on its stack afterwards."""
+        if self._shared is not None:
+            yield self._shared
+            return
+        stack = self._idle.setdefault(peer, [])
+        client = (
+            stack.pop()
+            if stack
+            else httpx.AsyncClient(
+                timeout=self._timeout,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            )
+        )
+        try:
+            yield client
+        finally:
+            if len(stack) < self._max_idle:
+                stack.append(client)
+            else:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+    async def aclose(self) -> None:
+        clients = [c for stack in self._idle.values() for c in stack]
+        if self._shared is not None:
+            clients.append(self._shared)
+        self._idle.clear()
+        for client in clients:
+            await client.aclose()
 
 
 class _StreamRelay:
