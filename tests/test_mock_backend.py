@@ -61,9 +61,20 @@ def generation(
     return Generation(request, rid, CREATED, include_usage, fault)
 
 
+def split(items: list[bytes]) -> list[bytes]:
+    """The events of a stream's items; each item must hold whole events only."""
+    events = []
+    for item in items:
+        parser = SSEParser()
+        parsed = parser.feed(item)
+        assert parsed and parser.pending == 0, "an item holds whole events only"
+        events.extend(e.raw for e in parsed)
+    return events
+
+
 async def collect(backend: MockBackend, request: Request, **kwargs: Any) -> list[bytes]:
     async with backend.open(generation(request, **kwargs)) as events:
-        return [event async for event in events]
+        return split([event async for event in events])
 
 
 def decode(events: list[bytes]) -> list[Json]:
@@ -634,8 +645,8 @@ async def test_role_at_once_first_token_after_ttft_then_itl_apart(autojump_clock
     start = trio.current_time()
     times = []
     async with backend.open(generation(chat())) as events:
-        async for _ in events:
-            times.append(trio.current_time() - start)
+        async for item in events:  # every event of an item was produced at the same time
+            times.extend([trio.current_time() - start] * len(split([item])))
     assert times[0] == 0  # the role chunk
     tokens = times[1:13]
     assert tokens[0] == pytest.approx(0.250)

@@ -9,7 +9,7 @@ Usage::
 
     # open() may raise BackendSaturated / BackendUnavailable
     async with backend.open(generation) as events:
-        async for event in events:                   # bytes: one SSE event each
+        async for event in events:                   # bytes: one or more whole SSE events
             ...                                      # may raise BackendBroken
 
 Leaving the ``async with`` block (normally, by error, or by cancellation when the client went

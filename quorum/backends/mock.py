@@ -1013,6 +1013,7 @@ class _Session(AbstractAsyncContextManager[AsyncIterator[bytes]]):
 
 
 _ROLE, _TOKENS, _FINISH, _USAGE, _DONE, _END = range(6)
+_BATCH = 32  # events written together at most
 
 
 class _Stream(AsyncIterator[bytes]):
@@ -1121,6 +1122,35 @@ class _Stream(AsyncIterator[bytes]):
         return self
 
     async def __anext__(self) -> bytes:
+        """The next event; with it, every further one already due (at most ``_BATCH``):
+        a reader that keeps up gets one event per write, one that fell behind (or a
+        zero-latency mock) gets fewer, larger writes of the same bytes."""
+        first = await self._next_event()
+        if not self._due():
+            return first
+        parts = [first]
+        while len(parts) < _BATCH and self._due():
+            try:
+                parts.append(await self._next_event(checkpoint=False))
+            except StopAsyncIteration:
+                break
+        return b"".join(parts)
+
+    def _due(self) -> bool:
+        """Whether the next event can be produced without waiting (and is no fault)."""
+        phase = self._phase
+        if phase == _TOKENS:
+            i = self._i
+            if i == self._fault_at:
+                return False  # the fault strikes in a call of its own
+            if i >= self._n:
+                return True  # the finish chunk
+            return self._t_first + i * self._itl <= trio.current_time()
+        return phase in (_FINISH, _USAGE, _DONE)
+
+    async def _next_event(self, *, checkpoint: bool = True) -> bytes:
+        """One event, sleeping until it is due; ``checkpoint=False`` inside a batch (the
+        batch's first event yielded to the scheduler already)."""
         if self._closed:
             raise trio.ClosedResourceError("the generation's context was left")
         phase = self._phase
@@ -1133,7 +1163,7 @@ class _Stream(AsyncIterator[bytes]):
                 deadline = self._t_first + i * self._itl
                 if deadline > trio.current_time():
                     await trio.sleep_until(deadline)
-                else:
+                elif checkpoint:
                     await trio.lowlevel.checkpoint()
                 if chat is None:
                     self._i = i + 1

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import random
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -577,6 +578,7 @@ class _PeerPools:
     ) -> None:
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=10.0, pool=10.0)
         self._idle: dict[str, list[httpx.AsyncClient]] = {}
+        self._ssl = ssl.create_default_context()
         self._max_idle = max_idle
         self._shared = (
             httpx.AsyncClient(transport=transport, timeout=self._timeout)
@@ -597,6 +599,7 @@ class _PeerPools:
             else httpx.AsyncClient(
                 timeout=self._timeout,
                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                verify=self._ssl,  # shared: a default context per client loads the CA bundle
             )
         )
         try:
@@ -981,11 +984,17 @@ async def _open_local(
 
 
 async def _local_events(events: AsyncIterator[bytes]) -> AsyncGenerator[list[_Event]]:
+    """A backend's items (one or more whole events each) as batches of events. Events from
+    Quorum's own encoders are one ``data:`` line each and split without a parser."""
     async for raw in events:
-        if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2:
-            yield [(raw, raw[6:-2])]
-        else:
-            yield [(e.raw, e.data) for e in SSEParser().feed(raw)]
+        if b"\r" not in raw:
+            pieces = raw.split(b"\n\n")
+            if not pieces[-1] and all(
+                p.startswith(b"data: ") and b"\n" not in p for p in pieces[:-1]
+            ):
+                yield [(p + b"\n\n", p[6:]) for p in pieces[:-1]]
+                continue
+        yield [(e.raw, e.data) for e in SSEParser().feed(raw)]
 
 
 async def _remote_events(response: httpx.Response) -> AsyncGenerator[list[_Event]]:
