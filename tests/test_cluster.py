@@ -140,6 +140,31 @@ def _stream_text(client: openai.OpenAI, **kwargs: Any) -> str:
     return "".join(parts)
 
 
+async def test_no_request_stays_counted_in_flight_once_answered(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    """Every kind of answer (streamed or not, local or forwarded, error or not) gives its
+    in-flight count back: drain waits for it, and gossip publishes it as load."""
+    for entry in NODES:
+        url = cluster.url(entry) + "/v1/chat/completions"
+        for model in SERVED_BY:
+            body = {"model": model, "messages": MESSAGES}
+            assert (await http.post(url, json=body)).status_code == 200
+            await stream_events(http, url, {**body, "stream": True})
+        assert (
+            await http.post(url, json={"model": "nope", "messages": MESSAGES})
+        ).status_code == 404
+        await http.post(
+            cluster.url(entry) + "/v1/completions",
+            json={"model": "mock-chat", "prompt": "x", "max_tokens": 3},
+        )
+    with trio.fail_after(2):
+        while any(cluster[n].dispatcher.in_flight for n in NODES):
+            await trio.sleep(0.01)
+    for name in NODES:
+        assert all(b.load().busy == 0 for b in cluster[name].backends.values())
+
+
 async def test_streamed_and_non_streamed_answers_agree(cluster: Cluster) -> None:
     """Folding the stream gives the same message as the non-streamed answer."""
     with sdk(cluster, "node-a") as client:

@@ -250,15 +250,18 @@ class Dispatcher:
             return await self._single_flight(request, body, path, headers, request_id, created)
         order = await self._candidates(request, pin)
         self.in_flight += 1
-        try:
-            if not request.stream:
+        if not request.stream:
+            try:
                 return await self._unary(
                     request, body, path, order, request_id, created, fault, pin
                 )
+            finally:
+                self.in_flight -= 1
+        try:
             relay = _StreamRelay(self, request, body, path, order, request_id, created, fault, pin)
             first = await relay.start()
         except BaseException:
-            self.in_flight -= 1
+            self.in_flight -= 1  # after start() succeeds, the stream's body owns the count
             raise
         headers_out = {
             REQUEST_ID: request_id,

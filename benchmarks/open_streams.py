@@ -1,0 +1,134 @@
+"""How many concurrent open streams one node holds, and the memory each costs.
+
+Starts one node process (loopback, a mock with slow tokens and enough slots), opens
+``--streams`` streaming requests on raw sockets, waits until every one has received its first
+event, and reads the node's resident memory (VmRSS) before and after. Then it closes them all
+and checks the node is back to 0 in flight with every slot free (nothing leaked).
+
+    python benchmarks/open_streams.py                 # 5,000 streams
+    python benchmarks/open_streams.py --streams 500   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import trio
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def hold_stream(port: int, body: bytes, opened: list[int], release: trio.Event) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            b"content-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        received = b""
+        while b"data: " not in received:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise RuntimeError("the node closed a stream before its first event")
+            received += data
+        opened[0] += 1
+        await release.wait()
+
+
+async def main(args: argparse.Namespace) -> None:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "node.toml"
+        config.write_text(
+            f'[node]\nname = "holder"\nlisten = "127.0.0.1:{port}"\n'
+            f'[[backends]]\nmodel = "m"\nkind = "mock"\nttft_ms = 0\nitl_ms = 5000\n'
+            f"slots = {args.streams + 100}\nqueue = 0\noutput_tokens = [1000, 1000]\n"
+        )
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "quorum", "node", "--config", str(config),
+             "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(timeout=10) as client:
+                with trio.fail_after(30):
+                    while True:
+                        try:
+                            if (await client.get(base + "/health")).status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            await trio.sleep(0.1)
+                for _ in range(20):  # warm the code paths once
+                    await client.post(base + "/v1/chat/completions", json={
+                        "model": "m", "max_tokens": 1,
+                        "messages": [{"role": "user", "content": "hi"}]})
+                before = rss_kb(proc.pid)
+                body = json.dumps({"model": "m", "stream": True,
+                                   "messages": [{"role": "user", "content": "hold"}]}).encode()
+                opened = [0]
+                release = trio.Event()
+                started = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    for _ in range(args.streams):
+                        nursery.start_soon(hold_stream, port, body, opened, release)
+                    with trio.fail_after(args.timeout):
+                        while opened[0] < args.streams:
+                            await trio.sleep(0.05)
+                    open_s = trio.current_time() - started
+                    after = rss_kb(proc.pid)
+                    health = (await client.get(base + "/health")).json()
+                    release.set()
+                with trio.fail_after(30):
+                    while True:
+                        end = (await client.get(base + "/health")).json()
+                        if end["load"]["in_flight"] == 0:
+                            break
+                        await trio.sleep(0.1)
+        finally:
+            proc.kill()
+            await proc.wait()
+    per_stream = (after - before) * 1024 / args.streams
+    table = Table(title=f"{args.streams} concurrent open streams on one node")
+    table.add_column("figure")
+    table.add_column("measured", justify="right")
+    table.add_column("target")
+    table.add_row("streams open at once", f"{opened[0]:,}", "≥ 5,000")
+    table.add_row("in flight as the node saw it", f"{health['load']['in_flight']:,}", "")
+    table.add_row("time to open them all", f"{open_s:.1f} s", "")
+    table.add_row("node RSS before / with them open",
+                  f"{before / 1024:.1f} / {after / 1024:.1f} MiB", "")
+    table.add_row("memory per open stream", f"{per_stream / 1024:.1f} KB", "≤ 20 KB")
+    table.add_row("in flight / busy slots after closing them",
+                  f"{end['load']['in_flight']} / {end['backends']['m']['busy']}", "0 / 0")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=5000)
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    trio.run(main, parser.parse_args())
