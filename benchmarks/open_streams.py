@@ -47,7 +47,9 @@ async def hold_stream(port: int, body: bytes, opened: list[int], release: trio.E
         await stream.send_all(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
             b"content-type: application/json\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
         )
         received = b""
         while b"data: " not in received:
@@ -66,11 +68,22 @@ async def main(args: argparse.Namespace) -> None:
         config.write_text(
             f'[node]\nname = "holder"\nlisten = "127.0.0.1:{port}"\n'
             f'[[backends]]\nmodel = "m"\nkind = "mock"\nttft_ms = 0\nitl_ms = 5000\n'
-            f"slots = {args.streams + 100}\nqueue = 0\noutput_tokens = [1000, 1000]\n"
+            f"slots = {args.streams + 100}\nqueue = 0\n"
+            f"output_tokens = [{args.output_tokens}, {args.output_tokens}]\n"
         )
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "quorum", "node", "--config", str(config),
-             "--log-level", "warning"], cwd=ROOT, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "quorum",
+                "node",
+                "--config",
+                str(config),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
         )
         try:
             base = f"http://127.0.0.1:{port}"
@@ -83,12 +96,22 @@ async def main(args: argparse.Namespace) -> None:
                         except httpx.HTTPError:
                             await trio.sleep(0.1)
                 for _ in range(20):  # warm the code paths once
-                    await client.post(base + "/v1/chat/completions", json={
-                        "model": "m", "max_tokens": 1,
-                        "messages": [{"role": "user", "content": "hi"}]})
+                    await client.post(
+                        base + "/v1/chat/completions",
+                        json={
+                            "model": "m",
+                            "max_tokens": 1,
+                            "messages": [{"role": "user", "content": "hi"}],
+                        },
+                    )
                 before = rss_kb(proc.pid)
-                body = json.dumps({"model": "m", "stream": True,
-                                   "messages": [{"role": "user", "content": "hold"}]}).encode()
+                body = json.dumps(
+                    {
+                        "model": "m",
+                        "stream": True,
+                        "messages": [{"role": "user", "content": "hold"}],
+                    }
+                ).encode()
                 opened = [0]
                 release = trio.Event()
                 started = trio.current_time()
@@ -112,18 +135,25 @@ async def main(args: argparse.Namespace) -> None:
             proc.kill()
             await proc.wait()
     per_stream = (after - before) * 1024 / args.streams
-    table = Table(title=f"{args.streams} concurrent open streams on one node")
+    table = Table(
+        title=f"{args.streams} concurrent open streams on one node "
+        f"(mock planning {args.output_tokens} tokens each)"
+    )
     table.add_column("figure")
     table.add_column("measured", justify="right")
     table.add_column("target")
     table.add_row("streams open at once", f"{opened[0]:,}", "≥ 5,000")
     table.add_row("in flight as the node saw it", f"{health['load']['in_flight']:,}", "")
     table.add_row("time to open them all", f"{open_s:.1f} s", "")
-    table.add_row("node RSS before / with them open",
-                  f"{before / 1024:.1f} / {after / 1024:.1f} MiB", "")
+    table.add_row(
+        "node RSS before / with them open", f"{before / 1024:.1f} / {after / 1024:.1f} MiB", ""
+    )
     table.add_row("memory per open stream", f"{per_stream / 1024:.1f} KB", "≤ 20 KB")
-    table.add_row("in flight / busy slots after closing them",
-                  f"{end['load']['in_flight']} / {end['backends']['m']['busy']}", "0 / 0")
+    table.add_row(
+        "in flight / busy slots after closing them",
+        f"{end['load']['in_flight']} / {end['backends']['m']['busy']}",
+        "0 / 0",
+    )
     console.print(table)
 
 
@@ -131,4 +161,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    parser.add_argument(
+        "--output-tokens",
+        type=int,
+        default=1000,
+        help="the mock plans this many tokens per stream up front (its own memory)",
+    )
     trio.run(main, parser.parse_args())
