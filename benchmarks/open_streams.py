@@ -41,7 +41,14 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-async def hold_stream(port: int, body: bytes, opened: list[int], release: trio.Event) -> None:
+async def hold_stream(
+    port: int,
+    body: bytes,
+    opened: list[int],
+    all_open: trio.Event,
+    release: trio.Event,
+    total: int,
+) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(
@@ -58,6 +65,8 @@ async def hold_stream(port: int, body: bytes, opened: list[int], release: trio.E
                 raise RuntimeError("the node closed a stream before its first event")
             received += data
         opened[0] += 1
+        if opened[0] == total:
+            all_open.set()
         await release.wait()
 
 
@@ -113,14 +122,16 @@ async def main(args: argparse.Namespace) -> None:
                     }
                 ).encode()
                 opened = [0]
+                all_open = trio.Event()
                 release = trio.Event()
                 started = trio.current_time()
                 async with trio.open_nursery() as nursery:
                     for _ in range(args.streams):
-                        nursery.start_soon(hold_stream, port, body, opened, release)
+                        nursery.start_soon(
+                            hold_stream, port, body, opened, all_open, release, args.streams
+                        )
                     with trio.fail_after(args.timeout):
-                        while opened[0] < args.streams:
-                            await trio.sleep(0.05)
+                        await all_open.wait()
                     open_s = trio.current_time() - started
                     after = rss_kb(proc.pid)
                     health = (await client.get(base + "/health")).json()
