@@ -88,6 +88,21 @@ class Reply:
     body: bytes | AsyncIterator[bytes] = field(default=b"")
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One client request as the entry node handles it: the validated ``request``, the
+    ``body`` as received, the endpoint ``path``, the stream's ``request_id`` and
+    ``created``, the injected ``fault`` (first attempt only) and the client's ``pin``."""
+
+    request: Request
+    body: bytes
+    path: str
+    request_id: str
+    created: int
+    fault: Fault | None
+    pin: str | None
+
+
 class _AttemptFailed(Exception):
     """One node could not start (or keep) serving the request.
 
@@ -249,16 +264,15 @@ class Dispatcher:
         if self.nursery is not None and _shareable(request, headers):
             return await self._single_flight(request, body, path, headers, request_id, created)
         order = await self._candidates(request, pin)
+        job = _Job(request, body, path, request_id, created, fault, pin)
         self.in_flight += 1
         if not request.stream:
             try:
-                return await self._unary(
-                    request, body, path, order, request_id, created, fault, pin
-                )
+                return await self._unary(job, order)
             finally:
                 self.in_flight -= 1
         try:
-            relay = _StreamRelay(self, request, body, path, order, request_id, created, fault, pin)
+            relay = _StreamRelay(self, job, order)
             first = await relay.start()
         except BaseException:
             self.in_flight -= 1  # after start() succeeds, the stream's body owns the count
@@ -398,21 +412,11 @@ class Dispatcher:
 
     # --- non-streamed, from the entry node -----------------------------------------------
 
-    async def _unary(
-        self,
-        request: Request,
-        body: bytes,
-        path: str,
-        order: list[Member],
-        request_id: str,
-        created: int,
-        fault: Fault | None,
-        pin: str | None,
-    ) -> Reply:
+    async def _unary(self, job: _Job, order: list[Member]) -> Reply:
         failures: list[_AttemptFailed] = []
         tried: list[str] = []
         while len(tried) < self.config.max_attempts:
-            member = self.next_member(request, order, pin, tried)
+            member = self.next_member(job.request, order, job.pin, tried)
             if member is None:
                 break
             if tried:
@@ -421,24 +425,17 @@ class Dispatcher:
             breaker = self.breakers.get(member.name)
             breaker.allow(trio.current_time())
             try:
-                reply = await self._unary_once(
-                    request,
-                    body,
-                    path,
-                    member,
-                    request_id,
-                    created,
-                    fault if len(tried) == 1 else None,
-                )
+                reply = await self._unary_once(job, member, job.fault if len(tried) == 1 else None)
             except _AttemptFailed as exc:
                 if exc.final:
                     breaker.release(trio.current_time())
-                    return Reply(exc.status, JSON_HEADERS | {REQUEST_ID: request_id}, exc.body)
+                    headers = JSON_HEADERS | {REQUEST_ID: job.request_id}
+                    return Reply(exc.status, headers, exc.body)
                 if exc.saturated:
                     breaker.release(trio.current_time())
                 else:
                     breaker.record_failure(trio.current_time())
-                log.info("%s: attempt on %s failed: %s", request_id, member.name, exc.message)
+                log.info("%s: attempt on %s failed: %s", job.request_id, member.name, exc.message)
                 failures.append(exc)
                 continue
             except BaseException:
@@ -447,22 +444,13 @@ class Dispatcher:
             breaker.record_success(trio.current_time())
             reply.headers[ATTEMPTS] = str(len(tried))
             return reply
-        raise _exhausted(request.model, failures)
+        raise _exhausted(job.request.model, failures)
 
-    async def _unary_once(
-        self,
-        request: Request,
-        body: bytes,
-        path: str,
-        member: Member,
-        request_id: str,
-        created: int,
-        fault: Fault | None,
-    ) -> Reply:
+    async def _unary_once(self, job: _Job, member: Member, fault: Fault | None) -> Reply:
         self.outstanding[member.name] = self.outstanding.get(member.name, 0) + 1
         try:
             if member.name == self.name:
-                generation = Generation(request, request_id, created, True, fault=fault)
+                generation = Generation(job.request, job.request_id, job.created, True, fault=fault)
                 try:
                     return await self._serve_local(generation)
                 except ApiError as exc:
@@ -472,7 +460,7 @@ class Dispatcher:
                         saturated=exc.status == 429,
                         retry_after=exc.retry_after,
                     ) from None
-            async with self._exchange(member, path, body, request_id, created, fault) as response:
+            async with self._exchange(member, job, job.body, fault) as response:
                 try:
                     data = await response.aread()
                 except httpx.TransportError as exc:
@@ -481,7 +469,7 @@ class Dispatcher:
                     ) from None
             if response.status_code != 200:
                 raise _status_failure(member, response, data)
-            headers = {REQUEST_ID: request_id, NODE: response.headers.get(NODE, member.name)}
+            headers = {REQUEST_ID: job.request_id, NODE: response.headers.get(NODE, member.name)}
             return Reply(200, headers | JSON_HEADERS, data)
         finally:
             self.outstanding[member.name] -= 1
@@ -490,26 +478,23 @@ class Dispatcher:
 
     @asynccontextmanager
     async def _exchange(
-        self,
-        member: Member,
-        path: str,
-        body: bytes,
-        request_id: str,
-        created: int,
-        fault: Fault | None,
+        self, member: Member, job: _Job, body: bytes, fault: Fault | None
     ) -> AsyncIterator[httpx.Response]:
-        """POST ``body`` to ``member``; yields the streaming response, closes it on exit.
-        Raises ``_AttemptFailed`` when the node cannot be reached."""
+        """POST ``body`` (the job's, or its resume) to ``member``; yields the streaming
+        response, closes it on exit. Raises ``_AttemptFailed`` when the node cannot be
+        reached."""
         headers = {
             "content-type": "application/json",
             FORWARDED: self.name,
-            REQUEST_ID: request_id,
-            CREATED: str(created),
+            REQUEST_ID: job.request_id,
+            CREATED: str(job.created),
         }
         if fault is not None:
             headers[FAULT] = fault.header()
         async with self._peers.lease(member.url) as client:
-            request = client.build_request("POST", member.url + path, content=body, headers=headers)
+            request = client.build_request(
+                "POST", member.url + job.path, content=body, headers=headers
+            )
             try:
                 response = await client.send(request, stream=True)
             except httpx.TransportError as exc:
@@ -524,15 +509,7 @@ class Dispatcher:
 
     @asynccontextmanager
     async def open_source(
-        self,
-        member: Member,
-        request: Request,
-        body: bytes,
-        path: str,
-        request_id: str,
-        created: int,
-        fault: Fault | None,
-        resume: Resume | None,
+        self, member: Member, job: _Job, fault: Fault | None, resume: Resume | None
     ) -> AsyncIterator[AsyncIterator[list[_Event]]]:
         """A stream of event batches from ``member`` (this node or another). Raises
         ``_AttemptFailed`` if it cannot start."""
@@ -541,15 +518,22 @@ class Dispatcher:
             if member.name == self.name:
                 if self.draining:
                     raise _AttemptFailed(f"node {self.name} is draining", status=503)
+                request = job.request
                 generation = Generation(
-                    request, request_id, created, request.include_usage, fault=fault, resume=resume
+                    request,
+                    job.request_id,
+                    job.created,
+                    request.include_usage,
+                    fault=fault,
+                    resume=resume,
                 )
                 async with _open_local(self.backends[request.model], generation) as events:
                     yield events
                 return
+            body = job.body
             if resume is not None:
-                body = json.dumps({**request.raw, RESUME_FIELD: resume.as_json()}).encode()
-            async with self._exchange(member, path, body, request_id, created, fault) as response:
+                body = json.dumps({**job.request.raw, RESUME_FIELD: resume.as_json()}).encode()
+            async with self._exchange(member, job, body, fault) as response:
                 if response.status_code != 200:
                     raise _status_failure(member, response, await _read_some(response))
                 events = _remote_events(response)
@@ -627,27 +611,12 @@ class _StreamRelay:
     """One streamed request at the entry node: attempts until the first token, then the
     relay, then resumes on other nodes if the serving one breaks."""
 
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        request: Request,
-        body: bytes,
-        path: str,
-        order: list[Member],
-        request_id: str,
-        created: int,
-        fault: Fault | None,
-        pin: str | None,
-    ) -> None:
+    def __init__(self, dispatcher: Dispatcher, job: _Job, order: list[Member]) -> None:
         self.d = dispatcher
-        self.pin = pin
-        self.request = request
-        self.body_bytes = body
-        self.path = path
+        self.job = job
+        self.request = job.request
+        self.request_id = job.request_id
         self.order = order
-        self.request_id = request_id
-        self.created = created
-        self.fault = fault
         self.tried: list[str] = []
         self.attempts = 0
         self.node = ""
@@ -661,18 +630,9 @@ class _StreamRelay:
     async def _open(self, member: Member, resume: Resume | None) -> AsyncIterator[list[_Event]]:
         await self._stack.aclose()
         self._stack = AsyncExitStack()
-        fault = self.fault if self.attempts == 1 and resume is None else None
+        fault = self.job.fault if self.attempts == 1 and resume is None else None
         source = await self._stack.enter_async_context(
-            self.d.open_source(
-                member,
-                self.request,
-                self.body_bytes,
-                self.path,
-                self.request_id,
-                self.created,
-                fault,
-                resume,
-            )
+            self.d.open_source(member, self.job, fault, resume)
         )
         self._source = source
         return source
@@ -688,7 +648,7 @@ class _StreamRelay:
         failures: list[_AttemptFailed] = []
         cfg = self.d.config
         while self.attempts < cfg.max_attempts:
-            member = self.d.next_member(self.request, self.order, self.pin, self.tried)
+            member = self.d.next_member(self.request, self.order, self.job.pin, self.tried)
             if member is None:
                 break
             if self.attempts:
@@ -854,7 +814,7 @@ class _StreamRelay:
     async def _resume(self) -> bool:
         """Open another candidate at the resume point; False when none could."""
         for attempt in range(1, self.d.config.max_attempts + 1):
-            member = self.d.next_member(self.request, [], self.pin, self.tried)
+            member = self.d.next_member(self.request, [], self.job.pin, self.tried)
             if member is None:
                 return False
             self.tried.append(member.name)
