@@ -2,7 +2,7 @@
 
 A message is a msgpack array ``[tag, field, field, ...]`` with positional fields in the order
 of the dataclass (see :mod:`quorum.gossip.messages`); nested values are arrays too:
-``Addr = [host, port]``, ``NodeMeta = [http_url, [model, ...], state]``,
+``Addr = [host, port]``, ``NodeMeta = [http_url, [model, ...], state, [weight, ...]?]``,
 ``Load = [in_flight, free_slots, queue_depth]``, a push-pull entry is
 ``[name, addr, state, incarnation, meta, load | nil, load_version]``, and a compound is
 ``[10, [message, ...]]``. Trailing fields beyond the known ones are ignored, so a later
@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import msgpack  # type: ignore[import-untyped]
 
 from .messages import (
+    MAX_WEIGHT,
     META_STATES,
     Ack,
     Addr,
@@ -76,7 +77,10 @@ class DecodeError(Exception):
 
 
 def _meta(meta: NodeMeta) -> list[Any]:
-    return [meta.http_url, list(meta.models), meta.state]
+    fields: list[Any] = [meta.http_url, list(meta.models), meta.state]
+    if meta.weights:
+        fields.append(list(meta.weights))
+    return fields
 
 
 def _load(load: Load) -> list[int]:
@@ -206,10 +210,19 @@ def _decode_meta(v: object) -> NodeMeta:
     state = items[2]
     if state not in META_STATES or type(state) is not str:
         _fail("meta.state: unknown state")
+    weights: tuple[float, ...] = ()
+    if len(items) > 3:
+        raw = _list(items[3], 0, "meta.weights")
+        if len(raw) != len(models) or not all(
+            type(w) in (int, float) and 0 < w <= MAX_WEIGHT for w in raw
+        ):
+            _fail("meta.weights: one weight in (0, 1000] per model")
+        weights = tuple(float(w) for w in raw)
     return NodeMeta(
         http_url=url,
         models=tuple(_str(m, MAX_MODEL_LEN, "meta.models[]") for m in models),
         state=state,
+        weights=weights,
     )
 
 

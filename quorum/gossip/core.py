@@ -105,6 +105,7 @@ COUNTERS = (
     "suspicions",
     "deaths_declared",
     "refutes",
+    "reminders",
     "conflicts",
     "push_pulls",
 )
@@ -530,6 +531,8 @@ class GossipCore:
         verdict = judge_suspect(current, msg, is_self=msg.node == self.name, leaving=self._leaving)
         if verdict is Verdict.REFUTE:
             self._refute(msg.incarnation)
+        elif verdict is Verdict.REMIND:
+            self._remind(msg.source)
         elif verdict is Verdict.CONFIRM:
             assert current is not None
             current.incarnation = max(current.incarnation, msg.incarnation)
@@ -558,6 +561,8 @@ class GossipCore:
         verdict = judge_dead(current, msg, is_self=msg.node == self.name, leaving=self._leaving)
         if verdict is Verdict.REFUTE:
             self._refute(msg.incarnation)
+        elif verdict is Verdict.REMIND:
+            self._remind(msg.source)
         elif verdict is Verdict.APPLY:
             assert current is not None
             current.incarnation = msg.incarnation
@@ -619,6 +624,16 @@ class GossipCore:
         self._awareness.apply_delta(1)
         self.counters["refutes"] += 1
         self._announce()
+
+    def _remind(self, source: str) -> None:
+        """``source`` holds an old suspicion (or death) of ours: it missed our refutation.
+        Send it our current alive directly rather than wait for push-pull."""
+        member = self._members.get(source)
+        if member is None or member.name == self.name or member.state not in _LIVE:
+            return
+        me = self._self
+        self.counters["reminders"] += 1
+        self._send(member.addr, Alive(self.name, me.incarnation, me.addr, me.meta))
 
     def _announce(self) -> None:
         me = self._self

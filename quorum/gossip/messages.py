@@ -80,26 +80,45 @@ META_STATES = ("warming", "ready", "draining")
 """Values allowed in :attr:`NodeMeta.state`."""
 
 
+MAX_WEIGHT = 1000.0
+"""The largest routing weight a model may have."""
+
+
 @dataclass(frozen=True, slots=True)
 class NodeMeta:
     """What a node tells the cluster about itself. Carried in every ``Alive``.
 
     ``http_url``: the node's OpenAI-compatible base URL, e.g. ``"http://10.0.0.5:32768"``.
     ``models``: model ids the node serves. ``state``: ``"warming"`` (booting, do not route),
-    ``"ready"`` or ``"draining"`` (finish what you have, take nothing new).
+    ``"ready"`` or ``"draining"`` (finish what you have, take nothing new). ``weights``:
+    routing weight of each model, in the order of ``models`` (empty: all 1.0); encoded as a
+    trailing field, so nodes that predate it read the rest.
     A change of meta raises the owner's incarnation, so it wins over older alive messages.
-    Raises ``ValueError`` on an unknown state.
+    Raises ``ValueError`` on an unknown state or a weight list that does not match.
     """
 
     http_url: str
     models: tuple[str, ...]
     state: Literal["warming", "ready", "draining"] | str = "ready"
+    weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.state not in META_STATES:
             raise ValueError(f"NodeMeta.state must be one of {META_STATES}, not {self.state!r}")
         if not isinstance(self.models, tuple):
             object.__setattr__(self, "models", tuple(self.models))
+        if not isinstance(self.weights, tuple):
+            object.__setattr__(self, "weights", tuple(self.weights))
+        if self.weights and len(self.weights) != len(self.models):
+            raise ValueError("NodeMeta.weights must have one weight per model")
+        if any(not 0 < w <= MAX_WEIGHT for w in self.weights):
+            raise ValueError(f"NodeMeta.weights must be in (0, {MAX_WEIGHT}]")
+
+    def weight(self, model: str) -> float:
+        """The routing weight of ``model`` here (1.0 unless set)."""
+        if self.weights and model in self.models:
+            return self.weights[self.models.index(model)]
+        return 1.0
 
 
 @dataclass(frozen=True, slots=True)

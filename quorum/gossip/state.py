@@ -26,7 +26,10 @@ About ourselves, only we may raise our incarnation. A suspect, dead or left mess
 disagrees with us at our own incarnation, is answered by REFUTE: we take the incarnation
 ``max(i, j) + 1`` and announce ourselves alive. That is also how a node restarted under the
 same name rejoins: it starts at incarnation 1, hears that the cluster holds it at ``j`` (alive,
-suspect or dead), and refutes with ``j + 1``.
+suspect or dead), and refutes with ``j + 1``. A suspect or dead message about us with ``j < i``
+means its sender missed our refutation: REMIND sends our current alive to that sender only
+(memberlist ignores it; then a member whose few refutation broadcasts were all lost keeps
+suspecting us until its timeout declares us dead, seen at 10% loss).
 
 Load figures follow the same ownership rule with their own counter: a newer version
 replaces an older one; a load about ourselves at or above our own version makes us jump our
@@ -67,6 +70,8 @@ class Verdict(enum.Enum):
     """The message is about us and wrong: raise our incarnation and announce ourselves."""
     CONFLICT = "conflict"
     """A second address claims the name of a live member: keep the existing, count it."""
+    REMIND = "remind"
+    """An old suspicion or death of ours: tell its sender our current alive, directly."""
 
 
 @dataclass(slots=True)
@@ -126,10 +131,12 @@ def judge_alive(current: Member | None, msg: Alive, *, is_self: bool, leaving: b
 
 def judge_suspect(current: Member | None, msg: Suspect, *, is_self: bool, leaving: bool) -> Verdict:
     """Judge ``Suspect(node, j, source)`` against our record of ``node``."""
-    if current is None or msg.incarnation < current.incarnation:
+    if current is None:
         return Verdict.IGNORE
-    if is_self:
-        return Verdict.IGNORE if leaving else Verdict.REFUTE
+    if is_self and not leaving:
+        return Verdict.REFUTE if msg.incarnation >= current.incarnation else Verdict.REMIND
+    if is_self or msg.incarnation < current.incarnation:
+        return Verdict.IGNORE
     if current.state is MemberState.ALIVE:
         return Verdict.APPLY
     if current.state is MemberState.SUSPECT:
@@ -139,10 +146,12 @@ def judge_suspect(current: Member | None, msg: Suspect, *, is_self: bool, leavin
 
 def judge_dead(current: Member | None, msg: Dead, *, is_self: bool, leaving: bool) -> Verdict:
     """Judge ``Dead(node, j, source)`` against our record of ``node``."""
-    if current is None or msg.incarnation < current.incarnation:
+    if current is None:
         return Verdict.IGNORE
-    if is_self:
-        return Verdict.IGNORE if leaving else Verdict.REFUTE
+    if is_self and not leaving:
+        return Verdict.REFUTE if msg.incarnation >= current.incarnation else Verdict.REMIND
+    if is_self or msg.incarnation < current.incarnation:
+        return Verdict.IGNORE
     if current.state in _GONE:
         return Verdict.IGNORE
     return Verdict.APPLY

@@ -102,6 +102,22 @@ def test_suspect_about_self_is_refuted() -> None:
     assert Alive("a", 2, addr_of("a"), META) in gossip
 
 
+@pytest.mark.parametrize("kind", ["suspect", "dead"])
+def test_old_suspicion_of_ourselves_reminds_its_sender_directly(kind: str) -> None:
+    """The sender missed our refutation (every broadcast of it lost): our incarnation stays,
+    and our current alive goes straight to that sender, so it cannot time us out dead."""
+    core = make_core()
+    join(core, "b", "c")
+    feed(core, Suspect("a", 1, "b"))  # refuted: incarnation 2
+    drain(core, 1.0)
+    stale = Suspect("a", 1, "c") if kind == "suspect" else Dead("a", 1, "c")
+    out = feed(core, stale, now=1.0)
+    assert core.incarnation == 2 and core.counters["refutes"] == 1
+    assert core.counters["reminders"] == 1
+    direct = [s for s in sent(out) if s.addr == addr_of("c")]
+    assert any(Alive("a", 2, addr_of("a"), META) in opened(s) for s in direct)
+
+
 def test_dead_refuted_by_the_node_itself() -> None:
     core = make_core()
     feed(core, Dead("a", 7, "b"))
