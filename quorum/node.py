@@ -27,7 +27,7 @@ from quorum.backends.base import Backend
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
-from quorum.gossip import GossipConfig, GossipNode, NodeMeta
+from quorum.gossip import GossipConfig, GossipNode
 from quorum.routing.dispatch import Dispatcher
 from quorum.routing.membership import (
     GossipMembership,
@@ -35,6 +35,7 @@ from quorum.routing.membership import (
     MemberLoad,
     Membership,
     StaticMembership,
+    gossip_meta,
 )
 
 __all__ = ["Node", "make_backend"]
@@ -111,6 +112,7 @@ class Node:
             node_state=self.node_state,
             models=tuple(self.backends),
             load=self.load(),
+            weights=tuple((m, b.weight) for m, b in self.backends.items() if b.weight != 1.0),
         )
 
     def health(self) -> dict[str, Any]:
@@ -122,6 +124,7 @@ class Node:
             "url": self.url,
             "state": self.node_state,
             "models": list(self.backends),
+            "weights": {m: b.weight for m, b in self.backends.items() if b.weight != 1.0},
             "load": {
                 "in_flight": load.in_flight,
                 "free_slots": load.free_slots,
@@ -207,12 +210,11 @@ class Node:
             advertise = await trio.to_thread.run_sync(
                 resolve, socket.gethostname(), settings.bind[1]
             )
-        me = self.self_member()
         return GossipNode(
             self.name,
             config,
             settings.bind,
-            NodeMeta(http_url=self.url, models=me.models, state=me.node_state),
+            gossip_meta(self.self_member()),
             seeds,
             advertise=advertise,
         )

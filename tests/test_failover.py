@@ -312,3 +312,17 @@ async def test_drain_finishes_streams_refuses_new_work_and_leaves(
             None,
         ):
             await trio.sleep(0.05)
+
+
+async def test_a_backends_weight_reaches_every_node_through_gossip(
+    nursery: trio.Nursery,
+) -> None:
+    cluster = await start_cluster(nursery, [config("n1", weight=3.0), config("n2")])
+    with trio.fail_after(5):
+        while True:
+            view = {m.name: m for m in cluster["n2"].membership.members()}
+            if view["n1"].weight("r1") == 3.0:
+                break
+            await trio.sleep(0.02)
+    assert view["n2"].weight("r1") == 1.0
+    assert cluster["n1"].health()["weights"] == {"r1": 3.0}

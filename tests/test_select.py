@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -357,3 +358,31 @@ def test_prefix_key_of_a_completion_is_its_leading_characters() -> None:
 def test_prefix_key_is_none_with_nothing_to_key_on() -> None:
     assert prefix_key(CompletionRequest(model="m", prompt="")) is None
     assert prefix_key(chat(("assistant", "hello"))) is None
+
+
+# --- weights -------------------------------------------------------------------------------
+
+
+def weighted(name: str, weight: float, **load: int) -> Member:
+    return dataclasses.replace(member(name, **load), weights=(("m", weight),))
+
+
+def test_a_heavier_node_is_home_to_proportionally_more_conversations() -> None:
+    view = [weighted("a", 2.0), member("b"), member("c")]
+    homes = Counter(rendezvous_order(k, view, "m")[0].name for k in keys(4000))
+    assert 0.45 < homes["a"] / 4000 < 0.55  # weight 2 of 4
+    assert 0.2 < homes["b"] / 4000 < 0.3 and 0.2 < homes["c"] / 4000 < 0.3
+
+
+def test_equal_weights_keep_the_unweighted_rendezvous_order() -> None:
+    view = [weighted("a", 3.0), weighted("b", 3.0), weighted("c", 3.0)]
+    for k in keys(200):
+        assert names(rendezvous_order(k, view, "m")) == names(
+            rendezvous_order(k, idle("a", "b", "c"))
+        )
+
+
+def test_power_of_two_choices_favours_the_heavier_of_equally_loaded_nodes() -> None:
+    view = [weighted("b", 4.0, in_flight=2), member("c", in_flight=2)]
+    picks = chosen(selector("a", affinity=False), view, 400)
+    assert picks["b"] == 400  # same load, but half as loaded per unit of weight

@@ -19,7 +19,14 @@ import trio
 
 from quorum.gossip import GossipNode, Load, NodeMeta
 
-__all__ = ["GossipMembership", "Member", "MemberLoad", "Membership", "StaticMembership"]
+__all__ = [
+    "GossipMembership",
+    "Member",
+    "MemberLoad",
+    "Membership",
+    "StaticMembership",
+    "gossip_meta",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,14 @@ class Member:
     models: tuple[str, ...]
     load: MemberLoad = field(default_factory=MemberLoad)
     incarnation: int = 0
+    weights: tuple[tuple[str, float], ...] = ()  # (model, routing weight), where not 1.0
+
+    def weight(self, model: str) -> float:
+        """The routing weight of ``model`` on this node (1.0 unless configured)."""
+        for name, weight in self.weights:
+            if name == model:
+                return weight
+        return 1.0
 
     @property
     def routable(self) -> bool:
@@ -159,6 +174,7 @@ class StaticMembership:
                 node_state=str(info.get("state", "ready")),
                 models=tuple(str(m) for m in info.get("models", ())),
                 load=MemberLoad(**info.get("load", {})),
+                weights=tuple((str(m), float(w)) for m, w in info.get("weights", {}).items()),
             )
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             if url not in self._known:
@@ -221,6 +237,11 @@ class GossipMembership:
                     if load
                     else MemberLoad(),
                     incarnation=info.incarnation,
+                    weights=tuple(
+                        (m, w)
+                        for m, w in zip(info.meta.models, info.meta.weights, strict=False)
+                        if w != 1.0
+                    ),
                 )
             )
         return out
@@ -228,7 +249,7 @@ class GossipMembership:
     def publish(self) -> None:
         """Tell the cluster this node's current meta and load (cheap when unchanged)."""
         me = self._local()
-        meta = NodeMeta(http_url=me.url, models=me.models, state=me.node_state)
+        meta = gossip_meta(me)
         if meta != self._meta:
             self._meta = meta
             self.gossip.set_meta(meta)
@@ -250,3 +271,14 @@ class GossipMembership:
         while True:
             await trio.sleep(self._interval)
             self.publish()
+
+
+def gossip_meta(member: Member) -> NodeMeta:
+    """The gossip metadata that describes ``member`` (this node) to the others."""
+    weights = tuple(member.weight(m) for m in member.models)
+    return NodeMeta(
+        http_url=member.url,
+        models=member.models,
+        state=member.node_state,
+        weights=weights if any(w != 1.0 for w in weights) else (),
+    )

@@ -135,10 +135,24 @@ def _weight(key: bytes, name: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def rendezvous_order(key: bytes, members: Sequence[Member]) -> list[Member]:
+def rendezvous_order(
+    key: bytes, members: Sequence[Member], model: str | None = None
+) -> list[Member]:
     """``members`` by rendezvous weight for ``key``, highest first: the first is the key's
-    home node, and removing any node leaves the relative order of the others unchanged."""
-    return sorted(members, key=lambda m: (-_weight(key, m.name), m.name))
+    home node, and removing any node leaves the relative order of the others unchanged.
+
+    With ``model``, each node's routing weight for it scales its share of keys, by the
+    logarithmic method of weighted rendezvous hashing (score ``-w / ln(u)`` with ``u`` the
+    hash in (0, 1); Schindelhauer and Schomaker 2005): a node of weight 2 is home to twice
+    the keys of a node of weight 1. With every weight 1 the order is the unweighted one.
+    """
+
+    def score(m: Member) -> float:
+        u = (_weight(key, m.name) + 1) / 2.0**64  # in (0, 1]
+        w = m.weight(model) if model is not None else 1.0
+        return math.inf if u >= 1.0 else -w / math.log(u)
+
+    return sorted(members, key=lambda m: (-score(m), m.name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +174,13 @@ class _Load:
         return self.in_flight + self.queued
 
 
-def _load(member: Member, own: int) -> _Load:
+def _load(member: Member, own: int, weight: float = 1.0) -> _Load:
+    """Load figures of ``member``; the score (lower is better) is divided by its routing
+    ``weight`` for the model, so a node of weight 2 looks half as loaded."""
     gossip = member.load
     in_flight = max(gossip.in_flight, own)
     capacity = max(1, gossip.free_slots + gossip.in_flight)
-    score = (in_flight + QUEUE_WEIGHT * gossip.queue_depth) / capacity
+    score = (in_flight + QUEUE_WEIGHT * gossip.queue_depth) / capacity / weight
     return _Load(member, in_flight, gossip.queue_depth, score, capacity)
 
 
@@ -236,10 +252,10 @@ class Selector:
             )
         if len(usable) == 1:
             return usable
-        loads = [_load(m, own_in_flight.get(m.name, 0)) for m in usable]
+        loads = [_load(m, own_in_flight.get(m.name, 0), m.weight(model)) for m in usable]
         chosen = None
         if key is not None and self.policy.affinity:
-            chosen = self._affine(key, loads)
+            chosen = self._affine(key, loads, model)
         if chosen is None:
             chosen = self._two_choices(loads)
         rest = sorted(
@@ -248,7 +264,7 @@ class Selector:
         )
         return [chosen.member, *(x.member for x in rest)]
 
-    def _affine(self, key: bytes, loads: list[_Load]) -> _Load | None:
+    def _affine(self, key: bytes, loads: list[_Load], model: str) -> _Load | None:
         """The first node in rendezvous order whose load, with this request, stays within
         ``ceil(load_factor * mean load)``; the mean counts this request too, as in Mirrokni,
         Thorup and Zadimoghaddam (a node fits while ``load + 1 ≤ ceil(c · (total + 1) / n)``,
@@ -259,7 +275,7 @@ class Selector:
         # The epsilon keeps float error (1.1 * 10 / 11 = 1.0000000000000002) from raising the cap.
         cap = math.ceil(self.policy.load_factor * (total + 1) / len(loads) - 1e-9)
         by_name = {x.member.name: x for x in loads}
-        for member in rendezvous_order(key, [x.member for x in loads]):
+        for member in rendezvous_order(key, [x.member for x in loads], model):
             load = by_name[member.name]
             # Within the bounded-load cap, or idle enough that staying costs nothing: at low
             # absolute load the cap (ceil of a small mean) would spill on one stale request.

@@ -22,6 +22,7 @@ from quorum.gossip.messages import (
     MemberState,
     Message,
     Nack,
+    NodeMeta,
     Ping,
     PingReq,
     PushPull,
@@ -47,6 +48,18 @@ MESSAGES: list[Message] = [
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
 def test_message_round_trip(msg: Message) -> None:
     assert codec.decode(codec.encode(msg), max_size=1400) == msg
+
+
+def test_meta_weights_round_trip_and_older_meta_still_reads() -> None:
+    weighted = NodeMeta("http://10.0.0.1:32768", ("m1", "m2"), "ready", weights=(2.0, 0.5))
+    assert codec.decode(
+        codec.encode(Alive("a", 3, ("10.0.0.1", 1), weighted)), max_size=1400
+    ) == Alive("a", 3, ("10.0.0.1", 1), weighted)
+    assert weighted.weight("m1") == 2.0 and weighted.weight("zz") == 1.0
+    plain = NodeMeta("http://10.0.0.1:32768", ("m1",), "ready")
+    assert codec.encode_meta(plain) == msgpack.packb(["http://10.0.0.1:32768", ["m1"], "ready"])
+    with pytest.raises(ValueError):
+        NodeMeta("http://x", ("m1", "m2"), "ready", weights=(1.0,))
 
 
 def test_push_pull_round_trip() -> None:
