@@ -60,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bench.add_arguments(sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint"))
 
+    from quorum import scenarios
+
+    scenarios.add_arguments(
+        sub.add_parser("scenario", help="failure scenarios on a real cluster (--list)")
+    )
+
     args = parser.parse_args(argv)
     if args.command == "node":
         return _node(args.config, args.log_level)
@@ -75,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _drain(args.node, args.via, args.timeout)
     if args.command == "bench":
         return bench.main(args)
+    if args.command == "scenario":
+        return scenarios.main(args)
     return 2
 
 

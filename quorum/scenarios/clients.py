@@ -14,7 +14,7 @@ import difflib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -41,7 +41,7 @@ def make_client(base_url: str, *, read_timeout_s: float = 15.0) -> openai.AsyncO
         base_url=base_url.rstrip("/") + "/v1",
         api_key="unused",
         max_retries=0,
-        timeout=httpx.Timeout(connect=2.0, read=read_timeout_s, write=10.0, pool=10.0),
+        timeout=cast(Any, httpx.Timeout(connect=2.0, read=read_timeout_s, write=10.0, pool=10.0)),
     )
 
 
@@ -114,12 +114,16 @@ async def stream_chat(
     with trio.move_on_after(deadline_s) as scope:
         try:
             raw = await client.chat.completions.with_raw_response.create(
-                model=model, messages=messages, stream=True, extra_headers=headers, **extra
+                model=model,
+                messages=cast(Any, messages),
+                stream=True,
+                extra_headers=headers,
+                **extra,
             )
             result.status = raw.status_code
             result.node = raw.headers.get("x-quorum-node")
             result.attempts = int(raw.headers.get("x-quorum-attempts", "0") or 0)
-            stream = await raw.parse()
+            stream = cast("openai.AsyncStream[Any]", raw.parse())
             async for chunk in stream:
                 result.times.append(trio.current_time())
                 result.ids.add(chunk.id)
@@ -167,6 +171,7 @@ async def reference_text(
     *,
     seed: int | None,
     pin: str | None = None,
+    max_tokens: int | None = None,
 ) -> tuple[str, str]:
     """(reasoning, content) of an undisturbed, non-streamed run of the same request, on
     ``pin`` if given, never shared with a concurrent identical request."""
@@ -174,11 +179,13 @@ async def reference_text(
     if pin is not None:
         headers["x-quorum-pin"] = pin
     extra: dict[str, Any] = {} if seed is None else {"seed": seed}
+    if max_tokens is not None:
+        extra["max_tokens"] = max_tokens
     with trio.fail_after(60):
         response = await client.chat.completions.create(
-            model=model, messages=messages, stream=False, extra_headers=headers, **extra
+            model=model, messages=cast(Any, messages), stream=False, extra_headers=headers, **extra
         )
-    message = response.choices[0].message
+    message = cast(Any, response).choices[0].message
     extras = message.model_extra or {}
     reasoning = next((extras[n] for n in REASONING_FIELDS if isinstance(extras.get(n), str)), "")
     return reasoning, message.content or ""

@@ -1,0 +1,782 @@
+"""The scenarios: each takes an ``Env`` (a converged cluster, a target to inject faults
+through) and returns a ``ScenarioResult``. ``SCENARIOS`` lists them with the cluster
+configuration each one needs."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from quorum.scenarios.clients import (
+    Damage,
+    LoadBalancer,
+    StreamResult,
+    compare,
+    make_client,
+    reference_text,
+    stream_chat,
+)
+from quorum.scenarios.env import Env, ScenarioError, ScenarioResult, percentile, wait_converged
+
+__all__ = ["SCENARIOS", "Scenario"]
+
+# The model every scenario node serves: a reasoning model, so that a resumed stream has
+# both reasoning and content to get right.
+SCENARIO_BACKEND: dict[str, Any] = {
+    "reasoning_field": "reasoning_content",
+    "ttft_ms": 30,
+    "itl_ms": 10,
+    "output_tokens": [60, 100],
+    "reasoning_tokens": [20, 40],
+    "slots": 64,
+    "queue": 64,
+}
+TOPICS = (
+    "rivers", "bridges", "gardens", "clocks", "lighthouses", "maps", "bees", "trains",
+    "glaciers", "violins", "deserts", "harbors", "comets", "forests", "markets", "kites",
+)  # fmt: skip
+
+
+def messages_for(tag: str) -> list[dict[str, Any]]:
+    topic = TOPICS[sum(map(ord, tag)) % len(TOPICS)]
+    return [{"role": "user", "content": f"[{tag}] Tell me, step by step, about {topic}."}]
+
+
+def converge_timeout(env: Env) -> float:
+    return 30.0 if env.quick else 60.0
+
+
+async def home_pool(env: Env, entry: str, per_node: int) -> dict[str, list[str]]:
+    """Prompt tags grouped by the node their requests are served on when the cluster is idle
+    (prefix affinity is deterministic: the first user message decides), at least
+    ``per_node`` for each node (fewer if 40 x that many tries were not enough)."""
+    pool: dict[str, list[str]] = {n: [] for n in env.target.nodes}
+    url = env.target.url(entry) + "/v1/chat/completions"
+    i = 0
+    while min(len(v) for v in pool.values()) < per_node and i < 40 * per_node:
+        batch = [f"p{env.options.seed}-{i + k}" for k in range(6)]
+        i += len(batch)
+
+        async def probe(tag: str) -> None:
+            body = {"model": env.target.model, "messages": messages_for(tag), "max_tokens": 1}
+            try:
+                response = await env.http.post(url, json=body)
+            except httpx.HTTPError:
+                return
+            node = response.headers.get("x-quorum-node")
+            if response.status_code == 200 and node in pool:
+                pool[node].append(tag)
+
+        async with trio.open_nursery() as nursery:
+            for tag in batch:
+                nursery.start_soon(probe, tag)
+    return pool
+
+
+async def served_by(env: Env, entry: str, tag: str, want: str, timeout_s: float) -> bool:
+    """Wait (bounded) until a request for ``tag`` entering at ``entry`` is served by
+    ``want`` (its breaker may still be open after a fault)."""
+    url = env.target.url(entry) + "/v1/chat/completions"
+    body = {"model": env.target.model, "messages": messages_for(tag), "max_tokens": 1}
+    with trio.move_on_after(timeout_s):
+        while True:
+            try:
+                response = await env.http.post(url, json=body)
+                if response.headers.get("x-quorum-node") == want:
+                    return True
+            except httpx.HTTPError:
+                pass
+            await trio.sleep(0.25)
+    return False
+
+
+# --- kill-mid-stream ------------------------------------------------------------------------
+
+
+async def kill_mid_stream(env: Env, result: ScenarioResult) -> None:
+    """kill -9 the serving node while streams are in flight; compare every client's text
+    with an undisturbed run; measure the longest gap each affected client saw."""
+    target = env.target
+    nodes = target.nodes
+    n_clients = env.options.clients or (4 if env.quick else 8)
+    trials = env.options.trials or (3 if env.quick else 100)
+    rng = random.Random(env.options.seed)
+    pool = await home_pool(env, nodes[0], n_clients)
+    clients = {n: [make_client(target.url(n)) for _ in range(n_clients)] for n in nodes}
+    ref_clients = {n: make_client(target.url(n), read_timeout_s=60) for n in nodes}
+    gaps: list[float] = []
+    damage = Damage()
+    hung = broken = affected = total = unrouted = 0
+    errors: list[str] = []
+    try:
+        for trial in range(trials):
+            entry, victim = nodes[trial % len(nodes)], nodes[(trial + 1) % len(nodes)]
+            tags = pool[victim][:n_clients] or pool[entry][:n_clients]
+            if not await served_by(env, entry, tags[0], victim, 20.0):
+                unrouted += 1
+            seed = env.options.seed * 100_000 + trial * 100
+            progress = [0] * len(tags)
+            enough = trio.Event()
+            results: list[StreamResult | None] = [None] * len(tags)
+            references: list[tuple[str, str] | None] = [None] * len(tags)
+
+            def counter(
+                i: int, progress: list[int] = progress, enough: trio.Event = enough
+            ) -> Callable[[StreamResult], None]:
+                def seen(_: StreamResult) -> None:
+                    progress[i] += 1
+                    if min(progress) >= 3:
+                        enough.set()
+
+                return seen
+
+            async def client(
+                i: int,
+                tag: str,
+                entry: str = entry,
+                seed: int = seed,
+                results: list[StreamResult | None] = results,
+            ) -> None:
+                results[i] = await stream_chat(
+                    clients[entry][i],
+                    target.model,
+                    messages_for(tag),
+                    seed=seed + i,
+                    on_chunk=counter(i),
+                    deadline_s=30.0,
+                )
+
+            async def reference(
+                i: int,
+                tag: str,
+                entry: str = entry,
+                seed: int = seed,
+                references: list[tuple[str, str] | None] = references,
+            ) -> None:
+                references[i] = await reference_text(
+                    ref_clients[entry], target.model, messages_for(tag), seed=seed + i, pin=entry
+                )
+
+            async with trio.open_nursery() as nursery:
+                for i, tag in enumerate(tags):
+                    nursery.start_soon(client, i, tag)
+                    nursery.start_soon(reference, i, tag)
+                with trio.move_on_after(10):
+                    await enough.wait()
+                await trio.sleep(rng.uniform(0.0, 0.25))  # strike at varied points
+                killed_at = trio.current_time()
+                await target.kill(victim)
+            for res, ref in zip(results, references, strict=True):
+                assert res is not None and ref is not None
+                total += 1
+                on_victim = res.node == victim and (not res.times or res.times[-1] > killed_at)
+                affected += on_victim
+                if on_victim and res.times:
+                    gaps.append(res.max_gap(after=killed_at))
+                d = compare(res, ref)
+                damage = damage + d
+                hung += res.kind == "hung"
+                broken += res.kind not in ("ok", "hung")
+                if d != Damage() or not res.ok:
+                    result.failures += 1
+                    errors.append(
+                        f"trial {trial} {res.node}: {res.kind} {res.error or ''} "
+                        f"lost={d.lost} dup={d.duplicated}"
+                    )
+            await target.restart(victim)
+            await wait_converged(env, converge_timeout(env))
+    finally:
+        with trio.CancelScope(shield=True):
+            for c in [*ref_clients.values(), *(c for cs in clients.values() for c in cs)]:
+                await c.close()
+    result.trials = trials
+    result.figure("streams", total)
+    result.figure("streams on the killed node at the kill", affected)
+    result.figure("lost characters", damage.lost, "0")
+    result.figure("duplicated characters", damage.duplicated, "0")
+    result.figure("hung clients", hung, "0")
+    result.figure("broken streams (error or bad shape)", broken, "0")
+    result.figure("resume delay p50 (s)", percentile(gaps, 50))
+    result.figure("resume delay p99 (s)", percentile(gaps, 99), "≤ 1.0")
+    result.figure("resume delay max (s)", max(gaps, default=0.0))
+    if unrouted:
+        result.notes.append(f"{unrouted} trial(s) where the victim did not serve the probe")
+    result.notes += errors[:10]
+    result.check("some streams were on the killed node", affected > 0)
+    result.check("resume p99 ≤ 1 s", percentile(gaps, 99) <= 1.0)
+
+
+# --- steady load behind a load balancer ---------------------------------------------------
+
+
+@dataclass
+class Load:
+    """Clients in a loop behind a ``LoadBalancer`` until ``stop`` is set."""
+
+    lb: LoadBalancer
+    model: str
+    workers: int
+    max_tokens: int = 40
+    results: list[StreamResult] = field(default_factory=list)
+    stop: trio.Event = field(default_factory=trio.Event)
+    started: int = 0
+
+    async def worker(self, w: int, limit_s: float) -> None:
+        deadline = trio.current_time() + limit_s
+        i = 0
+        while not self.stop.is_set() and trio.current_time() < deadline:
+            i += 1
+            self.started += 1
+            self.results.append(
+                await self.lb.stream(
+                    self.model,
+                    messages_for(f"w{w}-{i}"),
+                    seed=i,
+                    max_tokens=self.max_tokens,
+                    deadline_s=30.0,
+                )
+            )
+
+    async def run(self, limit_s: float = 600.0) -> None:
+        async with trio.open_nursery() as nursery:
+            for w in range(self.workers):
+                nursery.start_soon(self.worker, w, limit_s)
+
+    @property
+    def failed(self) -> list[StreamResult]:
+        return [r for r in self.results if not r.ok]
+
+
+def load_figures(result: ScenarioResult, load: Load) -> None:
+    failed = load.failed
+    result.figure("requests", len(load.results))
+    result.figure("failed requests", len(failed), "0")
+    retried = ", ".join(f"{k}: {v}" for k, v in sorted(load.lb.retried_statuses.items()))
+    result.figure("LB retries before any byte", f"{load.lb.retries} ({retried or 'none'})")
+    result.failures += len(failed)
+    result.notes += [f"{r.url} {r.kind}: {r.error}" for r in failed[:10]]
+
+
+async def with_load(
+    env: Env, result: ScenarioResult, body: Callable[[Load], Awaitable[None]], workers: int
+) -> Load:
+    urls = [env.target.url(n) for n in env.target.nodes]
+    lb = LoadBalancer(urls, rng=random.Random(env.options.seed))
+    load = Load(lb, env.target.model, workers)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load.run)
+            try:
+                await trio.sleep(1.0)
+                await body(load)
+                await trio.sleep(1.0)
+            finally:
+                load.stop.set()
+    finally:
+        await lb.aclose()
+    load_figures(result, load)
+    return load
+
+
+async def graceful_drain(env: Env, result: ScenarioResult) -> None:
+    """``quorum drain`` and SIGTERM, in turn, on a node under steady load."""
+    target = env.target
+    trials = env.options.trials or (2 if env.quick else 4)
+    workers = env.options.clients or (6 if env.quick else 12)
+    exits: list[float] = []
+
+    async def body(load: Load) -> None:
+        for trial in range(trials):
+            victim = target.nodes[1 + trial % (len(target.nodes) - 1)]
+            how = "drain" if trial % 2 == 0 else "sigterm"
+            started = trio.current_time()
+            if how == "drain":
+                await target.drain(victim, timeout_s=60)
+            else:
+                await target.terminate(victim)
+            if not result.check(f"{victim} exited after {how}", await target.wait_exit(victim, 60)):
+                await target.kill(victim)
+            exits.append(trio.current_time() - started)
+            await trio.sleep(0.5)
+            await target.restart(victim)
+            await wait_converged(env, converge_timeout(env))
+            await trio.sleep(0.5)
+
+    await with_load(env, result, body, workers)
+    result.trials = trials
+    result.figure("drain → exit p50 (s)", percentile(exits, 50))
+    result.figure("drain → exit max (s)", max(exits, default=0.0))
+
+
+async def rolling_restart(env: Env, result: ScenarioResult) -> None:
+    """Every node in turn: drain, wait for its exit, start it again, wait until alive
+    everywhere; under steady load."""
+    target = env.target
+    rounds = env.options.trials or (1 if env.quick else 2)
+    workers = env.options.clients or (6 if env.quick else 12)
+    took: list[float] = []
+
+    async def body(load: Load) -> None:
+        for _ in range(rounds):
+            for node in target.nodes:
+                started = trio.current_time()
+                await target.drain(node, timeout_s=60)
+                if not result.check(f"{node} exited after drain", await target.wait_exit(node, 60)):
+                    await target.kill(node)
+                await target.restart(node)
+                await wait_converged(env, converge_timeout(env))
+                took.append(trio.current_time() - started)
+
+    await with_load(env, result, body, workers)
+    result.trials = rounds * len(target.nodes)
+    result.figure("restarts", len(took))
+    result.figure("drain → back in the cluster p50 (s)", percentile(took, 50))
+    result.figure("drain → back in the cluster max (s)", max(took, default=0.0))
+
+
+# --- partition ------------------------------------------------------------------------------
+
+ROUTE_PROBE = """
+import json, sys, urllib.request, urllib.error
+url, model, n, tag = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+out = []
+for i in range(n):
+    body = {"model": model, "max_tokens": 4,
+            "messages": [{"role": "user", "content": f"[{tag}-{i}] route probe"}]}
+    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as r:
+            out.append([r.status, r.headers.get("x-quorum-node")])
+    except urllib.error.HTTPError as e:
+        out.append([e.code, None])
+    except Exception as e:
+        out.append([0, type(e).__name__])
+print(json.dumps(out))
+"""
+
+
+async def probe_routes(env: Env, entry: str, n: int, tag: str) -> list[tuple[int, str | None]]:
+    """``n`` small requests entering at ``entry``, sent from next to it (so this works while
+    it is cut off): (status, serving node) of each."""
+    t = env.target
+    argv = [*t.inside(entry), t.python(entry), "-c", ROUTE_PROBE, t.local_url(entry)]
+    code, out = await t.runner([*argv, t.model, str(n), tag])
+    if code != 0:
+        return [(0, "probe failed")] * n
+    return [(s, node) for s, node in json.loads(out.strip().splitlines()[-1])]
+
+
+class Verdicts:
+    """Polls every node's view; records each (observer, subject) dead verdict once."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.dead: dict[tuple[str, str], float] = {}
+        self.views: dict[str, dict[str, str]] = {}
+
+    async def poll_once(self, observer: str) -> None:
+        members = await self.env.target.members(observer, self.env.http)
+        if members is None:
+            return
+        self.views[observer] = {m["name"]: m["state"] for m in members}
+        for m in members:
+            if m["state"] == "dead":
+                self.dead.setdefault((observer, m["name"]), trio.current_time())
+
+    async def run(self, observers: list[str], interval_s: float, stop: trio.Event) -> None:
+        while not stop.is_set():
+            async with trio.open_nursery() as nursery:
+                for observer in observers:
+                    nursery.start_soon(self.poll_once, observer)
+            with trio.move_on_after(interval_s):
+                await stop.wait()
+
+
+async def partition(env: Env, result: ScenarioResult) -> None:
+    """Cut one node off, see what each side routes and declares, heal, time reconvergence."""
+    target = env.target
+    trials = env.options.trials or (1 if env.quick else 2)
+    hold_s = 20.0 if env.quick else 45.0
+    victim = target.nodes[-1]
+    majority = [n for n in target.nodes if n != victim]
+    if target.kind == "local":
+        env.notes.append(
+            "loopback: partition at the gossip level with iptables (the node's UDP both ways, "
+            "TCP push-pull between all nodes); HTTP between nodes is not cut"
+        )
+    reconverge: list[float] = []
+    detect: list[float] = []
+    same_side = 0
+    cross = 0
+    routes: dict[str, dict[str, int]] = {}
+    for trial in range(trials):
+        verdicts = Verdicts(env)
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(verdicts.run, list(target.nodes), 0.25, stop)
+            cut_at = trio.current_time()
+            await target.partition(victim)
+            # hold until both sides have declared the other dead (bounded)
+            with trio.move_on_after(hold_s):
+                while not (  # noqa: ASYNC110 (polls other processes' state)
+                    all((m, victim) in verdicts.dead for m in majority)
+                    and all((victim, m) in verdicts.dead for m in majority)
+                ):
+                    await trio.sleep(0.2)
+            for side in (majority[0], victim):
+                for status, node in await probe_routes(env, side, 6, f"t{trial}-{side}"):
+                    key = f"{side} → {node if status == 200 else f'HTTP {status}'}"
+                    routes.setdefault(side, {})
+                    routes[side][key] = routes[side].get(key, 0) + 1
+            for m in majority:
+                if (m, victim) in verdicts.dead:
+                    detect.append(verdicts.dead[(m, victim)] - cut_at)
+            healed_at = trio.current_time()
+            await target.heal(victim)
+            verdicts_before_heal = dict(verdicts.dead)
+            try:
+                reconverge.append(await wait_converged(env, 90.0 if not env.quick else 40.0))
+            except ScenarioError as exc:
+                result.failures += 1
+                result.notes.append(f"trial {trial}: {exc}")
+            await trio.sleep(1.0)
+            stop.set()
+        for (observer, subject), at in verdicts.dead.items():
+            across = (observer == victim) != (subject == victim)
+            if across and (observer, subject) in verdicts_before_heal and at <= healed_at:
+                cross += 1
+            else:
+                same_side += 1
+                result.notes.append(f"trial {trial}: false dead verdict {observer} → {subject}")
+    result.trials = trials
+    detected = f"p50 {percentile(detect, 50):.2f}, max {max(detect, default=0.0):.2f}"
+    result.figure("time for the majority to declare the cut node dead (s)", detected)
+    result.figure("dead verdicts across the cut (expected)", cross)
+    result.figure("false dead verdicts (same side, or after healing)", same_side, "0")
+    for side, counts in routes.items():
+        result.figure(f"routes while cut, entering at {side}", ", ".join(
+            f"{k.split(' → ')[1]} x{v}" for k, v in sorted(counts.items())))  # fmt: skip
+    result.figure("reconvergence after healing p50 (s)", percentile(reconverge, 50))
+    result.figure("reconvergence after healing max (s)", max(reconverge, default=0.0))
+    result.check("no false dead verdicts", same_side == 0)
+    result.check("reconverged after every heal", len(reconverge) == trials)
+    failed = sum(
+        v for counts in routes.values() for k, v in counts.items() if "HTTP" in k.split("→")[1]
+    )
+    result.figure("failed route probes", failed, "0")
+    result.failures += failed
+
+
+# --- flapping -------------------------------------------------------------------------------
+
+FLAP_MAX_TOKENS = 60
+
+
+async def flapping(env: Env, result: ScenarioResult) -> None:
+    """A node stalls (SIGSTOP/SIGCONT) for less than the suspicion window, again and again:
+    never declared dead, and its streams move away (inter-token timeout) while it stalls."""
+    target = env.target
+    stalls = env.options.trials or (3 if env.quick else 10)
+    stall_s = 1.0 if env.options.preset == "local" else 2.0
+    period_s = 3.0 if env.quick else 6.0
+    victim = target.nodes[-1]
+    entries = [n for n in target.nodes if n != victim]
+    n_clients = env.options.clients or (6 if env.quick else 10)
+    pool = await home_pool(env, entries[0], n_clients)
+    tags = pool[victim][:n_clients]
+    clients = [make_client(target.url(entries[i % len(entries)])) for i in range(len(tags))]
+    runs: list[tuple[str, int, StreamResult]] = []
+    windows: list[tuple[float, float]] = []
+    stop = trio.Event()
+    verdicts = Verdicts(env)
+
+    async def worker(i: int, tag: str) -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            res = await stream_chat(
+                clients[i],
+                target.model,
+                messages_for(tag),
+                seed=k,
+                max_tokens=FLAP_MAX_TOKENS,
+                deadline_s=30,
+            )
+            runs.append((tag, k, res))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(verdicts.run, entries, 0.1, stop)
+            async with trio.open_nursery() as load:
+                for i, tag in enumerate(tags):
+                    load.start_soon(worker, i, tag)
+                await trio.sleep(1.0)
+                for _ in range(stalls):
+                    begin = trio.current_time()
+                    await target.stop(victim)
+                    await trio.sleep(stall_s)
+                    await target.cont(victim)
+                    windows.append((begin, trio.current_time()))
+                    await trio.sleep(max(0.5, period_s - stall_s))
+                stop.set()
+    finally:
+        stop.set()
+        await target.cont(victim)
+        with trio.CancelScope(shield=True):
+            for c in clients:
+                await c.close()
+
+    def stalled_during(res: StreamResult) -> bool:
+        return any(res.started < end and res.ended > begin for begin, end in windows)
+
+    # Check the text of every stream that overlapped a stall against an undisturbed run.
+    hit = [(tag, k, res) for tag, k, res in runs if stalled_during(res)]
+    damage = Damage()
+    ref_client = make_client(target.url(entries[0]), read_timeout_s=60)
+    limiter = trio.CapacityLimiter(8)
+    bad: list[str] = []
+
+    async def verify(tag: str, k: int, res: StreamResult) -> None:
+        nonlocal damage
+        async with limiter:
+            ref = await reference_text(
+                ref_client,
+                target.model,
+                messages_for(tag),
+                seed=k,
+                pin=entries[0],
+                max_tokens=FLAP_MAX_TOKENS,
+            )
+        d = compare(res, ref)
+        damage = damage + d
+        if d != Damage():
+            bad.append(f"{tag}/{k}: lost {d.lost} dup {d.duplicated}")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for tag, k, res in hit:
+                if res.ok:
+                    nursery.start_soon(verify, tag, k, res)
+    finally:
+        await ref_client.close()
+    false_dead = sum(1 for (_, subject) in verdicts.dead if subject == victim)
+    failed = [r for _, _, r in runs if not r.ok]
+    during = [
+        r
+        for _, _, r in runs
+        if r.times and any(begin + 0.6 <= r.times[0] <= end for begin, end in windows)
+    ]
+    on_victim_during = sum(1 for r in during if r.node == victim)
+    result.trials = stalls
+    result.figure("stalls", f"{stalls} x {stall_s} s, every {period_s} s")
+    result.figure("false dead verdicts", false_dead, "0")
+    result.figure("requests", len(runs))
+    result.figure("failed requests", len(failed), "0")
+    result.figure("streams overlapping a stall (checked against a clean run)", len(hit))
+    result.figure("lost / duplicated characters", f"{damage.lost} / {damage.duplicated}", "0 / 0")
+    result.figure(
+        "first tokens during a stall served by the stalled node",
+        f"{on_victim_during} of {len(during)}",
+        "0",
+    )
+    result.failures += len(failed) + len(bad)
+    result.notes += [f"{r.node} {r.kind}: {r.error}" for r in failed[:10]] + bad[:10]
+    result.check("never declared dead", false_dead == 0)
+    result.check("streams were in flight during stalls", len(hit) > 0)
+    result.check("lost/duplicated characters = 0", damage == Damage())
+    result.check("no first token from the stalled node during a stall", on_victim_during == 0)
+
+
+# --- cold start -----------------------------------------------------------------------------
+
+
+async def cold_start(env: Env, result: ScenarioResult) -> None:
+    """Start the cluster while its backends warm; requests from the very start."""
+    assert env.cluster is not None, "cold-start needs a cluster this run starts"
+    warmup = float(env.cluster.options.mock.get("warmup_s", 0))
+    workers = env.options.clients or (6 if env.quick else 12)
+    urls = [env.target.url(n) for n in env.target.nodes]
+    lb = LoadBalancer(urls, rng=random.Random(env.options.seed), budget_s=60)
+    load = Load(lb, env.target.model, workers, max_tokens=20)
+    first_ok: list[float] = []
+    start = trio.current_time()
+    ready_at = start
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load.run, warmup + (3.0 if env.quick else 6.0))
+            await trio.sleep(0.05)  # the first requests go out before any node listens
+            await env.cluster.start_all()
+            await wait_converged(env, 60.0, ready=False)
+            listening_at = trio.current_time()
+            await wait_converged(env, 60.0)
+            ready_at = trio.current_time()
+    finally:
+        await lb.aclose()
+    for r in load.results:
+        if r.ok:
+            first_ok.append(r.ended - start)
+    load_figures(result, load)
+    result.trials = workers
+    result.figure("warm-up (s)", warmup)
+    result.figure("first completed request after start (s)", min(first_ok, default=0.0))
+    held = [r for r in load.results if r.ok and r.started < ready_at - 0.5]
+    result.figure("cluster listening / ready after start (s)",
+                  f"{listening_at - start:.2f} / {ready_at - start:.2f}")  # fmt: skip
+    result.figure("requests sent before the cluster was ready, then served", len(held))
+    result.check("every client got answers", len(first_ok) >= workers)
+
+
+# --- overload -------------------------------------------------------------------------------
+
+
+async def overload(env: Env, result: ScenarioResult) -> None:
+    """More concurrent streams than slots and queues hold: 429 with Retry-After, no
+    timeouts, nothing leaked."""
+    target = env.target
+    waves = env.options.trials or (2 if env.quick else 5)
+    capacity = 3 * (2 + 2)  # nodes x (slots + queue) in this scenario's configs
+    concurrency = env.options.clients or capacity * 3
+    results: list[StreamResult] = []
+    clients = [
+        make_client(target.url(target.nodes[i % len(target.nodes)]), read_timeout_s=20)
+        for i in range(concurrency)
+    ]
+    try:
+        for wave in range(waves):
+
+            async def one(i: int, wave: int = wave) -> None:
+                results.append(
+                    await stream_chat(
+                        clients[i],
+                        target.model,
+                        messages_for(f"o{wave}-{i}"),
+                        seed=i,
+                        max_tokens=40,
+                        deadline_s=30,
+                    )
+                )
+
+            async with trio.open_nursery() as nursery:
+                for i in range(concurrency):
+                    nursery.start_soon(one, i)
+            await trio.sleep(0.2)
+    finally:
+        with trio.CancelScope(shield=True):
+            for c in clients:
+                await c.close()
+    # After the load: every node idle, every slot free (bounded wait for the last frees).
+    leaks: dict[str, Any] = {}
+    with trio.move_on_after(5):
+        while True:
+            leaks = {}
+            for node in target.nodes:
+                try:
+                    health = (await env.http.get(target.url(node) + "/health")).json()
+                except (httpx.HTTPError, ValueError):
+                    leaks[node] = "no answer"
+                    continue
+                busy = {m: (b["busy"], b["queued"]) for m, b in health["backends"].items()}
+                if health["load"]["in_flight"] or any(b != (0, 0) for b in busy.values()):
+                    leaks[node] = {"in_flight": health["load"]["in_flight"], "backends": busy}
+            if not leaks:
+                break
+            await trio.sleep(0.2)
+    ok = [r for r in results if r.ok]
+    limited = [r for r in results if r.status == 429]
+    without_retry_after = [r for r in limited if r.retry_after is None]
+    hung = [r for r in results if r.kind == "hung" or "Timeout" in (r.error or "")]
+    other = [r for r in results if not r.ok and r.status != 429 and r not in hung]
+    result.trials = waves
+    result.figure("concurrent streams per wave", f"{concurrency} (capacity {capacity})")
+    result.figure("completed", len(ok))
+    result.figure(
+        "429 (with Retry-After)", f"{len(limited)} ({len(limited) - len(without_retry_after)})"
+    )
+    result.figure("timeouts / hung", len(hung), "0")
+    result.figure("other errors", len(other), "0")
+    result.figure("leaks after the load (in flight, busy or queued)", len(leaks), "0")
+    result.failures += len(hung) + len(other) + len(without_retry_after) + len(leaks)
+    result.notes += [f"{r.status} {r.kind}: {r.error}" for r in other[:10]]
+    if leaks:
+        result.notes.append(f"leaks: {leaks}")
+    result.check("some requests were refused with 429", len(limited) > 0)
+    result.check("some requests completed", len(ok) > 0)
+
+
+# --- the list -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A scenario: ``run`` fills a result; the cluster it needs is described by
+    ``routing``/``mock``/``backend``; ``start``: the env starts the cluster first;
+    ``compose``: it can run against a compose cluster."""
+
+    name: str
+    summary: str
+    run: Callable[[Env, ScenarioResult], Awaitable[None]]
+    routing: Mapping[str, Any] = field(default_factory=dict)
+    mock: Callable[[bool], Mapping[str, Any]] = lambda quick: {}
+    backend: Callable[[bool], Mapping[str, Any]] = lambda quick: SCENARIO_BACKEND
+    start: bool = True
+    compose: bool = True
+
+    @property
+    def script(self) -> str:
+        return f"scenarios/{self.name.replace('-', '_')}.py"
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "kill-mid-stream",
+            "kill -9 the serving node while streams are in flight; exact resume elsewhere",
+            kill_mid_stream,
+        ),
+        Scenario(
+            "graceful-drain",
+            "quorum drain / SIGTERM a node under steady load; no failed request",
+            graceful_drain,
+        ),
+        Scenario(
+            "rolling-restart",
+            "drain, restart and rejoin every node in turn under steady load",
+            rolling_restart,
+        ),
+        Scenario(
+            "partition",
+            "cut one node off and heal it: routes, dead verdicts, reconvergence",
+            partition,
+        ),
+        Scenario(
+            "flapping",
+            "a node stalls (SIGSTOP/SIGCONT) shorter than the suspicion window, repeatedly",
+            flapping,
+            routing={"inter_token_timeout_s": 0.5, "ttft_timeout_s": 0.5},
+        ),
+        Scenario(
+            "cold-start",
+            "start a cluster whose backends warm up, with requests from the first moment",
+            cold_start,
+            mock=lambda quick: {"warmup_s": 2.0 if quick else 6.0},
+            backend=lambda quick: {**SCENARIO_BACKEND, "warmup_s": 2.0 if quick else 6.0},
+            start=False,
+            compose=False,
+        ),
+        Scenario(
+            "overload",
+            "more concurrent streams than slots and queues: 429 + Retry-After, no leaks",
+            overload,
+            backend=lambda quick: {**SCENARIO_BACKEND, "slots": 2, "queue": 2},
+            compose=False,
+        ),
+    )
+}
