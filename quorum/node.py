@@ -86,6 +86,7 @@ class Node:
         )
         self._shutdown = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._hconfig = HypercornConfig()
 
     @property
     def node_state(self) -> str:
@@ -156,6 +157,9 @@ class Node:
         log.info("node %s draining: %d requests in flight", self.name, self.dispatcher.in_flight)
         with trio.move_on_after(timeout_s):
             await self.dispatcher.wait_idle()
+        # What is left are idle keep-alive connections: hypercorn's graceful wait for them
+        # (5 s) would only delay the exit. It reads the value when the shutdown begins.
+        self._hconfig.graceful_timeout = min(self._hconfig.graceful_timeout, 0.5)
         if self.dispatcher.in_flight:
             log.warning(
                 "node %s: drain timed out with %d in flight", self.name, self.dispatcher.in_flight
@@ -221,7 +225,7 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()``; reports the node's HTTP base URL once it is listening."""
-        hconfig = HypercornConfig()
+        hconfig = self._hconfig
         hconfig.bind = [
             f"[{self.config.host}]:{self.config.port}"
             if ":" in self.config.host
