@@ -18,6 +18,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from quorum.errors import ApiError, InvalidRequest, PayloadTooLarge
+from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from quorum.routing.dispatch import REQUEST_ID, Dispatcher, Reply
 from quorum.wire import parse_chat_request, parse_completion_request, parse_json_body
 
@@ -84,10 +85,17 @@ def create_app(
             ) from None
 
     async def _serve(parse: Callable[[dict[str, Any]], Any]) -> Response:
-        body = await _body()
-        parsed = parse(parse_json_body(body))
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        reply = await dispatcher.handle(parsed, body, request.path, headers)
+        model = "-"
+        try:
+            body = await _body()
+            parsed = parse(parse_json_body(body))
+            model = parsed.model
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            reply = await dispatcher.handle(parsed, body, request.path, headers)
+        except ApiError as exc:
+            dispatcher.metrics.requests.labels(request.path, model, str(exc.status)).inc()
+            raise
+        dispatcher.metrics.requests.labels(request.path, model, str(reply.status)).inc()
         return _response(reply)
 
     @app.post("/v1/chat/completions")
@@ -117,6 +125,11 @@ def create_app(
             for m, nodes in sorted(names.items())
         ]
         return _json(200, {"object": "list", "data": data})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus exposition (``quorum.metrics``)."""
+        return Response(dispatcher.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health_() -> Response:

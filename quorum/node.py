@@ -84,6 +84,11 @@ class Node:
             drain=self.start_drain,
             max_body_bytes=config.max_body_bytes,
         )
+        self.dispatcher.metrics.watch(
+            in_flight=lambda: self.dispatcher.in_flight,
+            member_states=lambda: [m.state for m in self.membership.members()],
+            gossip=lambda: self.gossip.counters if self.gossip is not None else None,
+        )
         self._shutdown = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._hconfig = HypercornConfig()

@@ -326,3 +326,33 @@ async def test_a_backends_weight_reaches_every_node_through_gossip(
             await trio.sleep(0.02)
     assert view["n2"].weight("r1") == 1.0
     assert cluster["n1"].health()["weights"] == {"r1": 3.0}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} " if want else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_count_requests_failovers_resumes_and_gossip(
+    trio_cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    url = trio_cluster.url("n1") + "/v1/chat/completions"
+    await stream_events(http, url, BODIES[0], headers={"x-quorum-fault": "fail_after=4"})
+    await stream_events(http, url, BODIES[0], headers={"x-quorum-fault": "status=500"})
+    await http.post(url, json={"model": "nope", "messages": MESSAGES})
+    response = await http.get(trio_cluster.url("n1") + "/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    path = "/v1/chat/completions"
+    assert metric(text, "quorum_requests_total", endpoint=path, model="r1", status="200") == 2
+    assert metric(text, "quorum_requests_total", endpoint=path, model="nope", status="404") == 1
+    assert metric(text, "quorum_resumes_total", outcome="resumed") == 1
+    assert sum(metric(text, "quorum_attempt_failures_total", node=n) for n in NODES) == 1
+    assert metric(text, "quorum_ttft_seconds_count", model="r1") == 2
+    assert metric(text, "quorum_members", state="alive") == 3
+    assert metric(text, "quorum_gossip_packets_total", outcome="accepted") > 0
+    assert metric(text, "quorum_in_flight") == 0

@@ -48,6 +48,7 @@ from quorum.errors import (
     Unavailable,
     UpstreamFailed,
 )
+from quorum.metrics import Metrics
 from quorum.routing.breaker import BreakerBoard
 from quorum.routing.config import RoutingConfig
 from quorum.routing.membership import Member, Membership
@@ -193,6 +194,7 @@ class Dispatcher:
         self.policy = policy or RoutingPolicy()
         self.selector = Selector(name, self.policy, rng=self._rng)
         self.flights: dict[bytes, _Flight] = {}
+        self.metrics = Metrics()
         self.nursery: trio.Nursery | None = None  # set by the node: where flights run
         self._peers = _PeerPools(self.config.connect_timeout_s, transport)
 
@@ -436,6 +438,7 @@ class Dispatcher:
                 else:
                     breaker.record_failure(trio.current_time())
                 log.info("%s: attempt on %s failed: %s", job.request_id, member.name, exc.message)
+                self.metrics.attempt_failures.labels(member.name).inc()
                 failures.append(exc)
                 continue
             except BaseException:
@@ -626,6 +629,7 @@ class _StreamRelay:
         self._stack = AsyncExitStack()
         self._source: AsyncIterator[list[_Event]] | None = None
         self._pending: list[_Event] = []  # events read but not relayed yet
+        self._started = trio.current_time()
 
     async def _open(self, member: Member, resume: Resume | None) -> AsyncIterator[list[_Event]]:
         await self._stack.aclose()
@@ -699,6 +703,7 @@ class _StreamRelay:
                 log.info(
                     "%s: attempt on %s failed: %s", self.request_id, member.name, failure.message
                 )
+                self.d.metrics.attempt_failures.labels(member.name).inc()
                 failures.append(failure)
                 continue
             except BaseException:
@@ -707,6 +712,9 @@ class _StreamRelay:
                 raise
             breaker.record_success(trio.current_time())
             self.node = member.name
+            self.d.metrics.ttft.labels(self.request.model).observe(
+                trio.current_time() - self._started
+            )
             for raw, data in held:
                 self._account(raw, data)
             return b"".join(raw for raw, _ in held)
@@ -759,7 +767,9 @@ class _StreamRelay:
                     log.warning("%s: stream from %s broke: %r", self.request_id, self.node, exc)
                     self.d.breakers.get(self.node).record_failure(trio.current_time())
                     await self._close()
-                    if not await self._resume():
+                    resumed = await self._resume()
+                    self.d.metrics.resumes.labels("resumed" if resumed else "failed").inc()
+                    if not resumed:
                         yield _stream_error(
                             f"The stream broke on node {self.node} and no other node could "
                             f"continue it ({exc})."
