@@ -316,7 +316,9 @@ class Dispatcher:
     ) -> Reply:
         """Identical concurrent deterministic requests share one generation: the first one
         starts a flight in the node's nursery, the others follow it (from its start)."""
-        key = hashlib.sha256(path.encode() + b"\0" + body).digest()
+        # What changes the answer or its route is in the key: the body, a pin, a fault.
+        extra = f"{headers.get(PIN, '')}\0{headers.get(FAULT, '')}".encode()
+        key = hashlib.sha256(path.encode() + b"\0" + extra + b"\0" + body).digest()
         flight = self.flights.get(key)
         if flight is None:
             flight = _Flight()
