@@ -19,7 +19,7 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import node_config, start_cluster  # noqa: E402
+from tests.conftest import node_config, start_cluster
 
 
 async def main(trials: int) -> None:
@@ -48,7 +48,7 @@ async def main(trials: int) -> None:
                             break
                 closed = trio.current_time()
                 with trio.fail_after(5):
-                    while backend.load().busy:
+                    while backend.load().busy:  # noqa: ASYNC110 - polled, as a client would
                         await trio.sleep(0.0005)
                 delays.append(trio.current_time() - closed)
         delays.sort()
