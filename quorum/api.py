@@ -10,9 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import aclosing
 from typing import Any
 
+import trio
+from hypercorn.typing import ASGIFramework as ASGIApp
+from hypercorn.typing import ASGIReceiveCallable as Receive
+from hypercorn.typing import ASGISendCallable as Send
+from hypercorn.typing import Scope
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -20,9 +26,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from quorum.errors import ApiError, InvalidRequest, PayloadTooLarge
 from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from quorum.routing.dispatch import REQUEST_ID, Dispatcher, Reply
-from quorum.wire import parse_chat_request, parse_completion_request, parse_json_body
+from quorum.wire import Request, parse_chat_request, parse_completion_request, parse_json_body
 
-__all__ = ["create_app"]
+__all__ = ["FastPath", "answer", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +40,149 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
 
 
 def _error(exc: ApiError, request_id: str | None = None) -> Response:
-    headers = {}
-    if exc.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(exc.retry_after)))
-    if request_id:
-        headers[REQUEST_ID] = request_id
-    return _json(exc.status, exc.body(), headers)
+    headers, body = _error_parts(exc, request_id)
+    return Response(body, status=exc.status, headers=headers)
 
 
 def _response(reply: Reply) -> Response:
     response = Response(reply.body, status=reply.status, headers=reply.headers)
     response.timeout = None  # a stream lasts as long as the generation does
     return response
+
+
+PARSERS: dict[str, Callable[[dict[str, Any]], Request]] = {
+    "/v1/chat/completions": parse_chat_request,
+    "/v1/completions": parse_completion_request,
+}
+
+
+async def answer(
+    dispatcher: Dispatcher, path: str, body: bytes, headers: Mapping[str, str]
+) -> Reply:
+    """Parse, validate and dispatch one request to ``path`` (a key of ``PARSERS``), and
+    count it in the metrics. ``headers``: lower-cased. Raises ``ApiError``."""
+    model = "-"
+    try:
+        parsed = PARSERS[path](parse_json_body(body))
+        model = parsed.model
+        reply = await dispatcher.handle(parsed, body, path, headers)
+    except ApiError as exc:
+        dispatcher.metrics.requests.labels(path, model, str(exc.status)).inc()
+        raise
+    dispatcher.metrics.requests.labels(path, model, str(reply.status)).inc()
+    return reply
+
+
+def _error_parts(exc: ApiError, request_id: str | None) -> tuple[dict[str, str], bytes]:
+    headers = {"content-type": "application/json"}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(exc.retry_after)))
+    if request_id:
+        headers[REQUEST_ID] = request_id
+    return headers, json.dumps(exc.body()).encode()
+
+
+class FastPath:
+    """The ASGI application a node serves. POSTs to the completion endpoints are answered
+    here, on plain ASGI; everything else (GETs, admin, unknown paths) goes to ``app``, the
+    quart-trio app.
+
+    Why: the completion endpoints carry all the traffic, and quart's request and response
+    objects cost about 0.4 ms a request on this hardware (a GET round trip: 0.86 ms through
+    quart, 0.44 ms on raw ASGI) plus its per-message send loop on every streamed chunk. The
+    behaviour is the same: the body is read under ``max_body_bytes`` (413), errors are
+    OpenAI envelopes, and a client that disconnects cancels the work (the request and a
+    watcher of ``receive`` share one nursery, as quart-trio does).
+    """
+
+    def __init__(self, app: ASGIApp, dispatcher: Dispatcher, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.dispatcher = dispatcher
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PARSERS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        async with trio.open_nursery() as nursery:
+            try:
+                body = await self._body(receive, headers)
+                if body is None:
+                    return  # the client left before sending its whole body
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                reply = await answer(self.dispatcher, scope["path"], body, headers)
+            except ApiError as exc:
+                await _send_error(send, exc, headers.get(REQUEST_ID))
+                nursery.cancel_scope.cancel()
+                return
+            except Exception as exc:
+                log.exception("unhandled error on POST %s", scope["path"])
+                error = ApiError(f"Internal error in Quorum: {exc!r}", code="internal_error")
+                await _send_error(send, error, headers.get(REQUEST_ID))
+                nursery.cancel_scope.cancel()
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": reply.status,
+                    "headers": [(k.encode(), v.encode()) for k, v in reply.headers.items()],
+                }
+            )
+            if isinstance(reply.body, bytes):
+                await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+            else:
+                async with aclosing(reply.body) as chunks:  # type: ignore[type-var]
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            nursery.cancel_scope.cancel()
+
+    async def _body(self, receive: Receive, headers: Mapping[str, str]) -> bytes | None:
+        limit = self.max_body_bytes
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise PayloadTooLarge(
+                f"The request body is {length} bytes; this node accepts at most {limit} "
+                "bytes (max_body_bytes in its config)."
+            )
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            assert isinstance(chunk, bytes)
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"The request body is over this node's limit of {limit} bytes "
+                    "(max_body_bytes in its config)."
+                )
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def _send_error(send: Send, exc: ApiError, request_id: str | None) -> None:
+    headers, body = _error_parts(exc, request_id)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def create_app(
@@ -84,27 +221,13 @@ def create_app(
                 "(max_body_bytes in its config)."
             ) from None
 
-    async def _serve(parse: Callable[[dict[str, Any]], Any]) -> Response:
-        model = "-"
-        try:
-            body = await _body()
-            parsed = parse(parse_json_body(body))
-            model = parsed.model
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            reply = await dispatcher.handle(parsed, body, request.path, headers)
-        except ApiError as exc:
-            dispatcher.metrics.requests.labels(request.path, model, str(exc.status)).inc()
-            raise
-        dispatcher.metrics.requests.labels(request.path, model, str(reply.status)).inc()
-        return _response(reply)
-
+    # POSTs to these are answered by FastPath in front of this app; the routes stay so that
+    # the app works on its own (and a GET gets 405, not 404).
     @app.post("/v1/chat/completions")
-    async def chat_completions() -> Response:
-        return await _serve(parse_chat_request)
-
     @app.post("/v1/completions")
     async def completions() -> Response:
-        return await _serve(parse_completion_request)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return _response(await answer(dispatcher, request.path, await _body(), headers))
 
     @app.get("/v1/models")
     async def models() -> Response:
