@@ -15,6 +15,7 @@ import base64
 import binascii
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -54,11 +55,16 @@ def make_backend(config: BackendConfig, *, source: str = "<config>") -> Backend:
 
 
 class Node:
-    """A node process's parts. ``transport``: httpx transport for node-to-node requests
-    (tests inject one to record what crosses the hop)."""
+    """A node process's parts. ``transport``: httpx transport for static membership's
+    polls; ``tap``: called with every body chunk the node's hops receive (tests record
+    what crosses the hop)."""
 
     def __init__(
-        self, config: NodeConfig, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: NodeConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        tap: Callable[[bytes], None] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -76,7 +82,7 @@ class Node:
             self.backends,
             self.membership,
             config=config.routing,
-            transport=transport,
+            tap=tap,
         )
         self.app = FastPath(
             create_app(

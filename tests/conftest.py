@@ -52,7 +52,11 @@ class Cluster:
 
 
 async def start_cluster(
-    nursery: trio.Nursery, configs: list[NodeConfig], *, transport: Any = None, ready: bool = True
+    nursery: trio.Nursery,
+    configs: list[NodeConfig],
+    *,
+    tap: Any = None,
+    ready: bool = True,
 ) -> Cluster:
     """Start nodes in ``nursery`` and wait until every node sees every other one alive (and
     ready, if ``ready``). Gossip nodes join through the first node; static ones are given
@@ -64,7 +68,7 @@ async def start_cluster(
             config = dataclasses.replace(
                 config, gossip=dataclasses.replace(config.gossip, seeds=(seed,))
             )
-        node = Node(config, transport=transport)
+        node = Node(config, tap=tap)
         await nursery.start(node.run)
         if node.gossip is not None and seed is None:
             seed = node.gossip.address

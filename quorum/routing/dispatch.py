@@ -26,15 +26,13 @@ import hashlib
 import json
 import logging
 import random
-import ssl
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import trio
 
 from quorum.backends.base import Backend, Fault, Generation, Resume
@@ -51,6 +49,7 @@ from quorum.errors import (
 from quorum.metrics import Metrics
 from quorum.routing.breaker import BreakerBoard
 from quorum.routing.config import RoutingConfig
+from quorum.routing.hop import HopError, HopPool, HopResponse
 from quorum.routing.membership import Member, Membership
 from quorum.routing.router import candidates
 from quorum.routing.select import RoutingPolicy, Selector, prefix_key
@@ -166,7 +165,7 @@ class Dispatcher:
     """Routes validated requests for one node.
 
     ``name``: this node's name. ``backends``: model name → local ``Backend``. ``membership``:
-    the cluster view. ``transport``: an httpx transport for node-to-node calls (tests pass a
+    the cluster view. ``tap``: test hook called with every body chunk a hop receives (tests
     recording one). ``rng``: randomness for backoff jitter.
     """
 
@@ -177,7 +176,7 @@ class Dispatcher:
         membership: Membership,
         *,
         config: RoutingConfig | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        tap: Callable[[bytes], None] | None = None,
         rng: random.Random | None = None,
         policy: RoutingPolicy | None = None,
     ) -> None:
@@ -196,7 +195,7 @@ class Dispatcher:
         self.flights: dict[bytes, _Flight] = {}
         self.metrics = Metrics()
         self.nursery: trio.Nursery | None = None  # set by the node: where flights run
-        self._peers = _PeerPools(self.config.connect_timeout_s, transport)
+        self._peers = HopPool(connect_timeout_s=self.config.connect_timeout_s, tap=tap)
 
     @property
     def in_flight(self) -> int:
@@ -467,12 +466,12 @@ class Dispatcher:
                     ) from None
             async with self._exchange(member, job, job.body, fault) as response:
                 try:
-                    data = await response.aread()
-                except httpx.TransportError as exc:
+                    data = await response.read()
+                except HopError as exc:
                     raise _AttemptFailed(
                         f"node {member.name} broke while answering: {exc!r}"
                     ) from None
-            if response.status_code != 200:
+            if response.status != 200:
                 raise _status_failure(member, response, data)
             headers = {REQUEST_ID: job.request_id, NODE: response.headers.get(NODE, member.name)}
             return Reply(200, headers | JSON_HEADERS, data)
@@ -484,7 +483,7 @@ class Dispatcher:
     @asynccontextmanager
     async def _exchange(
         self, member: Member, job: _Job, body: bytes, fault: Fault | None
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AsyncIterator[HopResponse]:
         """POST ``body`` (the job's, or its resume) to ``member``; yields the streaming
         response, closes it on exit. Raises ``_AttemptFailed`` when the node cannot be
         reached."""
@@ -496,21 +495,17 @@ class Dispatcher:
         }
         if fault is not None:
             headers[FAULT] = fault.header()
-        async with self._peers.lease(member.url) as client:
-            request = client.build_request(
-                "POST", member.url + job.path, content=body, headers=headers
-            )
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.TransportError as exc:
-                raise _AttemptFailed(
-                    f"node {member.name} ({member.url}) could not be reached: {exc!r}"
-                ) from None
-            try:
+        answered = False
+        try:
+            async with self._peers.post(member.url, job.path, body, headers) as response:
+                answered = True
                 yield response
-            finally:
-                with trio.CancelScope(shield=True):
-                    await response.aclose()
+        except HopError as exc:
+            if answered:
+                raise  # it broke after the head: the caller decides what that means
+            raise _AttemptFailed(
+                f"node {member.name} ({member.url}) could not be reached: {exc}"
+            ) from None
 
     @asynccontextmanager
     async def open_source(
@@ -539,8 +534,12 @@ class Dispatcher:
             if resume is not None:
                 body = json.dumps({**job.request.raw, RESUME_FIELD: resume.as_json()}).encode()
             async with self._exchange(member, job, body, fault) as response:
-                if response.status_code != 200:
-                    raise _status_failure(member, response, await _read_some(response))
+                if response.status != 200:
+                    try:
+                        head = await response.read(65536)
+                    except HopError:
+                        head = b""
+                    raise _status_failure(member, response, head)
                 events = _remote_events(response)
                 try:
                     yield events
@@ -549,67 +548,6 @@ class Dispatcher:
                         await events.aclose()
         finally:
             self.outstanding[member.name] -= 1
-
-
-class _PeerPools:
-    """Keep-alive connections to other nodes: per peer, a stack of one-connection clients,
-    the most recently used on top (LIFO keeps few connections warm under light load).
-
-    httpx's own pool looks at every connection of the pool on each request and on each
-    release, which at a few hundred concurrent streams cost half of a forwarding node's CPU
-    (py-spy, ``benchmarks/compare_hop.py`` at concurrency 256); taking a client off a stack
-    costs the same at any concurrency. ``transport``: tests inject one (then one shared
-    client is used, since closing a client closes its transport).
-    """
-
-    def __init__(
-        self,
-        connect_timeout_s: float,
-        transport: httpx.AsyncBaseTransport | None = None,
-        max_idle: int = 512,
-    ) -> None:
-        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=10.0, pool=10.0)
-        self._idle: dict[str, list[httpx.AsyncClient]] = {}
-        self._ssl = ssl.create_default_context()
-        self._max_idle = max_idle
-        self._shared = (
-            httpx.AsyncClient(transport=transport, timeout=self._timeout)
-            if transport is not None
-            else None
-        )
-
-    @asynccontextmanager
-    async def lease(self, peer: str) -> AsyncIterator[httpx.AsyncClient]:
-        """A client for ``peer`` (a base URL), put back on its stack afterwards."""
-        if self._shared is not None:
-            yield self._shared
-            return
-        stack = self._idle.setdefault(peer, [])
-        client = (
-            stack.pop()
-            if stack
-            else httpx.AsyncClient(
-                timeout=self._timeout,
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                verify=self._ssl,  # shared: a default context per client loads the CA bundle
-            )
-        )
-        try:
-            yield client
-        finally:
-            if len(stack) < self._max_idle:
-                stack.append(client)
-            else:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
-
-    async def aclose(self) -> None:
-        clients = [c for stack in self._idle.values() for c in stack]
-        if self._shared is not None:
-            clients.append(self._shared)
-        self._idle.clear()
-        for client in clients:
-            await client.aclose()
 
 
 class _StreamRelay:
@@ -690,7 +628,7 @@ class _StreamRelay:
                 _AttemptFailed,
                 trio.TooSlowError,
                 BackendBroken,
-                httpx.TransportError,
+                HopError,
                 SSEProtocolError,
             ) as exc:
                 await self._close()
@@ -761,7 +699,7 @@ class _StreamRelay:
                     raise BackendBroken(f"node {self.node} ended the stream without [DONE]")
                 except (
                     BackendBroken,
-                    httpx.TransportError,
+                    HopError,
                     SSEProtocolError,
                     _AttemptFailed,
                     trio.TooSlowError,
@@ -791,7 +729,7 @@ class _StreamRelay:
             try:
                 async for _ in self._source:
                     pass
-            except (httpx.TransportError, SSEProtocolError, BackendBroken):
+            except (HopError, SSEProtocolError, BackendBroken):
                 pass
 
     async def _relay(self) -> AsyncGenerator[bytes]:
@@ -972,25 +910,13 @@ async def _local_events(events: AsyncIterator[bytes]) -> AsyncGenerator[list[_Ev
         yield [(e.raw, e.data) for e in SSEParser().feed(raw)]
 
 
-async def _remote_events(response: httpx.Response) -> AsyncGenerator[list[_Event]]:
+async def _remote_events(response: HopResponse) -> AsyncGenerator[list[_Event]]:
     parser = SSEParser()
-    async with aclosing(response.aiter_raw()) as chunks:  # type: ignore[type-var]
+    async with aclosing(response.body()) as chunks:
         async for chunk in chunks:
             events = parser.feed(chunk)
             if events:
                 yield [(e.raw, e.data) for e in events]
-
-
-async def _read_some(response: httpx.Response, limit: int = 65536) -> bytes:
-    data = b""
-    try:
-        async for chunk in response.aiter_raw():
-            data += chunk
-            if len(data) >= limit:
-                break
-    except httpx.TransportError:
-        pass
-    return data[:limit]
 
 
 async def _local_stream(
@@ -1029,8 +955,8 @@ def _kind(data: str | bytes) -> str:
     return "role"
 
 
-def _status_failure(member: Member, response: httpx.Response, data: bytes) -> _AttemptFailed:
-    status = response.status_code
+def _status_failure(member: Member, response: HopResponse, data: bytes) -> _AttemptFailed:
+    status = response.status
     try:
         message = json.loads(data)["error"]["message"]
     except (ValueError, KeyError, TypeError):
