@@ -108,3 +108,22 @@ async def test_a_body_cut_mid_way_is_a_hop_error_and_the_connection_is_not_reuse
 
 def partial_respond(chunks: list[bytes]) -> Handler:
     return partial(respond, chunks=chunks)
+
+
+async def test_cancelled_while_waiting_for_the_head_closes_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    release = trio.Event()
+
+    async def slow(stream: trio.SocketStream, conn: h11.Connection) -> bool:
+        await release.wait()
+        return await respond(stream, conn, [b"late"])
+
+    base, accepted = await start(nursery, slow)
+    pool = HopPool()
+    with trio.move_on_after(0.1):
+        await post(pool, base)
+    release.set()
+    assert await post(pool, base) == b"late"  # a new connection: the first was closed
+    assert len(accepted) == 2
+    await pool.aclose()

@@ -146,6 +146,9 @@ class HopPool:
                 await connection.aclose()
                 if attempt == 2 or not connection.reused:
                     raise
+            except BaseException:  # cancelled while waiting for the head: not reusable
+                await connection.aclose()
+                raise
         try:
             yield response
         finally:
