@@ -129,14 +129,26 @@ def judge_alive(current: Member | None, msg: Alive, *, is_self: bool, leaving: b
     return Verdict.APPLY if msg.incarnation > current.incarnation else Verdict.IGNORE
 
 
-def judge_suspect(current: Member | None, msg: Suspect, *, is_self: bool, leaving: bool) -> Verdict:
-    """Judge ``Suspect(node, j, source)`` against our record of ``node``."""
+def _judge_accusation(
+    current: Member | None, incarnation: int, *, is_self: bool, leaving: bool
+) -> Verdict | None:
+    """What suspect and dead messages share: an unknown member, an accusation of ourselves
+    (REFUTE at or above our incarnation, REMIND below it), a stale one. None: judge on."""
     if current is None:
         return Verdict.IGNORE
     if is_self and not leaving:
-        return Verdict.REFUTE if msg.incarnation >= current.incarnation else Verdict.REMIND
-    if is_self or msg.incarnation < current.incarnation:
+        return Verdict.REFUTE if incarnation >= current.incarnation else Verdict.REMIND
+    if is_self or incarnation < current.incarnation:
         return Verdict.IGNORE
+    return None
+
+
+def judge_suspect(current: Member | None, msg: Suspect, *, is_self: bool, leaving: bool) -> Verdict:
+    """Judge ``Suspect(node, j, source)`` against our record of ``node``."""
+    verdict = _judge_accusation(current, msg.incarnation, is_self=is_self, leaving=leaving)
+    if verdict is not None:
+        return verdict
+    assert current is not None
     if current.state is MemberState.ALIVE:
         return Verdict.APPLY
     if current.state is MemberState.SUSPECT:
@@ -146,12 +158,10 @@ def judge_suspect(current: Member | None, msg: Suspect, *, is_self: bool, leavin
 
 def judge_dead(current: Member | None, msg: Dead, *, is_self: bool, leaving: bool) -> Verdict:
     """Judge ``Dead(node, j, source)`` against our record of ``node``."""
-    if current is None:
-        return Verdict.IGNORE
-    if is_self and not leaving:
-        return Verdict.REFUTE if msg.incarnation >= current.incarnation else Verdict.REMIND
-    if is_self or msg.incarnation < current.incarnation:
-        return Verdict.IGNORE
+    verdict = _judge_accusation(current, msg.incarnation, is_self=is_self, leaving=leaving)
+    if verdict is not None:
+        return verdict
+    assert current is not None
     if current.state in _GONE:
         return Verdict.IGNORE
     return Verdict.APPLY
