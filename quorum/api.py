@@ -21,7 +21,7 @@ from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import Scope
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from quorum.errors import ApiError, InvalidRequest, PayloadTooLarge
 from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -42,12 +42,6 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
 def _error(exc: ApiError, request_id: str | None = None) -> Response:
     headers, body = _error_parts(exc, request_id)
     return Response(body, status=exc.status, headers=headers)
-
-
-def _response(reply: Reply) -> Response:
-    response = Response(reply.body, status=reply.status, headers=reply.headers)
-    response.timeout = None  # a stream lasts as long as the generation does
-    return response
 
 
 PARSERS: dict[str, Callable[[dict[str, Any]], Request]] = {
@@ -101,10 +95,18 @@ class FastPath:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PARSERS:
+        if scope["type"] != "http" or scope["path"] not in PARSERS:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["method"] != "POST":
+            refused = InvalidRequest(
+                f"{scope['method']} is not allowed on {scope['path']}; send a POST.",
+                code="method_not_allowed",
+                status=405,
+            )
+            await _send_error(send, refused, None, {"allow": "POST"})
+            return
         async with trio.open_nursery() as nursery:
             try:
                 body = await self._body(receive, headers)
@@ -173,8 +175,11 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
             return
 
 
-async def _send_error(send: Send, exc: ApiError, request_id: str | None) -> None:
+async def _send_error(
+    send: Send, exc: ApiError, request_id: str | None, extra: Mapping[str, str] | None = None
+) -> None:
     headers, body = _error_parts(exc, request_id)
+    headers.update(extra or {})
     await send(
         {
             "type": "http.response.start",
@@ -192,11 +197,13 @@ def create_app(
     drain: Callable[[], dict[str, Any]] | None = None,
     max_body_bytes: int = 4 << 20,
     created: int | None = None,
-) -> QuartTrio:
-    """Build the app for one node.
+) -> FastPath:
+    """Build the ASGI app of one node: ``FastPath`` for the completion endpoints in front of
+    a quart-trio app for everything else.
 
     ``dispatcher``: routes requests. ``health``: returns this node's ``/health`` document.
-    ``max_body_bytes``: larger bodies get 413. ``created``: unix seconds reported for models.
+    ``drain``: starts a drain (``POST /admin/drain``). ``max_body_bytes``: larger bodies get
+    413. ``created``: unix seconds reported for models.
     """
     app = QuartTrio("quorum")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
@@ -204,30 +211,6 @@ def create_app(
     app.config["BODY_TIMEOUT"] = 60
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     started = created or int(time.time())
-
-    async def _body() -> bytes:
-        length = request.content_length
-        if length is not None and length > max_body_bytes:
-            raise PayloadTooLarge(
-                f"The request body is {length} bytes; this node accepts at most "
-                f"{max_body_bytes} bytes (max_body_bytes in its config)."
-            )
-        try:
-            data = await request.get_data(cache=False, as_text=False)
-            return data if isinstance(data, bytes) else data.encode()
-        except RequestEntityTooLarge:
-            raise PayloadTooLarge(
-                f"The request body is over this node's limit of {max_body_bytes} bytes "
-                "(max_body_bytes in its config)."
-            ) from None
-
-    # POSTs to these are answered by FastPath in front of this app; the routes stay so that
-    # the app works on its own (and a GET gets 405, not 404).
-    @app.post("/v1/chat/completions")
-    @app.post("/v1/completions")
-    async def completions() -> Response:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        return _response(await answer(dispatcher, request.path, await _body(), headers))
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -305,4 +288,4 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(ApiError(f"Internal error in Quorum: {exc!r}", code="internal_error"))
 
-    return app
+    return FastPath(app, dispatcher, max_body_bytes=max_body_bytes)

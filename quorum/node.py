@@ -23,7 +23,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from quorum.api import FastPath, create_app
+from quorum.api import create_app
 from quorum.backends.base import Backend
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
@@ -84,14 +84,10 @@ class Node:
             config=config.routing,
             tap=tap,
         )
-        self.app = FastPath(
-            create_app(
-                self.dispatcher,
-                health=self.health,
-                drain=self.start_drain,
-                max_body_bytes=config.max_body_bytes,
-            ),
+        self.app = create_app(
             self.dispatcher,
+            health=self.health,
+            drain=self.start_drain,
             max_body_bytes=config.max_body_bytes,
         )
         self.dispatcher.metrics.watch(

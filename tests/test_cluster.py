@@ -462,6 +462,7 @@ async def test_unknown_endpoint_and_method_are_openai_errors(
     wrong = await http.get(cluster.url("node-a") + "/v1/chat/completions")
     assert wrong.status_code == 405
     validate("ErrorResponse", wrong.json())
+    assert wrong.headers["allow"] == "POST"
 
 
 def warming(config: NodeConfig, warmup_s: float) -> NodeConfig:
