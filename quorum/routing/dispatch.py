@@ -386,8 +386,9 @@ class Dispatcher:
         self.in_flight += 1
         stack.callback(self._done)
         try:
-            events = await stack.enter_async_context(_open_local(backend, generation))
+            items = await stack.enter_async_context(_open_local(backend, generation))
             if not request.stream:
+                events = await stack.enter_async_context(aclosing(_local_events(items)))
                 chunks = [
                     json.loads(data)
                     async for batch in events
@@ -397,7 +398,7 @@ class Dispatcher:
                 await stack.aclose()
                 fold = aggregate_chat if request.kind == "chat" else aggregate_completion
                 return Reply(200, headers | JSON_HEADERS, json.dumps(fold(chunks)).encode())
-            first = await anext(events)
+            first = await anext(items)
         except _AttemptFailed as exc:
             await stack.aclose()
             raise _api_error(exc) from None
@@ -408,7 +409,7 @@ class Dispatcher:
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             raise
-        return Reply(200, headers | STREAM_HEADERS, _local_stream(first, events, stack))
+        return Reply(200, headers | STREAM_HEADERS, _local_stream(first, items, stack))
 
     def _done(self) -> None:
         self.in_flight -= 1
@@ -527,8 +528,9 @@ class Dispatcher:
                     fault=fault,
                     resume=resume,
                 )
-                async with _open_local(self.backends[request.model], generation) as events:
-                    yield events
+                async with _open_local(self.backends[request.model], generation) as items:
+                    async with aclosing(_local_events(items)) as events:
+                        yield events
                 return
             body = job.body
             if resume is not None:
@@ -869,8 +871,9 @@ class _Flight:
 @asynccontextmanager
 async def _open_local(
     backend: Backend, generation: Generation
-) -> AsyncIterator[AsyncIterator[list[_Event]]]:
-    """A local backend's events in batches of one; backend refusals as ``_AttemptFailed``."""
+) -> AsyncIterator[AsyncIterator[bytes]]:
+    """A local backend's items (one or more whole events each, as produced); its refusals
+    as ``_AttemptFailed``."""
     try:
         context = backend.open(generation)
         events = await context.__aenter__()
@@ -883,16 +886,12 @@ async def _open_local(
         ) from None
     except BackendUnavailable as exc:
         raise _AttemptFailed(exc.message, status=exc.status if exc.status >= 500 else 502) from None
-    batches = _local_events(events)
     try:
-        yield batches
+        yield events
     except BaseException as exc:
-        with trio.CancelScope(shield=True):
-            await batches.aclose()
         if not await context.__aexit__(type(exc), exc, exc.__traceback__):
             raise
     else:
-        await batches.aclose()
         await context.__aexit__(None, None, None)
 
 
@@ -920,13 +919,13 @@ async def _remote_events(response: HopResponse) -> AsyncGenerator[list[_Event]]:
 
 
 async def _local_stream(
-    first: list[_Event], events: AsyncIterator[list[_Event]], stack: AsyncExitStack
+    first: bytes, items: AsyncIterator[bytes], stack: AsyncExitStack
 ) -> AsyncGenerator[bytes]:
     """The stream of a request forwarded here: the backend's bytes as produced."""
     try:
-        yield b"".join(raw for raw, _ in first)
-        async for batch in events:
-            yield b"".join(raw for raw, _ in batch)
+        yield first
+        async for item in items:
+            yield item
     except BackendBroken as exc:
         yield _stream_error(str(exc))
     finally:
