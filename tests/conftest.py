@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from quorum.config import BackendConfig, NodeConfig
+from quorum.config import NodeConfig
 from quorum.node import Node
 from quorum.routing.membership import StaticMembership
 
@@ -112,7 +112,3 @@ async def cluster(nursery: trio.Nursery) -> AsyncIterator[Cluster]:
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=10) as client:
         yield client
-
-
-def mock_backend_config(model: str, **options: Any) -> BackendConfig:
-    return BackendConfig(model=model, kind="mock", options={**FAST, **options})

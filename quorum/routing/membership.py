@@ -130,7 +130,6 @@ class StaticMembership:
         self._dead_after = dead_after
         self._transport = transport
         self._kick = trio.Event()
-        self.refreshed = trio.Event()
 
     def set_peers(self, peers: Sequence[str]) -> None:
         """Replace the peer list (keeping what is known of peers that stay) and poll now."""
@@ -155,8 +154,6 @@ class StaticMembership:
                 async with trio.open_nursery() as nursery:
                     for url in self._peers:
                         nursery.start_soon(self._poll, client, url)
-                self.refreshed.set()
-                self.refreshed = trio.Event()
                 with trio.move_on_after(self._interval):
                     await self._kick.wait()
                 self._kick = trio.Event()
