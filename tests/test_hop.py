@@ -24,33 +24,44 @@ async def respond(stream: trio.SocketStream, conn: h11.Connection, chunks: list[
     return True
 
 
-async def serve(
-    handler: Handler, accepted: list[int], *, task_status: trio.TaskStatus[int]
-) -> None:
+class Server:
+    """What the test server saw: connections ``accepted``; ``closed`` is set each time it
+    closed one (replaced by a fresh event)."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.closed = trio.Event()
+
+
+async def serve(handler: Handler, seen: Server, *, task_status: trio.TaskStatus[int]) -> None:
     async def one(stream: trio.SocketStream) -> None:
-        accepted.append(1)
+        seen.accepted += 1
         conn = h11.Connection(h11.SERVER)
-        async with stream:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.EndOfMessage):
-                    if not await handler(stream, conn):
-                        return
+        try:
+            async with stream:
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.EndOfMessage):
+                        if not await handler(stream, conn):
+                            return
+        finally:
+            seen.closed.set()
+            seen.closed = trio.Event()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(one, listeners)
 
 
-async def start(nursery: trio.Nursery, handler: Handler) -> tuple[str, list[int]]:
-    accepted: list[int] = []
-    port = await nursery.start(serve, handler, accepted)
-    return f"http://127.0.0.1:{port}", accepted
+async def start(nursery: trio.Nursery, handler: Handler) -> tuple[str, Server]:
+    seen = Server()
+    port = await nursery.start(serve, handler, seen)
+    return f"http://127.0.0.1:{port}", seen
 
 
 async def post(pool: HopPool, base: str) -> bytes:
@@ -60,11 +71,11 @@ async def post(pool: HopPool, base: str) -> bytes:
 
 
 async def test_sequential_requests_reuse_one_connection(nursery: trio.Nursery) -> None:
-    base, accepted = await start(nursery, partial_respond([b"data: a\n\n", b"data: b\n\n"]))
+    base, seen = await start(nursery, partial_respond([b"data: a\n\n", b"data: b\n\n"]))
     pool = HopPool()
     for _ in range(5):
         assert await post(pool, base) == b"data: a\n\ndata: b\n\n"
-    assert len(accepted) == 1
+    assert seen.accepted == 1
     await pool.aclose()
 
 
@@ -75,12 +86,13 @@ async def test_a_connection_the_peer_closed_while_idle_is_replaced(
         await respond(stream, conn, [b"ok"])
         return False  # closes after each answer, as a keep-alive timeout would
 
-    base, accepted = await start(nursery, answer_then_close)
+    base, seen = await start(nursery, answer_then_close)
     pool = HopPool()
+    closed = seen.closed
     assert await post(pool, base) == b"ok"
-    await trio.sleep(0.05)  # the server has closed the pooled connection by now
+    await closed.wait()  # the pooled connection is closed at the server's end now
     assert await post(pool, base) == b"ok"
-    assert len(accepted) == 2
+    assert seen.accepted == 2
     await pool.aclose()
 
 
@@ -98,12 +110,12 @@ async def test_a_body_cut_mid_way_is_a_hop_error_and_the_connection_is_not_reuse
         await stream.send_all(head + conn.send(h11.Data(data=b"data: partial")))
         return False
 
-    base, accepted = await start(nursery, cut)
+    base, seen = await start(nursery, cut)
     pool = HopPool()
     for _ in range(2):
         with pytest.raises(HopError):
             await post(pool, base)
-    assert len(accepted) == 2
+    assert seen.accepted == 2
 
 
 def partial_respond(chunks: list[bytes]) -> Handler:
@@ -111,7 +123,7 @@ def partial_respond(chunks: list[bytes]) -> Handler:
 
 
 async def test_cancelled_while_waiting_for_the_head_closes_the_connection(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     release = trio.Event()
 
@@ -119,11 +131,11 @@ async def test_cancelled_while_waiting_for_the_head_closes_the_connection(
         await release.wait()
         return await respond(stream, conn, [b"late"])
 
-    base, accepted = await start(nursery, slow)
+    base, seen = await start(nursery, slow)
     pool = HopPool()
     with trio.move_on_after(0.1):
         await post(pool, base)
     release.set()
     assert await post(pool, base) == b"late"  # a new connection: the first was closed
-    assert len(accepted) == 2
+    assert seen.accepted == 2
     await pool.aclose()
