@@ -15,13 +15,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,42 +27,10 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
+from quorum.scenarios.cluster import ClusterOptions, ProcessCluster
+
 NAMES = ("node-a", "node-b", "node-c")
 console = Console()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def configs(tmp: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """nodes/*.toml on free loopback ports, gossip with the LAN preset (the shipped one)."""
-    http = {n: free_port() for n in NAMES}
-    gossip = {n: free_port() for n in NAMES}
-    paths = {}
-    for name in NAMES:
-        text = (ROOT / "nodes" / f"{name}.toml").read_text()
-        text = re.sub(r'listen = ".*"', f'listen = "127.0.0.1:{http[name]}"', text)
-        text = re.sub(r'bind = ".*"', f'bind = "127.0.0.1:{gossip[name]}"', text)
-        seeds = [f"127.0.0.1:{p}" for n, p in gossip.items() if n != name]
-        text = re.sub(r"seeds = \[.*\]", "seeds = " + json.dumps(seeds), text)
-        paths[name] = tmp / f"{name}.toml"
-        paths[name].write_text(text)
-    return paths, {n: f"http://127.0.0.1:{p}" for n, p in http.items()}
-
-
-async def start(path: Path) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        [sys.executable, "-m", "quorum", "node", "--config", str(path)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 async def all_alive(client: httpx.AsyncClient, base: dict[str, str]) -> None:
@@ -111,13 +74,9 @@ async def one_stream(
 
 
 async def resume_delays(
-    client: httpx.AsyncClient,
-    procs: dict[str, trio.Process],
-    paths: dict[str, Path],
-    base: dict[str, str],
-    trials: int,
-    streams: int,
+    client: httpx.AsyncClient, cluster: ProcessCluster, trials: int, streams: int
 ) -> tuple[list[float], list[str]]:
+    base = cluster.urls
     gaps: list[float] = []
     failures: list[str] = []
     rng = random.Random(7)
@@ -158,9 +117,8 @@ async def resume_delays(
                 )
             for started in events:
                 await started.wait()
-            procs[victim].send_signal(signal.SIGKILL)
-        await procs[victim].wait()
-        procs[victim] = await start(paths[victim])
+            await cluster.kill(victim)  # SIGKILL by pid, reaped
+        await cluster.start(victim)
         await all_alive(client, base)
     return gaps, failures
 
@@ -215,9 +173,11 @@ def pct(values: list[float], q: float) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        paths, base = configs(Path(tmp))
-        procs = {n: await start(p) for n, p in paths.items()}
+        # nodes/*.toml on free loopback ports, gossip with the LAN preset (the shipped one)
+        cluster = ProcessCluster(Path(tmp), ClusterOptions(preset="lan", names=NAMES))
         try:
+            await cluster.start_all()
+            base = cluster.urls
             async with httpx.AsyncClient(
                 timeout=60, limits=httpx.Limits(max_connections=512, max_keepalive_connections=512)
             ) as client:
@@ -225,15 +185,9 @@ async def main(args: argparse.Namespace) -> None:
                 share, total = await affinity_share(
                     client, base, args.requests, args.clients, args.conversations
                 )
-                gaps, failures = await resume_delays(
-                    client, procs, paths, base, args.trials, args.streams
-                )
+                gaps, failures = await resume_delays(client, cluster, args.trials, args.streams)
         finally:
-            for proc in procs.values():
-                if proc.returncode is None:
-                    proc.kill()
-            for proc in procs.values():
-                await proc.wait()
+            await cluster.close()
     table = Table(title="Quorum failover figures (3 real nodes on loopback, LAN gossip)")
     table.add_column("figure")
     table.add_column("measured", justify="right")
