@@ -5,31 +5,18 @@ chunk validates against OpenAI's spec."""
 from __future__ import annotations
 
 import json
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
+from quorum.scenarios.cluster import ClusterOptions, ProcessCluster
 from quorum.sse import SSEParser
-from tests.conftest import ROOT
 from tests.openai_spec import validate
-from tests.test_cli import free_port, write_configs
 
 NAMES = ("node-a", "node-b", "node-c")
-
-
-async def start(path: Path) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        [sys.executable, "-m", "quorum", "node", "--config", str(path)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 async def stream(
@@ -62,18 +49,12 @@ def text(events: list[dict[str, Any]]) -> dict[str, str]:
 
 
 async def test_kill_9_of_the_serving_node_mid_stream_loses_nothing(
-    nursery: trio.Nursery, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    http_ports = {n: free_port() for n in NAMES}
-    paths = dict(zip(NAMES, write_configs(tmp_path, http_ports), strict=True))
-    gossip_ports = {n: free_port() for n in NAMES}
-    for name, path in paths.items():
-        body = re.sub(r'bind = ".*"', f'bind = "127.0.0.1:{gossip_ports[name]}"', path.read_text())
-        seeds = [f"127.0.0.1:{p}" for n, p in gossip_ports.items() if n != name]
-        body = re.sub(r"seeds = \[.*\]", "seeds = " + json.dumps(seeds), body)
-        path.write_text(body.replace('preset = "lan"', 'preset = "local"'))
-    procs = {name: await start(path) for name, path in paths.items()}
-    base = {n: f"http://127.0.0.1:{p}" for n, p in http_ports.items()}
+    # nodes/*.toml on free loopback ports, gossip with the LOCAL preset
+    cluster = ProcessCluster(tmp_path, ClusterOptions(preset="local", names=NAMES))
+    await cluster.start_all()
+    base = cluster.urls
 
     async def all_alive(client: httpx.AsyncClient) -> None:
         with trio.fail_after(30):
@@ -114,17 +95,13 @@ async def test_kill_9_of_the_serving_node_mid_stream_loses_nothing(
 
                 async def kill_after_five(n: int, victim: str = serving) -> None:
                     if n == 5:
-                        procs[victim].send_signal(signal.SIGKILL)
+                        cluster.signal(victim, signal.SIGKILL)
 
                 got_node, events = await stream(
-                    client,
-                    base[entry] + "/v1/chat/completions",
-                    {**body, "messages": body["messages"]},
-                    kill_after_five,
+                    client, base[entry] + "/v1/chat/completions", body, kill_after_five
                 )
                 assert got_node == serving
-                await procs[serving].wait()
-                assert procs[serving].returncode == -signal.SIGKILL
+                assert await cluster.wait_exit(serving, 10) == -signal.SIGKILL
                 for event in events:
                     validate("CreateChatCompletionStreamResponse", event)
                 assert text(events) == text(reference)
@@ -132,11 +109,7 @@ async def test_kill_9_of_the_serving_node_mid_stream_loses_nothing(
                 assert [e["usage"] for e in events if e.get("usage")] == [
                     e["usage"] for e in reference if e.get("usage")
                 ]
-                procs[serving] = await start(paths[serving])
+                await cluster.start(serving)
                 await all_alive(client)
     finally:
-        for proc in procs.values():
-            if proc.returncode is None:
-                proc.kill()
-        for proc in procs.values():
-            await proc.wait()
+        await cluster.close()
