@@ -7,6 +7,7 @@ framework, is answered in OpenAI's envelope ``{"error": {"message", "type", "par
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -23,9 +24,17 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from quorum.errors import ApiError, InvalidRequest, PayloadTooLarge
+from quorum.errors import (
+    ApiError,
+    InvalidRequest,
+    PayloadTooLarge,
+    PermissionDenied,
+    RequestTimeout,
+    Unauthorized,
+)
 from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from quorum.routing.dispatch import REQUEST_ID, Dispatcher, Reply
+from quorum.routing.dispatch import Dispatcher, Reply
+from quorum.routing.headers import REQUEST_ID
 from quorum.wire import Request, parse_chat_request, parse_completion_request, parse_json_body
 
 __all__ = ["FastPath", "answer", "create_app"]
@@ -58,7 +67,8 @@ async def answer(
     model = "-"
     try:
         parsed = PARSERS[path](parse_json_body(body))
-        model = parsed.model
+        # a label for models some member serves only: clients must not grow the label set
+        model = parsed.model if dispatcher.known_model(parsed.model) else "other"
         reply = await dispatcher.handle(parsed, body, path, headers)
     except ApiError as exc:
         dispatcher.metrics.requests.labels(path, model, str(exc.status)).inc()
@@ -89,10 +99,18 @@ class FastPath:
     watcher of ``receive`` share one nursery, as quart-trio does).
     """
 
-    def __init__(self, app: ASGIApp, dispatcher: Dispatcher, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        dispatcher: Dispatcher,
+        *,
+        max_body_bytes: int,
+        body_timeout_s: float = 30.0,
+    ) -> None:
         self.app = app
         self.dispatcher = dispatcher
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in PARSERS:
@@ -120,7 +138,10 @@ class FastPath:
                 return
             except Exception as exc:
                 log.exception("unhandled error on POST %s", scope["path"])
-                error = ApiError(f"Internal error in Quorum: {exc!r}", code="internal_error")
+                error = ApiError(
+                    f"Internal error in Quorum ({type(exc).__name__}); the node's log has it.",
+                    code="internal_error",
+                )
                 await _send_error(send, error, headers.get(REQUEST_ID))
                 nursery.cancel_scope.cancel()
                 return
@@ -141,6 +162,19 @@ class FastPath:
             nursery.cancel_scope.cancel()
 
     async def _body(self, receive: Receive, headers: Mapping[str, str]) -> bytes | None:
+        """The whole request body, None if the client left first. Raises
+        ``PayloadTooLarge`` (413) over ``max_body_bytes`` and ``RequestTimeout`` (408) when
+        it is not all there within ``body_timeout_s``."""
+        try:
+            with trio.fail_after(self.body_timeout_s):
+                return await self._read_body(receive, headers)
+        except trio.TooSlowError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {self.body_timeout_s:g} s "
+                "(body_timeout_s in the node's config); send it whole, promptly."
+            ) from None
+
+    async def _read_body(self, receive: Receive, headers: Mapping[str, str]) -> bytes | None:
         limit = self.max_body_bytes
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
@@ -195,15 +229,18 @@ def create_app(
     *,
     health: Callable[[], dict[str, Any]],
     drain: Callable[[], dict[str, Any]] | None = None,
+    drain_token: str | None = None,
     max_body_bytes: int = 4 << 20,
+    body_timeout_s: float = 30.0,
     created: int | None = None,
 ) -> FastPath:
     """Build the ASGI app of one node: ``FastPath`` for the completion endpoints in front of
     a quart-trio app for everything else.
 
     ``dispatcher``: routes requests. ``health``: returns this node's ``/health`` document.
-    ``drain``: starts a drain (``POST /admin/drain``). ``max_body_bytes``: larger bodies get
-    413. ``created``: unix seconds reported for models.
+    ``drain``: starts a drain (``POST /admin/drain``, from this machine with ``drain_token``
+    as its bearer token). ``max_body_bytes``: larger bodies get 413; ``body_timeout_s``: a
+    body not received by then gets 408. ``created``: unix seconds reported for models.
     """
     app = QuartTrio("quorum")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
@@ -244,14 +281,31 @@ def create_app(
     @app.post("/admin/drain")
     async def admin_drain() -> Response:
         """Stop taking requests, finish those under way, leave the cluster and exit."""
-        if drain is None:
+        if drain is None or drain_token is None:
             raise ApiError("This node cannot be drained over HTTP.", status=404)
         host = (request.scope.get("client") or ("", 0))[0]
         if not (host.startswith("127.") or host == "::1"):
-            raise ApiError(
-                "POST /admin/drain is accepted from this machine only (127.0.0.0/8, ::1).",
-                status=403,
-                code="forbidden",
+            raise PermissionDenied(
+                "POST /admin/drain is accepted from this machine only (127.0.0.0/8, ::1)."
+            )
+        # A browser page (CSRF) sends Origin; a reverse proxy on this machine adds its own
+        # headers: neither is the operator at this machine.
+        relayed = [
+            h for h in ("origin", "forwarded", "x-forwarded-for", "via") if h in request.headers
+        ]
+        if relayed:
+            raise PermissionDenied(
+                f"POST /admin/drain came with {relayed[0]}: it is accepted only straight from "
+                "a program on this machine (`quorum drain`), not through a browser or a proxy."
+            )
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "replace"), drain_token.encode()
+        ):
+            raise Unauthorized(
+                "POST /admin/drain needs the node's drain token as a bearer token: "
+                "`quorum drain` reads it from the file the node wrote at start.",
+                code="invalid_api_key",
             )
         return _json(202, drain())
 
@@ -286,6 +340,11 @@ def create_app(
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error(ApiError(f"Internal error in Quorum: {exc!r}", code="internal_error"))
+        return _error(
+            ApiError(
+                f"Internal error in Quorum ({type(exc).__name__}); the node's log has it.",
+                code="internal_error",
+            )
+        )
 
-    return FastPath(app, dispatcher, max_body_bytes=max_body_bytes)
+    return FastPath(app, dispatcher, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)

@@ -346,8 +346,21 @@ def _drain(node: str, via: str, timeout_s: float) -> int:
             )
             return 1
         url = urls[node]
+    from quorum.node import drain_token_path
+
+    token_file = drain_token_path(url)
     try:
-        response = httpx.post(url + "/admin/drain", timeout=5.0)
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        console.print(
+            f"[red]quorum drain: cannot read {node}'s drain token at {token_file} "
+            f"({exc.strerror}): run it on the node's machine, as the node's user"
+        )
+        return 1
+    try:
+        response = httpx.post(
+            url + "/admin/drain", headers={"authorization": f"Bearer {token}"}, timeout=5.0
+        )
     except httpx.HTTPError as exc:
         console.print(f"[red]quorum drain: {url} did not answer: {exc}")
         return 1

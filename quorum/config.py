@@ -7,9 +7,17 @@
     listen = "127.0.0.1:32768"        # HTTP API address
     # url = "http://10.0.0.5:32768"   # what other nodes use to reach it (default: from listen)
     max_body_bytes = 4194304
+    max_connections = 10000
+    body_timeout_s = 30.0             # the request body must arrive by then (else 408)
+    send_timeout_s = 30.0             # a client reading nothing for this long is dropped
 
     [cluster]
     peers = ["http://127.0.0.1:32769", "http://127.0.0.1:32770"]
+    # secret = "..."                  # signs the hop of a static cluster (>= 16 characters);
+    #                                  # a gossip cluster uses its [gossip].keys instead
+
+    [debug]
+    faults = false                     # obey the x-quorum-fault header (tests, scenarios)
 
     [[backends]]
     model = "mock-chat"
@@ -23,6 +31,8 @@ Every problem raises ``ConfigError`` naming the file and the key to fix.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -85,6 +95,12 @@ class NodeConfig:
     ``host``/``port``: where the HTTP API listens (port 0 picks a free port). ``url``: the
     advertised base URL, None to derive it from the bound address. ``peers``: peer base URLs
     for static membership. ``gossip``: gossip settings, or None for static membership only.
+    ``max_connections``: client connections served at once (more are closed at once).
+    ``body_timeout_s``: a request body not received by then is answered 408.
+    ``send_timeout_s``: a client that reads nothing of its answer for this long is
+    disconnected (its work is cancelled, its slot freed). ``secret``: key material for the
+    hop's signature in a static cluster (``[cluster] secret``). ``debug_faults``: obey
+    ``x-quorum-fault`` from clients (``[debug] faults``).
     """
 
     name: str
@@ -93,10 +109,24 @@ class NodeConfig:
     url: str | None = None
     peers: tuple[str, ...] = ()
     max_body_bytes: int = 4 << 20
+    max_connections: int = 10000
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
     backends: tuple[BackendConfig, ...] = ()
     gossip: GossipSettings | None = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    secret: str | None = None
+    debug_faults: bool = False
     source: str = "<config>"
+
+    def hop_secrets(self) -> tuple[bytes, ...]:
+        """Key material of the hop's signature: the gossip keys, else ``[cluster] secret``;
+        empty when neither is set (allowed on loopback only, see ``quorum.node``)."""
+        if self.gossip is not None and self.gossip.keys:
+            return tuple(base64.b64decode(k) for k in self.gossip.keys)
+        if self.secret is not None:
+            return (self.secret.encode(),)
+        return ()
 
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
@@ -117,11 +147,11 @@ class NodeConfig:
         def fail(msg: str) -> ConfigError:
             return ConfigError(f"{source}: {msg}")
 
-        unknown = set(data) - {"node", "cluster", "backends", "gossip", "routing"}
+        unknown = set(data) - {"node", "cluster", "backends", "gossip", "routing", "debug"}
         if unknown:
             raise fail(
                 f"unknown table(s) {sorted(unknown)}; expected [node], [cluster], "
-                "[gossip], [routing], [[backends]]"
+                "[gossip], [routing], [debug], [[backends]]"
             )
         node = data.get("node")
         if not isinstance(node, Mapping):
@@ -139,12 +169,34 @@ class NodeConfig:
         max_body = node.get("max_body_bytes", 4 << 20)
         if not isinstance(max_body, int) or max_body < 1024:
             raise fail("[node].max_body_bytes must be an integer >= 1024")
+        max_connections = node.get("max_connections", 10000)
+        if (
+            not isinstance(max_connections, int)
+            or isinstance(max_connections, bool)
+            or (max_connections < 1)
+        ):
+            raise fail("[node].max_connections must be an integer >= 1")
+        timeouts = {}
+        for key in ("body_timeout_s", "send_timeout_s"):
+            value = node.get(key, 30.0)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise fail(f"[node].{key} must be a number of seconds > 0")
+            timeouts[key] = float(value)
         cluster = data.get("cluster", {})
         peers = cluster.get("peers", [])
         if not isinstance(peers, list) or not all(
             isinstance(p, str) and p.startswith("http") for p in peers
         ):
             raise fail("[cluster].peers must be a list of http URLs")
+        secret = cluster.get("secret")
+        if secret is not None and not (isinstance(secret, str) and len(secret) >= 16):
+            raise fail("[cluster].secret must be a string of at least 16 characters")
+        debug = data.get("debug", {})
+        if not isinstance(debug, Mapping) or set(debug) - {"faults"}:
+            raise fail("[debug] takes one key, faults = true | false")
+        faults = debug.get("faults", False)
+        if not isinstance(faults, bool):
+            raise fail("[debug].faults must be true or false")
         backends = []
         seen: set[str] = set()
         for i, table in enumerate(data.get("backends", [])):
@@ -170,6 +222,13 @@ class NodeConfig:
             keys = g.get("keys", [])
             if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
                 raise fail("[gossip].keys must be a list of base64 strings")
+            for i, key in enumerate(keys):
+                try:
+                    raw = base64.b64decode(key, validate=True)
+                except binascii.Error:
+                    raise fail(f"[gossip].keys[{i}] is not base64") from None
+                if len(raw) not in (16, 24, 32):
+                    raise fail(f"[gossip].keys[{i}] must decode to 16, 24 or 32 bytes")
             preset = g.get("preset", "lan")
             if preset not in ("lan", "local"):
                 raise fail("[gossip].preset must be 'lan' or 'local'")
@@ -199,7 +258,11 @@ class NodeConfig:
             url=url,
             peers=tuple(p.rstrip("/") for p in peers),
             max_body_bytes=max_body,
+            max_connections=max_connections,
+            **timeouts,
             backends=tuple(backends),
             gossip=gossip,
+            secret=secret,
+            debug_faults=faults,
             source=source,
         )

@@ -5,7 +5,10 @@
     QuorumError
     ├── ApiError                  an OpenAI-style error answer: status + envelope
     │   ├── InvalidRequest        400 invalid_request_error (``param`` says which field)
+    │   ├── Unauthorized          401 a missing, wrong or unsigned credential
+    │   ├── PermissionDenied      403 the caller may not do this
     │   ├── ModelNotFound         404 model_not_found
+    │   ├── RequestTimeout        408 the request body did not arrive in time
     │   ├── PayloadTooLarge       413 request body over the node's limit
     │   ├── Saturated             429 rate_limit_exceeded, with ``Retry-After``
     │   ├── UpstreamFailed        502 every candidate failed before the first byte
@@ -34,8 +37,11 @@ __all__ = [
     "InvalidRequest",
     "ModelNotFound",
     "PayloadTooLarge",
+    "PermissionDenied",
     "QuorumError",
+    "RequestTimeout",
     "Saturated",
+    "Unauthorized",
     "Unavailable",
     "UpstreamFailed",
 ]
@@ -93,6 +99,30 @@ class InvalidRequest(ApiError):
 
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthorized(ApiError):
+    """401: no credential, a wrong one, or internal headers without a valid cluster
+    signature."""
+
+    status = 401
+    type = "invalid_request_error"
+
+
+class PermissionDenied(ApiError):
+    """403: the caller is known but may not do this (``code`` ``permission_denied``)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class RequestTimeout(ApiError):
+    """408: the client did not send its whole request body within the node's deadline."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class ModelNotFound(ApiError):

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import ipaddress
 import logging
+import os
+import secrets
 import socket
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from quorum.api import create_app
 from quorum.backends.base import Backend
@@ -30,6 +36,7 @@ from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
 from quorum.gossip import GossipConfig, GossipNode
 from quorum.routing.dispatch import Dispatcher
+from quorum.routing.headers import ClusterSigner
 from quorum.routing.membership import (
     GossipMembership,
     Member,
@@ -38,8 +45,9 @@ from quorum.routing.membership import (
     StaticMembership,
     gossip_meta,
 )
+from quorum.server import ConnectionGuard, serve
 
-__all__ = ["Node", "make_backend"]
+__all__ = ["Node", "drain_token_path", "hop_signer", "is_loopback", "make_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,59 @@ def make_backend(config: BackendConfig, *, source: str = "<config>") -> Backend:
         return UpstreamBackend.from_config(config.model, config.options)
     except ValueError as exc:
         raise ConfigError(f"{source}: backend {config.model!r}: {exc}") from None
+
+
+def drain_token_path(url: str) -> Path:
+    """Where the node whose base URL is ``url`` keeps its drain token while it runs:
+    ``$XDG_RUNTIME_DIR`` (or the temp dir) ``/quorum-<uid>/drain-<host>-<port>.token``, a
+    file only its user can read. ``quorum drain`` sends it as a bearer token."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "localhost").replace(":", "_")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    return base / f"quorum-{os.getuid()}" / f"drain-{host}-{port}.token"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is on 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def hop_signer(config: NodeConfig) -> ClusterSigner:
+    """The signer of this node's internal headers (``quorum.routing.headers``), keyed from
+    the gossip keys or ``[cluster] secret``. Without either, only a node that listens on
+    loopback alone may run (with a key derived from the cluster name, and a warning): raises
+    ``ConfigError`` otherwise."""
+    cluster = config.gossip.cluster if config.gossip is not None else "quorum"
+    secrets = config.hop_secrets()
+    if not secrets:
+        binds = [config.host] + ([config.gossip.bind[0]] if config.gossip is not None else [])
+        exposed = [host for host in binds if not is_loopback(host)]
+        if exposed:
+            raise ConfigError(
+                f"{config.source}: the node listens on {exposed[0]}, beyond loopback, but has "
+                "no key to sign node-to-node requests with: set [gossip].keys (or "
+                "[cluster].secret for a static cluster)."
+            )
+        log.warning(
+            "node %s: no [gossip].keys or [cluster].secret; node-to-node requests are signed "
+            "with a key anyone on this machine can derive (fine for a loopback-only cluster)",
+            config.name,
+        )
+        secrets = (hashlib.sha256(b"quorum loopback cluster " + cluster.encode()).digest(),)
+    return ClusterSigner(secrets, cluster)
 
 
 class Node:
@@ -81,14 +142,19 @@ class Node:
             config.name,
             self.backends,
             self.membership,
+            signer=hop_signer(config),
             config=config.routing,
+            allow_faults=config.debug_faults,
             tap=tap,
         )
+        self.drain_token = secrets.token_urlsafe(32)
         self.app = create_app(
             self.dispatcher,
             health=self.health,
             drain=self.start_drain,
+            drain_token=self.drain_token,
             max_body_bytes=config.max_body_bytes,
+            body_timeout_s=config.body_timeout_s,
         )
         self.dispatcher.metrics.watch(
             in_flight=lambda: self.dispatcher.in_flight,
@@ -98,6 +164,9 @@ class Node:
         self._shutdown = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._hconfig = HypercornConfig()
+        self.connections = ConnectionGuard(
+            max_connections=config.max_connections, send_timeout_s=config.send_timeout_s
+        )
 
     @property
     def node_state(self) -> str:
@@ -196,9 +265,13 @@ class Node:
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        # hypercorn returns once its graceful shutdown is done; then the rest is cancelled.
+        # serve returns once its graceful shutdown is done; then the rest is cancelled.
         await serve(
-            self.app, hconfig, shutdown_trigger=self._shutdown.wait, task_status=task_status
+            self.app,
+            hconfig,
+            self.connections,
+            shutdown_trigger=self._shutdown.wait,
+            task_status=task_status,
         )
         if self.gossip is not None:
             await self.gossip.leave(timeout=2.0)  # announce "left", not a death
@@ -248,6 +321,7 @@ class Node:
         hconfig.graceful_timeout = 5
         hconfig.include_server_header = False
         hconfig.backlog = 4096  # the default 100 reset connections at 256 concurrent connects
+        token_file: Path | None = None
         try:
             async with trio.open_nursery() as nursery:
                 for backend in self.backends.values():
@@ -255,6 +329,8 @@ class Node:
                 binds = await nursery.start(self._serve, hconfig, nursery.cancel_scope)
                 if self.config.url is None:
                     self.url = binds[0]
+                token_file = drain_token_path(self.url)
+                await trio.to_thread.run_sync(_write_private, token_file, self.drain_token)
                 self.dispatcher.nursery = nursery
                 self._nursery = nursery
                 if self.config.gossip is not None:
@@ -268,3 +344,5 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await self.dispatcher.aclose()
+            if token_file is not None:
+                token_file.unlink(missing_ok=True)

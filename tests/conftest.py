@@ -35,6 +35,8 @@ def node_config(name: str, *, fast: bool = True, **overrides: Any) -> NodeConfig
     gossip = config.gossip
     if gossip is not None:
         gossip = dataclasses.replace(gossip, bind=("127.0.0.1", 0), seeds=(), preset="local")
+    # The tests inject faults (x-quorum-fault), as the scenarios do.
+    overrides = {"debug_faults": True, **overrides}
     return dataclasses.replace(
         config, port=0, peers=(), backends=backends, gossip=gossip, **overrides
     )

@@ -377,10 +377,12 @@ async def test_pin_selects_a_node_and_rejects_unknown_or_unable_nodes(
 async def test_a_forwarded_request_is_never_forwarded_again(
     cluster: Cluster, http: httpx.AsyncClient
 ) -> None:
+    body = json.dumps({"model": "mock-coder", "messages": MESSAGES}).encode()
+    headers = {"x-quorum-forwarded": "node-b"}
+    signer = cluster["node-b"].dispatcher.signer
+    headers["x-quorum-signature"] = signer.sign("POST", "/v1/chat/completions", body, headers)
     response = await http.post(
-        cluster.url("node-a") + "/v1/chat/completions",
-        json={"model": "mock-coder", "messages": MESSAGES},
-        headers={"x-quorum-forwarded": "node-b"},
+        cluster.url("node-a") + "/v1/chat/completions", content=body, headers=headers
     )
     assert response.status_code == 503
     validate("ErrorResponse", response.json())

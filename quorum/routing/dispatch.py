@@ -42,13 +42,30 @@ from quorum.errors import (
     BackendSaturated,
     BackendUnavailable,
     InvalidRequest,
+    PermissionDenied,
     Saturated,
+    Unauthorized,
     Unavailable,
     UpstreamFailed,
 )
 from quorum.metrics import Metrics
 from quorum.routing.breaker import BreakerBoard
 from quorum.routing.config import RoutingConfig
+from quorum.routing.headers import (
+    ATTEMPTS,
+    CREATED,
+    FAULT,
+    FORWARDED,
+    INTERNAL,
+    NODE,
+    PIN,
+    REQUEST_ID,
+    RESUME_FIELD,
+    SHARED,
+    SIGNATURE,
+    SINGLE_FLIGHT,
+    ClusterSigner,
+)
 from quorum.routing.hop import HopError, HopPool, HopResponse
 from quorum.routing.membership import Member, Membership
 from quorum.routing.router import candidates
@@ -59,16 +76,6 @@ from quorum.wire import Request, aggregate_chat, aggregate_completion, error_eve
 __all__ = ["Dispatcher", "Reply", "RoutingConfig"]
 
 log = logging.getLogger(__name__)
-
-FORWARDED = "x-quorum-forwarded"
-PIN = "x-quorum-pin"
-CREATED = "x-quorum-created"
-FAULT = "x-quorum-fault"
-REQUEST_ID = "x-request-id"
-NODE = "x-quorum-node"
-ATTEMPTS = "x-quorum-attempts"
-RESUME_FIELD = "quorum_resume"
-SINGLE_FLIGHT = "x-quorum-single-flight"
 
 STREAM_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -134,17 +141,20 @@ _Event = tuple[bytes, str | bytes]
 
 
 def _request_id(headers: Mapping[str, str]) -> str:
+    """The client's ``x-request-id`` when it is 8-64 ASCII letters, digits, ``-`` or ``_``;
+    else a fresh one."""
     given = headers.get(REQUEST_ID, "")
-    if 8 <= len(given) <= 64 and all(c.isalnum() or c in "-_" for c in given):
+    if 8 <= len(given) <= 64 and given.isascii() and all(c.isalnum() or c in "-_" for c in given):
         return given
     return uuid.uuid4().hex
 
 
-def _int_header(headers: Mapping[str, str], name: str) -> int | None:
-    value = headers.get(name)
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
+def _created(headers: Mapping[str, str]) -> int:
+    """``x-quorum-created`` of a signed forward (unix seconds, at most 12 digits), else now."""
+    value = headers.get(CREATED, "")
+    if value.isascii() and value.isdigit() and len(value) <= 12:
+        return int(value)
+    return int(time.time())
 
 
 def _stream_error(message: str) -> bytes:
@@ -165,8 +175,10 @@ class Dispatcher:
     """Routes validated requests for one node.
 
     ``name``: this node's name. ``backends``: model name → local ``Backend``. ``membership``:
-    the cluster view. ``tap``: test hook called with every body chunk a hop receives (tests
-    recording one). ``rng``: randomness for backoff jitter.
+    the cluster view. ``signer``: signs and checks the hop's internal headers
+    (``quorum.routing.headers``). ``allow_faults``: obey ``x-quorum-fault`` from clients
+    (``[debug] faults``; a fault a signed forward carries is always obeyed). ``tap``: test
+    hook called with every body chunk a hop receives. ``rng``: randomness for backoff jitter.
     """
 
     def __init__(
@@ -175,7 +187,9 @@ class Dispatcher:
         backends: Mapping[str, Backend],
         membership: Membership,
         *,
+        signer: ClusterSigner,
         config: RoutingConfig | None = None,
+        allow_faults: bool = False,
         tap: Callable[[bytes], None] | None = None,
         rng: random.Random | None = None,
         policy: RoutingPolicy | None = None,
@@ -183,7 +197,9 @@ class Dispatcher:
         self.name = name
         self.backends = dict(backends)
         self.membership = membership
+        self.signer = signer
         self.config = config or RoutingConfig()
+        self.allow_faults = allow_faults
         self._in_flight = 0
         self._idle = trio.Event()
         self.outstanding: dict[str, int] = {}  # attempts open to each node, by name
@@ -220,37 +236,32 @@ class Dispatcher:
     def members(self) -> Sequence[Member]:
         return self.membership.members()
 
+    def known_model(self, model: str) -> bool:
+        """Whether some member (this node included) serves ``model``: only those become
+        metric labels, so that clients cannot grow the label set."""
+        return model in self.backends or any(model in m.models for m in self.members())
+
     async def handle(
         self, request: Request, body: bytes, path: str, headers: Mapping[str, str]
     ) -> Reply:
         """Serve ``request`` (``body``: the raw bytes received, ``path``: the endpoint path,
-        ``headers``: lower-cased request headers). Raises ``ApiError`` before any byte."""
-        request_id = _request_id(headers)
-        created = _int_header(headers, CREATED) or int(time.time())
-        fault = _fault(headers)
-        if FORWARDED in headers:
-            candidates(
-                self.members(),
-                request.model,
-                self_name=self.name,
-                pin=headers.get(PIN) or None,
-                forwarded=True,
+        ``headers``: lower-cased request headers). Raises ``ApiError`` before any byte: 401
+        for internal headers without a valid signature, 403 for a fault this node does not
+        allow, 400/404/429/502/503/504 as the request path decides."""
+        if any(name in headers for name in INTERNAL):
+            self.signer.verify("POST", path, body, headers)
+            if FORWARDED not in headers:
+                raise Unauthorized(
+                    f"{SIGNATURE} without {FORWARDED}: internal headers come from nodes only.",
+                    code="invalid_internal_headers",
+                )
+            return await self._serve_forwarded(request, headers)
+        if FAULT in headers and not self.allow_faults:
+            raise PermissionDenied(
+                f"{FAULT} is refused: fault injection is off on node {self.name} "
+                "([debug] faults = true in its config turns it on, for tests and scenarios).",
+                param=FAULT,
             )
-            resume = None
-            if RESUME_FIELD in request.raw:
-                try:
-                    resume = Resume.from_json(request.raw[RESUME_FIELD])
-                except ValueError as exc:
-                    raise InvalidRequest(str(exc), param=RESUME_FIELD) from None
-            generation = Generation(
-                request=request,
-                request_id=request_id,
-                created=created,
-                include_usage=request.include_usage or not request.stream,
-                fault=fault,
-                resume=resume,
-            )
-            return await self._serve_local(generation)
         if self.draining:
             raise Unavailable(
                 f"Node {self.name} is draining: send requests to another node of the cluster.",
@@ -261,13 +272,49 @@ class Dispatcher:
                 f"'{RESUME_FIELD}' is set by Quorum nodes between themselves; remove it.",
                 param=RESUME_FIELD,
             )
-        pin = headers.get(PIN) or None
+        job = _Job(
+            request,
+            body,
+            path,
+            _request_id(headers),
+            int(time.time()),
+            _fault(headers),
+            headers.get(PIN) or None,
+        )
         if self.nursery is not None and _shareable(request, headers):
-            return await self._single_flight(request, body, path, headers, request_id, created)
-        order = await self._candidates(request, pin)
-        job = _Job(request, body, path, request_id, created, fault, pin)
+            return await self._single_flight(job)
+        return await self._route(job)
+
+    async def _serve_forwarded(self, request: Request, headers: Mapping[str, str]) -> Reply:
+        """A request another node forwarded here (signature checked): serve it locally."""
+        candidates(
+            self.members(),
+            request.model,
+            self_name=self.name,
+            pin=headers.get(PIN) or None,
+            forwarded=True,
+        )
+        resume = None
+        if RESUME_FIELD in request.raw:
+            try:
+                resume = Resume.from_json(request.raw[RESUME_FIELD])
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param=RESUME_FIELD) from None
+        generation = Generation(
+            request=request,
+            request_id=_request_id(headers),
+            created=_created(headers),
+            include_usage=request.include_usage or not request.stream,
+            fault=_fault(headers),
+            resume=resume,
+        )
+        return await self._serve_local(generation)
+
+    async def _route(self, job: _Job) -> Reply:
+        """Choose nodes for a client's request and serve it from the first that can."""
+        order = await self._candidates(job.request, job.pin)
         self.in_flight += 1
-        if not request.stream:
+        if not job.request.stream:
             try:
                 return await self._unary(job, order)
             finally:
@@ -279,7 +326,7 @@ class Dispatcher:
             self.in_flight -= 1  # after start() succeeds, the stream's body owns the count
             raise
         headers_out = {
-            REQUEST_ID: request_id,
+            REQUEST_ID: job.request_id,
             NODE: relay.node,
             ATTEMPTS: str(relay.attempts),
         } | STREAM_HEADERS
@@ -304,33 +351,24 @@ class Dispatcher:
             pin=pin,
         )
 
-    async def _single_flight(
-        self,
-        request: Request,
-        body: bytes,
-        path: str,
-        headers: Mapping[str, str],
-        request_id: str,
-        created: int,
-    ) -> Reply:
+    async def _single_flight(self, job: _Job) -> Reply:
         """Identical concurrent deterministic requests share one generation: the first one
-        starts a flight in the node's nursery, the others follow it (from its start)."""
+        starts a flight in the node's nursery, the others follow it (from its start). The
+        flight is cancelled when the last of its clients has left, whether it was streaming,
+        waiting for its head, or waiting for a non-streamed answer."""
         # What changes the answer or its route is in the key: the body, a pin, a fault.
-        extra = f"{headers.get(PIN, '')}\0{headers.get(FAULT, '')}".encode()
-        key = hashlib.sha256(path.encode() + b"\0" + extra + b"\0" + body).digest()
+        fault = job.fault.header() if job.fault is not None else ""
+        extra = f"{job.pin or ''}\0{fault}".encode()
+        key = hashlib.sha256(job.path.encode() + b"\0" + extra + b"\0" + job.body).digest()
         flight = self.flights.get(key)
         if flight is None:
             flight = _Flight()
             self.flights[key] = flight
-            plain = {k: v for k, v in headers.items() if k != SINGLE_FLIGHT}
-            plain[SINGLE_FLIGHT] = "off"
-            plain[REQUEST_ID] = request_id
-            plain[CREATED] = str(created)
 
             async def run() -> None:
                 try:
                     with flight.scope:
-                        await flight.run(self.handle(request, body, path, plain))
+                        await flight.run(self._route(job))
                 finally:
                     flight.finish()
                     if self.flights.get(key) is flight:
@@ -338,8 +376,6 @@ class Dispatcher:
 
             assert self.nursery is not None
             self.nursery.start_soon(run)
-        else:
-            flight.shared += 1
         return await flight.reply()
 
     async def _candidates(self, request: Request, pin: str | None) -> list[Member]:
@@ -390,12 +426,15 @@ class Dispatcher:
             if not request.stream:
                 events = await stack.enter_async_context(aclosing(_local_events(items)))
                 chunks = [
-                    json.loads(data)
+                    _decode(data)
                     async for batch in events
                     for _, data in batch
                     if data != "[DONE]" and data != b"[DONE]"
                 ]
                 await stack.aclose()
+                for chunk in chunks:
+                    if "error" in chunk:
+                        raise BackendBroken("the backend answered with an error event")
                 fold = aggregate_chat if request.kind == "chat" else aggregate_completion
                 return Reply(200, headers | JSON_HEADERS, json.dumps(fold(chunks)).encode())
             first = await anext(items)
@@ -405,6 +444,11 @@ class Dispatcher:
         except BackendBroken as exc:
             await stack.aclose()
             raise UpstreamFailed(f"Node {self.name}: {exc.message}") from None
+        except SSEProtocolError as exc:
+            await stack.aclose()
+            raise UpstreamFailed(
+                f"Node {self.name}: the backend's stream is broken: {exc}"
+            ) from None
         except BaseException:
             with trio.CancelScope(shield=True):
                 await stack.aclose()
@@ -428,14 +472,23 @@ class Dispatcher:
             tried.append(member.name)
             breaker = self.breakers.get(member.name)
             breaker.allow(trio.current_time())
+            fault = job.fault if len(tried) == 1 else None
             try:
-                reply = await self._unary_once(job, member, job.fault if len(tried) == 1 else None)
+                try:
+                    with trio.fail_after(self.config.unary_timeout_s):
+                        reply = await self._unary_once(job, member, fault)
+                except trio.TooSlowError:
+                    raise _AttemptFailed(
+                        f"node {member.name} gave no answer in {self.config.unary_timeout_s} s",
+                        status=504,
+                    ) from None
             except _AttemptFailed as exc:
                 if exc.final:
                     breaker.release(trio.current_time())
                     headers = JSON_HEADERS | {REQUEST_ID: job.request_id}
                     return Reply(exc.status, headers, exc.body)
-                if exc.saturated:
+                if exc.saturated or job.pin is not None:
+                    # a pinned attempt says nothing about the node's health to others
                     breaker.release(trio.current_time())
                 else:
                     breaker.record_failure(trio.current_time())
@@ -464,13 +517,15 @@ class Dispatcher:
                         status=exc.status,
                         saturated=exc.status == 429,
                         retry_after=exc.retry_after,
+                        final=_is_final(exc.status),
+                        body=json.dumps(exc.body()).encode(),
                     ) from None
             async with self._exchange(member, job, job.body, fault) as response:
                 try:
-                    data = await response.read()
+                    data = await response.read(self.config.max_answer_bytes)
                 except HopError as exc:
                     raise _AttemptFailed(
-                        f"node {member.name} broke while answering: {exc!r}"
+                        f"node {member.name} broke while answering: {exc}"
                     ) from None
             if response.status != 200:
                 raise _status_failure(member, response, data)
@@ -496,6 +551,7 @@ class Dispatcher:
         }
         if fault is not None:
             headers[FAULT] = fault.header()
+        headers[SIGNATURE] = self.signer.sign("POST", job.path, body, headers)
         answered = False
         try:
             async with self._peers.post(member.url, job.path, body, headers) as response:
@@ -504,9 +560,7 @@ class Dispatcher:
         except HopError as exc:
             if answered:
                 raise  # it broke after the head: the caller decides what that means
-            raise _AttemptFailed(
-                f"node {member.name} ({member.url}) could not be reached: {exc}"
-            ) from None
+            raise _AttemptFailed(f"node {member.name} could not be reached: {exc}") from None
 
     @asynccontextmanager
     async def open_source(
@@ -567,6 +621,7 @@ class _StreamRelay:
         self.node = ""
         self.events_sent = 0
         self.text: dict[str, list[str]] = {}
+        self.tool_calls = 0  # tool-call deltas relayed: an upstream cannot continue those
         self.done = False
         self._stack = AsyncExitStack()
         self._source: AsyncIterator[list[_Event]] | None = None
@@ -638,7 +693,8 @@ class _StreamRelay:
                 if failure.final:
                     breaker.release(trio.current_time())
                     raise _final_error(failure) from None
-                if failure.saturated:
+                if failure.saturated or self.job.pin is not None:
+                    # a pinned attempt says nothing about the node's health to others
                     breaker.release(trio.current_time())
                 else:
                     breaker.record_failure(trio.current_time())
@@ -668,20 +724,24 @@ class _StreamRelay:
         if data == "[DONE]" or data == b"[DONE]":
             self.done = True
             return True
-        obj = json.loads(data)
+        obj = _decode(data)
         if "error" in obj:
             return False
         self.events_sent += 1
-        for choice in obj.get("choices") or ():
+        for choice in _choices(obj):
             delta = choice.get("delta")
             if delta is None:
                 text = choice.get("text")
-                if text:
+                if isinstance(text, str) and text:
                     self.text.setdefault("text", []).append(text)
                 continue
+            if not isinstance(delta, dict):
+                raise SSEProtocolError("an event's delta is not an object")
             for key, value in delta.items():
                 if key != "role" and isinstance(value, str) and value:
                     self.text.setdefault(key, []).append(value)
+            if delta.get("tool_calls"):
+                self.tool_calls += 1
         return True
 
     def _resume_point(self) -> Resume:
@@ -797,8 +857,13 @@ class _Flight:
     """One generation shared by identical concurrent requests.
 
     The generation runs in the node's nursery, not in any one client's request, so a client
-    that leaves does not end it for the others; when the last follower has left, it is
-    cancelled. Every follower gets the whole stream from its first byte.
+    that leaves does not end it for the others. Every client is counted from the moment it
+    asks (``shared`` and ``clients``) until it has its whole answer or leaves, so the work
+    is cancelled as soon as nobody waits for it, even a non-streamed answer still being
+    generated. Nothing the generation raises escapes into the node's nursery: an
+    ``ApiError`` is every client's answer, anything else is logged and answered as a 502
+    (before the head) or ends the shared stream with an error event (after it). Every
+    follower gets the whole stream from its first byte.
     """
 
     def __init__(self) -> None:
@@ -809,8 +874,8 @@ class _Flight:
         self.error: ApiError | None = None
         self.chunks: list[bytes] = []
         self.done = False
-        self.followers = 0
-        self.shared = 1  # requests that asked for this flight
+        self.clients = 0  # clients attached now
+        self.shared = 0  # clients that asked for this flight in all
         self._changed = trio.Event()
 
     async def run(self, reply_coro: Any) -> None:
@@ -818,51 +883,87 @@ class _Flight:
             reply: Reply = await reply_coro
         except ApiError as exc:
             self.error = exc
-            self.started.set()
+            return
+        except Exception:
+            log.exception("a shared generation failed before its head")
+            self.error = UpstreamFailed("The shared generation failed before its first byte.")
             return
         self.status, self.headers = reply.status, reply.headers
         if isinstance(reply.body, bytes):
             self.chunks.append(reply.body)
-            self.started.set()
             return
         self.started.set()
-        async with aclosing(reply.body) as body:  # type: ignore[type-var]
-            async for chunk in body:
-                self.chunks.append(chunk)
-                self._changed.set()
-                self._changed = trio.Event()
+        try:
+            async with aclosing(reply.body) as body:  # type: ignore[type-var]
+                async for chunk in body:
+                    self._append(chunk)
+        except Exception:
+            log.exception("a shared stream failed")
+            self._append(_stream_error("The shared stream failed on this node."))
+
+    def _append(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self._changed.set()
+        self._changed = trio.Event()
 
     def finish(self) -> None:
         self.done = True
         self.started.set()
         self._changed.set()
 
-    async def reply(self) -> Reply:
-        await self.started.wait()
-        if self.error is not None:
-            raise self.error
-        if not self.chunks and self.done:
-            raise UpstreamFailed("the shared generation ended before it produced anything")
-        headers = self.headers | {"x-quorum-shared": str(self.shared)}
-        if not self.headers.get("content-type", "").startswith("text/event-stream"):
-            return Reply(self.status, headers, b"".join(self.chunks))
-        self.followers += 1  # counted now: the first follower may leave before this one reads
-        return Reply(self.status, headers, self.follow())
+    def leave(self) -> None:
+        """One client is done with the flight; the last one to leave stops the work."""
+        self.clients -= 1
+        if not self.clients and not self.done:
+            self.scope.cancel()
 
-    async def follow(self) -> AsyncGenerator[bytes]:
+    async def reply(self) -> Reply:
+        """This client's answer: the shared error, the shared body, or a follower of the
+        shared stream (which leaves the flight when it is closed)."""
+        self.clients += 1
+        self.shared += 1
         try:
-            i = 0
-            while True:
-                while i < len(self.chunks):
-                    yield self.chunks[i]
-                    i += 1
-                if self.done:
-                    return
-                await self._changed.wait()
-        finally:
-            self.followers -= 1
-            if not self.followers and not self.done:
-                self.scope.cancel()  # the last client left: stop the work
+            await self.started.wait()
+            if self.error is not None:
+                raise self.error
+            if not self.chunks and self.done:
+                raise UpstreamFailed("the shared generation ended before it produced anything")
+        except BaseException:
+            self.leave()
+            raise
+        headers = self.headers | {SHARED: str(self.shared)}
+        if not self.headers.get("content-type", "").startswith("text/event-stream"):
+            self.leave()
+            return Reply(self.status, headers, b"".join(self.chunks))
+        return Reply(self.status, headers, _Follower(self))
+
+
+class _Follower(AsyncIterator[bytes]):
+    """One client's view of a shared stream: every chunk from the first. ``aclose`` (also
+    when it was never iterated) leaves the flight."""
+
+    def __init__(self, flight: _Flight) -> None:
+        self._flight = flight
+        self._next = 0
+        self._left = False
+
+    def __aiter__(self) -> _Follower:
+        return self
+
+    async def __anext__(self) -> bytes:
+        flight = self._flight
+        while self._next >= len(flight.chunks):
+            if flight.done or self._left:
+                await self.aclose()
+                raise StopAsyncIteration
+            await flight._changed.wait()
+        self._next += 1
+        return flight.chunks[self._next - 1]
+
+    async def aclose(self) -> None:
+        if not self._left:
+            self._left = True
+            self._flight.leave()
 
 
 # --- event sources ---------------------------------------------------------------------------
@@ -936,19 +1037,43 @@ async def _local_stream(
 # --- classifying and mapping failures ----------------------------------------------------------
 
 
+def _decode(data: str | bytes) -> dict[str, Any]:
+    """An event's JSON object; raises ``SSEProtocolError`` for anything else (a node or an
+    upstream that sends garbage has broken its stream)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise SSEProtocolError("an event is not JSON") from None
+    if not isinstance(obj, dict):
+        raise SSEProtocolError(f"an event is JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _choices(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    choices = obj.get("choices")
+    if choices is None:
+        return []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise SSEProtocolError("an event's choices are not a list of objects")
+    return choices
+
+
 def _kind(data: str | bytes) -> str:
-    """ "role" (a chunk with only the role), "error", or "token" (anything else, [DONE] too)."""
+    """ "role" (a chunk with only the role), "error", or "token" (anything else, [DONE] too).
+    Raises ``SSEProtocolError`` for an event that is not a chunk object."""
     if data == "[DONE]" or data == b"[DONE]":
         return "token"
-    obj: Any = json.loads(data)
+    obj = _decode(data)
     if "error" in obj:
         return "error"
     if obj.get("usage"):
         return "token"
-    for choice in obj.get("choices") or ():
+    for choice in _choices(obj):
         if choice.get("finish_reason") or choice.get("text"):
             return "token"
         delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise SSEProtocolError("an event's delta is not an object")
         if any(k != "role" and v for k, v in delta.items()):
             return "token"
     return "role"
@@ -966,9 +1091,16 @@ def _status_failure(member: Member, response: HopResponse, data: bytes) -> _Atte
         return _AttemptFailed(
             text, status=429, saturated=True, retry_after=float(retry) if retry.isdigit() else 1.0
         )
-    if 400 <= status < 500 and status != 408:
+    if _is_final(status):
         return _AttemptFailed(text, status=status, final=True, body=data)
     return _AttemptFailed(text, status=status)
+
+
+def _is_final(status: int) -> bool:
+    """A 4xx that another node would answer the same way: the client's own error. Not 401
+    or 403 (between nodes, those are the cluster's fault: a key or clock mismatch), not 408,
+    not 429."""
+    return 400 <= status < 500 and status not in (401, 403, 408, 429)
 
 
 def _as_failure(member: Member, exc: BaseException, ttft: float) -> _AttemptFailed:
@@ -1011,4 +1143,7 @@ def _exhausted(model: str, failures: list[_AttemptFailed]) -> ApiError:
             retry_after=min(f.retry_after or 1.0 for f in failures),
         )
     reasons = "; ".join(f.message for f in failures)
-    return UpstreamFailed(f"Every node tried for '{model}' failed before the first byte: {reasons}")
+    status = 504 if all(f.status == 504 for f in failures) else None
+    return UpstreamFailed(
+        f"Every node tried for '{model}' failed before the first byte: {reasons}", status=status
+    )

@@ -88,13 +88,15 @@ class HopResponse:
                 raise HopError("the peer closed the connection mid-body")
 
     async def read(self, limit: int = 1 << 20) -> bytes:
-        """The whole body (at most ``limit`` bytes are kept)."""
+        """The whole body; raises ``HopError`` when it is over ``limit`` bytes (an answer is
+        never cut short and passed on as if whole)."""
         parts = []
         size = 0
         async for chunk in self.body():
-            if size < limit:
-                parts.append(chunk[: limit - size])
-                size += len(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise HopError(f"the answer is over {limit} bytes")
+            parts.append(chunk)
         return b"".join(parts)
 
     async def _receive(self) -> None:

@@ -1,0 +1,163 @@
+"""The node's HTTP server: hypercorn's HTTP/1.1 protocol on trio, behind a listener that caps
+connections and gives every write to a client a deadline.
+
+Why not ``hypercorn.trio.serve`` as is: a client that stops reading its stream would pin the
+stream, the backend slot behind it and the hop connection forever. Hypercorn writes to the
+socket inside a shielded cancel scope (``TCPServer.protocol_send``), so no deadline of the
+application can interrupt it, and it has no connection cap. Here each accepted connection is
+wrapped so that ``send_all`` gives up after ``send_timeout_s`` (the connection is then closed:
+hypercorn sees it as a client that left, the request's nursery is cancelled and the slot is
+freed), and a listener refuses connections over ``max_connections`` by closing them at once.
+
+The rest is hypercorn's own trio worker (``hypercorn/trio/run.py``, ``worker_serve``): the same
+``TCPServer`` per connection, the same lifespan and graceful shutdown. Written against
+hypercorn 0.18 (pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState, LifespanState
+from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+
+__all__ = ["ConnectionGuard", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionGuard:
+    """What the listener counts: ``active`` connections now, ``refused`` over the cap since
+    start, ``send_timeouts`` connections closed because the client stopped reading.
+
+    ``max_connections``: connections served at once. ``send_timeout_s``: seconds one write
+    to a client may block before the connection is closed.
+    """
+
+    def __init__(self, *, max_connections: int, send_timeout_s: float) -> None:
+        if max_connections < 1 or send_timeout_s <= 0:
+            raise ValueError("max_connections must be >= 1 and send_timeout_s > 0")
+        self.max_connections = max_connections
+        self.send_timeout_s = send_timeout_s
+        self.active = 0
+        self.refused = 0
+        self.send_timeouts = 0
+
+
+class _GuardedStream(trio.abc.HalfCloseableStream):
+    """A client connection whose writes have a deadline; ``socket`` is there for hypercorn,
+    which reads the peer's address from it."""
+
+    def __init__(self, stream: trio.SocketStream, guard: ConnectionGuard) -> None:
+        self._stream = stream
+        self._guard = guard
+        self._closed = False
+        self.socket = stream.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.move_on_after(self._guard.send_timeout_s) as scope:
+            await self._stream.send_all(data)
+        if scope.cancelled_caught:
+            self._guard.send_timeouts += 1
+            await self.aclose()
+            raise trio.BrokenResourceError(
+                f"the client read nothing for {self._guard.send_timeout_s} s"
+            )
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._guard.active -= 1
+        await self._stream.aclose()
+
+
+class _GuardedListener(trio.abc.Listener[_GuardedStream]):
+    def __init__(self, listener: trio.SocketListener, guard: ConnectionGuard) -> None:
+        self._listener = listener
+        self._guard = guard
+
+    async def accept(self) -> _GuardedStream:
+        while True:
+            stream = await self._listener.accept()
+            if self._guard.active < self._guard.max_connections:
+                self._guard.active += 1
+                return _GuardedStream(stream, self._guard)
+            if not self._guard.refused:
+                log.warning(
+                    "over %d client connections: refusing more until some close",
+                    self._guard.max_connections,
+                )
+            self._guard.refused += 1
+            await stream.aclose()
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
+
+
+async def serve(
+    app: ASGIFramework,
+    config: Config,
+    guard: ConnectionGuard,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``config.bind`` (plain HTTP/1.1) until ``shutdown_trigger`` returns,
+    then shut down gracefully (``config.graceful_timeout``). Reports the bound URLs
+    (``["http://127.0.0.1:32768"]``) through ``task_status``."""
+    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            sockets = config.create_sockets()
+            listeners = []
+            binds = []
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                listeners.append(_GuardedListener(listener, guard))
+                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            task_status.started(binds)
+            handler = partial(
+                TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+            )
+            try:
+                async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                    nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(raise_shutdown, context.terminate.wait)
+                    nursery.start_soon(
+                        partial(
+                            trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                        )
+                    )
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, other = error.split((ShutdownError, KeyboardInterrupt))
+                if other is not None:
+                    raise other from None
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
