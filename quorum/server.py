@@ -56,11 +56,11 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
     """A client connection whose writes have a deadline; ``socket`` is there for hypercorn,
     which reads the peer's address from it."""
 
-    def __init__(self, stream: trio.SocketStream, guard: ConnectionGuard) -> None:
+    def __init__(self, stream: trio.abc.HalfCloseableStream, guard: ConnectionGuard) -> None:
         self._stream = stream
         self._guard = guard
         self._closed = False
-        self.socket = stream.socket
+        self.socket = getattr(stream, "socket", None)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with trio.move_on_after(self._guard.send_timeout_s) as scope:
