@@ -244,6 +244,7 @@ class ProcessCluster:
         data["backends"] = backends
         if opts.routing:
             data["routing"] = dict(opts.routing)
+        data["debug"] = {"faults": True}  # scenarios inject faults (x-quorum-fault)
         return data
 
     @property
