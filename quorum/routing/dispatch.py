@@ -833,7 +833,12 @@ class _StreamRelay:
             if attempt > 1:
                 await self.d.backoff(attempt - 1)
             try:
-                await self._open(member, self._resume_point())
+                try:
+                    with trio.fail_after(self.d.config.ttft_timeout_s):
+                        await self._open(member, self._resume_point())
+                except trio.TooSlowError:
+                    await self._close()
+                    raise _AttemptFailed(f"node {member.name} did not answer in time") from None
             except _AttemptFailed as exc:
                 self.d.breakers.get(member.name).record_failure(trio.current_time())
                 log.info("%s: resume on %s failed: %s", self.request_id, member.name, exc)
