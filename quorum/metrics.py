@@ -9,7 +9,8 @@ Counters are updated on the request path; cluster and gossip figures are read wh
 ``quorum_attempt_failures_total``     attempts that failed before the first token, by node
 ``quorum_resumes_total``              streams that broke after the first token, by outcome
                                       (``resumed`` elsewhere, or ``failed``: error event)
-``quorum_in_flight``                  requests this node is working on
+``quorum_in_flight``                  requests under way here, by role: ``serving`` (on this
+                                      node's backends) or ``relaying`` (entry node of)
 ``quorum_members``                    members of the cluster as this node sees them, by state
 ``quorum_gossip_packets_total``       gossip datagrams by outcome (accepted, dropped_*...)
 ====================================  =====================================================
@@ -37,7 +38,7 @@ class _Live(Collector):
 
     def __init__(
         self,
-        in_flight: Callable[[], int],
+        in_flight: Callable[[], Mapping[str, int]],
         member_states: Callable[[], Sequence[str]],
         gossip: Callable[[], Mapping[str, int] | None],
     ) -> None:
@@ -46,9 +47,12 @@ class _Live(Collector):
         self._gossip = gossip
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
-        yield GaugeMetricFamily(
-            "quorum_in_flight", "Requests this node is working on", value=self._in_flight()
+        in_flight = GaugeMetricFamily(
+            "quorum_in_flight", "Requests under way here, by role", labels=["role"]
         )
+        for role, value in self._in_flight().items():
+            in_flight.add_metric([role], value)
+        yield in_flight
         members = GaugeMetricFamily(
             "quorum_members", "Members as this node sees them, by state", labels=["state"]
         )
@@ -102,7 +106,7 @@ class Metrics:
 
     def watch(
         self,
-        in_flight: Callable[[], int],
+        in_flight: Callable[[], Mapping[str, int]],
         member_states: Callable[[], Sequence[str]],
         gossip: Callable[[], Mapping[str, int] | None],
     ) -> None:

@@ -157,7 +157,10 @@ class Node:
             body_timeout_s=config.body_timeout_s,
         )
         self.dispatcher.metrics.watch(
-            in_flight=lambda: self.dispatcher.in_flight,
+            in_flight=lambda: {
+                "serving": self.dispatcher.serving,
+                "relaying": self.dispatcher.relaying,
+            },
             member_states=lambda: [m.state for m in self.membership.members()],
             gossip=lambda: self.gossip.counters if self.gossip is not None else None,
         )
@@ -178,9 +181,12 @@ class Node:
         return "ready"
 
     def load(self) -> MemberLoad:
+        """What this node gossips: ``in_flight`` is what its backends are serving (busy
+        slots), so ``in_flight + free_slots`` is their capacity; requests it only relays
+        elsewhere are not load here."""
         loads = [b.load() for b in self.backends.values()]
         return MemberLoad(
-            in_flight=self.dispatcher.in_flight,
+            in_flight=sum(x.busy for x in loads),
             free_slots=sum(x.free for x in loads),
             queue_depth=sum(x.queued for x in loads),
         )
@@ -210,6 +216,7 @@ class Node:
                 "in_flight": load.in_flight,
                 "free_slots": load.free_slots,
                 "queue_depth": load.queue_depth,
+                "relaying": self.dispatcher.relaying,
             },
             "backends": {
                 model: {
@@ -234,15 +241,15 @@ class Node:
         self.dispatcher.draining = True
         if isinstance(self.membership, GossipMembership):
             self.membership.publish()
-        log.info("node %s draining: %d requests in flight", self.name, self.dispatcher.in_flight)
+        log.info("node %s draining: %d requests under way", self.name, self.dispatcher.busy)
         with trio.move_on_after(timeout_s):
             await self.dispatcher.wait_idle()
         # What is left are idle keep-alive connections: hypercorn's graceful wait for them
         # (5 s) would only delay the exit. It reads the value when the shutdown begins.
         self._hconfig.graceful_timeout = min(self._hconfig.graceful_timeout, 0.5)
-        if self.dispatcher.in_flight:
+        if self.dispatcher.busy:
             log.warning(
-                "node %s: drain timed out with %d in flight", self.name, self.dispatcher.in_flight
+                "node %s: drain timed out with %d under way", self.name, self.dispatcher.busy
             )
         self.stop()
 
@@ -250,7 +257,7 @@ class Node:
         """Begin ``drain`` in the background (``POST /admin/drain``); returns the state."""
         if self._nursery is not None and not self.draining:
             self._nursery.start_soon(self.drain)
-        return {"node": self.name, "state": "draining", "in_flight": self.dispatcher.in_flight}
+        return {"node": self.name, "state": "draining", "in_flight": self.dispatcher.busy}
 
     def stop(self) -> None:
         """Begin a graceful stop: the server stops accepting and ``run`` returns."""
@@ -332,6 +339,7 @@ class Node:
                 token_file = drain_token_path(self.url)
                 await trio.to_thread.run_sync(_write_private, token_file, self.drain_token)
                 self.dispatcher.nursery = nursery
+                await nursery.start(self.dispatcher.hop.run)
                 self._nursery = nursery
                 if self.config.gossip is not None:
                     self.gossip = await self._gossip_node()

@@ -159,7 +159,7 @@ async def test_no_request_stays_counted_in_flight_once_answered(
             json={"model": "mock-chat", "prompt": "x", "max_tokens": 3},
         )
     with trio.fail_after(2):
-        while any(cluster[n].dispatcher.in_flight for n in NODES):
+        while any(cluster[n].dispatcher.busy for n in NODES):
             await trio.sleep(0.01)
     for name in NODES:
         assert all(b.load().busy == 0 for b in cluster[name].backends.values())
@@ -534,10 +534,10 @@ async def test_client_disconnect_frees_the_slot(cluster: Cluster, entry: str) ->
                     break
             assert serving.load().busy == 1
     with trio.fail_after(2):
-        while serving.load().busy or cluster["node-a"].dispatcher.in_flight:
+        while serving.load().busy or cluster["node-a"].dispatcher.busy:
             await trio.sleep(0.005)
     assert serving.load().queued == 0
-    assert cluster["node-a"].dispatcher.in_flight == 0
+    assert cluster["node-a"].dispatcher.busy == 0
 
 
 async def test_cluster_members_shows_state_incarnation_and_load(

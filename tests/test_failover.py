@@ -272,7 +272,7 @@ async def test_disconnect_from_a_shared_generation_cancels_it_when_the_last_clie
     with trio.fail_after(2):
         while backend.load().busy:
             await trio.sleep(0.005)
-    assert not trio_cluster["n3"].dispatcher.flights
+    assert not trio_cluster["n3"].dispatcher.single_flight.flights
 
 
 async def test_drain_finishes_streams_refuses_new_work_and_leaves(
@@ -358,4 +358,5 @@ async def test_metrics_count_requests_failovers_resumes_and_gossip(
     assert metric(text, "quorum_ttft_seconds_count", model="r1") == 2
     assert metric(text, "quorum_members", state="alive") == 3
     assert metric(text, "quorum_gossip_packets_total", outcome="accepted") > 0
-    assert metric(text, "quorum_in_flight") == 0
+    assert metric(text, "quorum_in_flight", role="serving") == 0
+    assert metric(text, "quorum_in_flight", role="relaying") == 0

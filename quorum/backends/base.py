@@ -81,6 +81,7 @@ class Resume:
 
     events: int
     text: Mapping[str, str] = field(default_factory=dict)
+    tool_calls: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {"events": self.events, "text": dict(self.text)}

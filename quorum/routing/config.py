@@ -19,6 +19,8 @@ class RoutingConfig:
     non-streamed answer not complete by then moves the request on (504 when every attempt
     timed out). ``connect_timeout_s``: to open a hop connection. ``max_answer_bytes``: the
     largest non-streamed answer accepted from another node (a larger one fails the attempt).
+    ``hop_max_idle``: idle keep-alive connections kept per peer; ``hop_idle_timeout_s``: one
+    idle longer is closed.
     """
 
     max_attempts: int = 3
@@ -29,3 +31,5 @@ class RoutingConfig:
     connect_timeout_s: float = 2.0
     unary_timeout_s: float = 300.0
     max_answer_bytes: int = 16 << 20
+    hop_max_idle: int = 64
+    hop_idle_timeout_s: float = 30.0

@@ -20,7 +20,7 @@ before any byte of the request could have been processed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -37,12 +37,13 @@ class HopError(Exception):
 
 
 class _Connection:
-    __slots__ = ("h11", "reused", "stream")
+    __slots__ = ("h11", "idle_since", "reused", "stream")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 20)
         self.reused = False
+        self.idle_since = 0.0
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
@@ -104,27 +105,58 @@ class HopResponse:
             data = await self._connection.stream.receive_some(_READ)
         except (OSError, trio.BrokenResourceError) as exc:
             raise HopError(f"the connection broke: {exc!r}") from None
-        self._connection.h11.receive_data(data)
+        self._connection.h11.receive_data(bytes(data))
 
 
 class HopPool:
     """Keep-alive connections to other nodes, per peer (``scheme://host:port``).
 
     ``connect_timeout_s``: seconds to establish a connection. ``max_idle``: idle connections
-    kept per peer. ``tap``: test hook, called with every body chunk received.
+    kept per peer; one more returned to a full stack closes the longest idle. ``idle_timeout_s``:
+    an idle connection older than this is closed (by ``run``, or when found on reuse).
+    ``tap``: test hook, called with every body chunk received. ``connect``: opens a stream
+    to ``(host, port)`` (default ``trio.open_tcp_stream``; tests pass a fake).
     """
 
     def __init__(
         self,
         *,
         connect_timeout_s: float = 2.0,
-        max_idle: int = 512,
+        max_idle: int = 64,
+        idle_timeout_s: float = 30.0,
         tap: Callable[[bytes], None] | None = None,
+        connect: Callable[[str, int], Awaitable[trio.abc.Stream]] | None = None,
     ) -> None:
+        if max_idle < 0 or idle_timeout_s <= 0:
+            raise ValueError("max_idle must be >= 0 and idle_timeout_s > 0")
         self._connect_timeout = connect_timeout_s
-        self._max_idle = max_idle
+        self.max_idle = max_idle
+        self.idle_timeout_s = idle_timeout_s
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._tap = tap
+        self._connect = connect or trio.open_tcp_stream
+
+    def idle(self, peer: tuple[str, int]) -> int:
+        """Idle connections kept for ``peer`` (host, port) now."""
+        return len(self._idle.get(peer, ()))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close idle connections past ``idle_timeout_s``, for the pool's lifetime."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.idle_timeout_s / 2)
+            await self._expire()
+
+    async def _expire(self) -> None:
+        limit = trio.current_time() - self.idle_timeout_s
+        for peer, stack in list(self._idle.items()):
+            old = [c for c in stack if c.idle_since <= limit]
+            if old:
+                self._idle[peer] = [c for c in stack if c.idle_since > limit]
+                for connection in old:
+                    await connection.aclose()
+            if not self._idle[peer]:
+                del self._idle[peer]
 
     @asynccontextmanager
     async def post(
@@ -154,8 +186,12 @@ class HopPool:
         try:
             yield response
         finally:
-            if response.complete and self._recycle(connection):
-                self._idle.setdefault(peer, []).append(connection)
+            if response.complete and self.max_idle and self._recycle(connection):
+                stack = self._idle.setdefault(peer, [])
+                connection.idle_since = trio.current_time()
+                stack.append(connection)
+                if len(stack) > self.max_idle:
+                    await stack.pop(0).aclose()  # the longest idle
             else:
                 await connection.aclose()
 
@@ -167,15 +203,16 @@ class HopPool:
 
     async def _connection(self, peer: tuple[str, int]) -> _Connection:
         stack = self._idle.get(peer)
+        limit = trio.current_time() - self.idle_timeout_s
         while stack:
             connection = stack.pop()
-            if connection.h11.our_state is h11.IDLE:
+            if connection.h11.our_state is h11.IDLE and connection.idle_since > limit:
                 connection.reused = True
                 return connection
             await connection.aclose()
         try:
             with trio.fail_after(self._connect_timeout):
-                stream = await trio.open_tcp_stream(*peer)
+                stream = await self._connect(*peer)
         except (OSError, trio.TooSlowError) as exc:
             raise HopError(f"cannot connect to {peer[0]}:{peer[1]}: {exc!r}") from None
         return _Connection(stream)
@@ -199,7 +236,7 @@ class HopPool:
                     received = await connection.stream.receive_some(_READ)
                 except (OSError, trio.BrokenResourceError) as exc:
                     raise HopError(f"the connection broke: {exc!r}") from None
-                conn.receive_data(received)
+                conn.receive_data(bytes(received))
                 continue
             if isinstance(event, h11.Response):
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}

@@ -6,12 +6,13 @@ first and the others best-first after it (the caller fails over down the list).
 Filter
     The node serves the model, is "alive" and "ready" (not warming or draining), its circuit
     breaker (``quorum.routing.breaker``) would let a request through, and it has not been
-    tried for this request yet. Validation, ``x-quorum-pin`` and forwarded requests behave
-    exactly as ``quorum.routing.router.candidates``, which ``order`` calls first.
+    tried for this request yet. ``x-quorum-pin`` makes the pinned node the only candidate (it
+    must serve the model and be routable); a forwarded request may only be served here.
 
 Score
     ``(in_flight + QUEUE_WEIGHT * queue_depth) / capacity`` per node, from its gossiped
-    ``MemberLoad``, where ``capacity = free_slots + in_flight`` as gossiped (at least 1). The
+    ``MemberLoad``, where ``capacity = free_slots + in_flight`` as gossiped (at least 1):
+    ``in_flight`` is what the node's backends are serving, so the sum is their slots. The
     ``in_flight`` of the numerator is corrected by this node's own outstanding requests to
     it: gossip lags, and a node we just sent ten requests to must not look idle, so
     ``in_flight = max(gossiped, own)``. Lower is better.
@@ -43,10 +44,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from quorum.errors import Unavailable
+from quorum.errors import InvalidRequest, ModelNotFound, Unavailable
 from quorum.routing.breaker import BreakerBoard
 from quorum.routing.membership import Member
-from quorum.routing.router import candidates
 from quorum.wire import ChatRequest, CompletionRequest
 
 __all__ = [
@@ -224,15 +224,18 @@ class Selector:
         has outstanding there, itself included. ``breakers`` and ``now`` (seconds, the
         breakers' clock): nodes whose breaker would refuse are left out; nothing is claimed —
         call ``breakers.get(name).allow(now)`` right before sending. ``exclude``: names of
-        nodes already tried for this request. ``pin`` and ``forwarded``: as in
-        ``router.candidates``; a pinned node is not subject to its breaker (the client asked
-        for it by name) but is to ``exclude``.
+        nodes already tried for this request. ``pin``: a node name the client asked for
+        (``x-quorum-pin``); ``forwarded``: the request was forwarded here, so only this node
+        may serve it (never forwarded twice). A pinned node is not filtered by its breaker
+        (the client asked for it by name; the attempt loop still claims the breaker) but is
+        by ``exclude``.
 
-        Raises what ``router.candidates`` raises (``ModelNotFound``, ``InvalidRequest``,
-        ``Unavailable``, with its messages), and ``Unavailable`` when every node that could
-        serve is refused by its breaker or already tried. Never returns an empty list.
+        Raises ``ModelNotFound`` when no member lists the model, ``InvalidRequest`` for a pin
+        that names no member, and ``Unavailable`` when members list the model but none can
+        take it now (dead, warming, draining, refused by its breaker or already tried).
+        Never returns an empty list.
         """
-        ready = candidates(members, model, self_name=self.self_name, pin=pin, forwarded=forwarded)
+        ready = _ready(members, model, self_name=self.self_name, pin=pin, forwarded=forwarded)
         if pin is not None:
             if pin in exclude:
                 raise Unavailable(f"x-quorum-pin: node '{pin}' was already tried and failed.")
@@ -264,6 +267,11 @@ class Selector:
         )
         return [chosen.member, *(x.member for x in rest)]
 
+    def check_forwarded(self, members: Sequence[Member], model: str) -> None:
+        """For a request forwarded here: raises as ``order`` does when this node cannot
+        serve ``model`` itself (it never forwards a request again)."""
+        _ready(members, model, self_name=self.self_name, forwarded=True)
+
     def _affine(self, key: bytes, loads: list[_Load], model: str) -> _Load | None:
         """The first node in rendezvous order whose load, with this request, stays within
         ``ceil(load_factor * mean load)``; the mean counts this request too, as in Mirrokni,
@@ -292,3 +300,59 @@ class Selector:
         if a.member.name == self.self_name:
             return a if a.score <= b.score + LOCAL_MARGIN else b
         return a if a.score <= b.score else b
+
+
+def _ready(
+    members: Sequence[Member],
+    model: str,
+    *,
+    self_name: str,
+    pin: str | None = None,
+    forwarded: bool = False,
+) -> list[Member]:
+    """The members that may serve ``model`` now, in the view's order (``Selector.order``
+    ranks them).
+
+    ``members``: the cluster view, this node included. ``pin``: a node name the client asked
+    for (``x-quorum-pin``). ``forwarded``: the request was forwarded here by another node, so it
+    is only served locally (a request is never forwarded twice).
+
+    Raises ``ModelNotFound`` when no member lists the model, ``InvalidRequest`` for a pin that
+    names no member, and ``Unavailable`` when members list the model but none can take it now.
+    """
+    serving = [m for m in members if model in m.models and m.state not in ("dead", "left")]
+    if pin is not None:
+        by_name = {m.name: m for m in members}
+        if pin not in by_name:
+            names = ", ".join(sorted(by_name))
+            raise InvalidRequest(
+                f"x-quorum-pin names node '{pin}', which is not a member of this cluster "
+                f"(members: {names})."
+            )
+        node = by_name[pin]
+        if model not in node.models:
+            raise Unavailable(
+                f"x-quorum-pin: node '{pin}' does not serve model '{model}' "
+                f"(it serves: {', '.join(node.models) or 'nothing'})."
+            )
+        if not node.routable:
+            raise Unavailable(
+                f"x-quorum-pin: node '{pin}' cannot take requests now "
+                f"(state {node.state}, {node.node_state})."
+            )
+        if forwarded and node.name != self_name:
+            raise Unavailable(f"this node is not '{pin}' and does not forward twice.")
+        return [node]
+    if not serving and not any(model in m.models for m in members):
+        raise ModelNotFound(
+            f"The model '{model}' does not exist on any node of this cluster. "
+            "GET /v1/models lists the models served.",
+            param="model",
+        )
+    if forwarded:
+        serving = [m for m in serving if m.name == self_name]
+    ready = [m for m in serving if m.routable]
+    if not ready:
+        states = ", ".join(f"{m.name}: {m.state}/{m.node_state}" for m in serving) or "none alive"
+        raise Unavailable(f"No node can serve model '{model}' now ({states}). Retry shortly.")
+    return ready

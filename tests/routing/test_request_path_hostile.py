@@ -16,8 +16,9 @@ from quorum.api import answer
 from quorum.config import NodeConfig
 from quorum.errors import ApiError
 from quorum.node import Node
-from quorum.routing.dispatch import Reply, _created, _kind, _request_id
+from quorum.routing.dispatch import Reply, _created, _request_id
 from quorum.routing.headers import ClusterSigner
+from quorum.routing.relay import kind as _kind
 from quorum.server import ConnectionGuard, _GuardedStream
 from quorum.sse import SSEProtocolError
 
@@ -172,7 +173,7 @@ async def test_a_client_leaving_a_shared_unary_request_frees_its_slot(
     with trio.move_on_after(5):
         await ask(node, body, {"x-quorum-fault": "stall_after=2"})
     await trio.sleep(0.1)
-    assert node.dispatcher.flights == {}
+    assert node.dispatcher.single_flight.flights == {}
     assert busy(node) == 0
 
 
@@ -216,7 +217,7 @@ async def test_followers_of_a_shared_stream_that_never_read_still_leave(
         assert not isinstance(reply.body, bytes)
         await reply.body.aclose()  # type: ignore[attr-defined]
     await trio.sleep(0.1)
-    assert node.dispatcher.flights == {}
+    assert node.dispatcher.single_flight.flights == {}
     assert busy(node) == 0
 
 

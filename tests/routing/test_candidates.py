@@ -1,12 +1,15 @@
-"""Candidate selection from the membership view, with no I/O."""
+"""The filter of candidate selection (``Selector.order``): which members may serve, with pins
+and forwarded requests, with no I/O."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 
 from quorum.errors import InvalidRequest, ModelNotFound, Unavailable
 from quorum.routing.membership import Member, MemberLoad
-from quorum.routing.router import candidates
+from quorum.routing.select import RoutingPolicy, Selector
 
 
 def member(
@@ -36,12 +39,14 @@ VIEW = [
 ]
 
 
-def test_local_node_first_when_it_serves_the_model() -> None:
-    assert [m.name for m in candidates(VIEW, "chat", self_name="a")] == ["a", "c", "b"]
+def order(view: list[Member], model: str, self_name: str = "a", **kw: object) -> list[str]:
+    selector = Selector(self_name, RoutingPolicy(affinity=False), rng=random.Random(1))
+    return [m.name for m in selector.order(view, model, **kw)]  # type: ignore[arg-type]
 
 
-def test_remote_nodes_least_loaded_first() -> None:
-    assert [m.name for m in candidates(VIEW, "code", self_name="a")] == ["c", "b"]
+def test_every_routable_node_that_serves_the_model_is_a_candidate() -> None:
+    assert sorted(order(VIEW, "chat")) == ["a", "b", "c"]
+    assert sorted(order(VIEW, "code")) == ["b", "c"]
 
 
 def test_dead_and_warming_nodes_are_not_candidates() -> None:
@@ -51,26 +56,30 @@ def test_dead_and_warming_nodes_are_not_candidates() -> None:
         member("c", ("x",), state="dead"),
     ]
     with pytest.raises(Unavailable):
-        candidates(view, "x", self_name="a")
+        order(view, "x")
 
 
 def test_unknown_model_is_model_not_found() -> None:
     with pytest.raises(ModelNotFound) as info:
-        candidates(VIEW, "nope", self_name="a")
+        order(VIEW, "nope")
     assert info.value.param == "model" and info.value.code == "model_not_found"
 
 
 def test_forwarded_requests_are_only_served_locally() -> None:
-    assert [m.name for m in candidates(VIEW, "code", self_name="b", forwarded=True)] == ["b"]
+    assert order(VIEW, "code", self_name="b", forwarded=True) == ["b"]
     with pytest.raises(Unavailable):
-        candidates(VIEW, "code", self_name="a", forwarded=True)
+        order(VIEW, "code", self_name="a", forwarded=True)
+    selector = Selector("a", RoutingPolicy())
+    with pytest.raises(Unavailable, match="No node can serve"):
+        selector.check_forwarded(VIEW, "code")
+    Selector("b", RoutingPolicy()).check_forwarded(VIEW, "code")
 
 
 def test_pin_names_a_member_that_can_serve() -> None:
-    assert [m.name for m in candidates(VIEW, "code", self_name="a", pin="b")] == ["b"]
+    assert order(VIEW, "code", pin="b") == ["b"]
     with pytest.raises(InvalidRequest):
-        candidates(VIEW, "code", self_name="a", pin="zz")
+        order(VIEW, "code", pin="zz")
     with pytest.raises(Unavailable):
-        candidates(VIEW, "code", self_name="a", pin="a")
+        order(VIEW, "code", pin="a")
     with pytest.raises(Unavailable):
-        candidates(VIEW, "code", self_name="a", pin="d")
+        order(VIEW, "code", pin="d")

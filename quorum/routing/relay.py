@@ -1,0 +1,369 @@
+"""Relaying a stream at the entry node, and resuming it elsewhere when it breaks.
+
+``StreamRelay`` holds the role chunk back until the first token (so a failover before it is
+invisible), then relays the serving node's events byte for byte, cut only at event
+boundaries. For each event it keeps what a resume needs (DESIGN.md, "Failure semantics"):
+how many events the client has, the text of every delta field, and how many tool-call
+deltas it has had. When the stream breaks (reset, EOF without ``[DONE]``, an error event, an
+event that is not a chunk object, no chunk within ``inter_token_timeout_s``) it resumes on
+another node through the same attempt loop as the first try (``quorum.routing.attempts``);
+when nobody can continue, the client gets one error event and ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from quorum.backends.base import Resume
+from quorum.errors import ApiError, BackendBroken
+from quorum.routing.attempts import (
+    AttemptFailed,
+    AttemptsExhausted,
+    exhausted,
+    final_error,
+)
+from quorum.routing.hop import HopError, HopResponse
+from quorum.routing.membership import Member
+from quorum.sse import DONE, SSEParser, SSEProtocolError
+from quorum.wire import error_event
+
+if TYPE_CHECKING:
+    from quorum.routing.dispatch import Dispatcher, Job
+
+__all__ = [
+    "Event",
+    "Reply",
+    "StreamRelay",
+    "decode",
+    "kind",
+    "local_events",
+    "remote_events",
+    "stream_error",
+]
+
+log = logging.getLogger(__name__)
+
+# One event as relayed: its exact bytes and its data field.
+Event = tuple[bytes, str | bytes]
+
+
+@dataclass(slots=True)
+class Reply:
+    """What the HTTP layer sends: ``status``, ``headers``, and ``body`` — bytes, or an async
+    iterator of bytes for a stream (closed with ``aclose`` when the client goes away)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | AsyncIterator[bytes] = field(default=b"")
+
+
+def stream_error(message: str) -> bytes:
+    """The end of a stream that broke for good: one error event, then ``[DONE]``."""
+    body = ApiError(message, code="stream_broken", status=502).body()
+    return error_event(body) + DONE
+
+
+class StreamRelay:
+    """One streamed request at the entry node: attempts until the first token, then the
+    relay, then resumes on other nodes if the serving one breaks. ``body(first)`` is the
+    client's stream; it owns one count of ``dispatcher.relaying`` from ``start()`` on."""
+
+    def __init__(self, dispatcher: Dispatcher, job: Job, order: list[Member]) -> None:
+        self.d = dispatcher
+        self.job = job
+        self.request = job.request
+        self.request_id = job.request_id
+        self.order = order
+        self.tried: list[str] = []
+        self.attempts = 0
+        self.node = ""
+        self.events_sent = 0
+        self.text: dict[str, list[str]] = {}
+        self.tool_calls = 0  # tool-call deltas relayed: an upstream cannot continue those
+        self.done = False
+        self._stack = AsyncExitStack()
+        self._source: AsyncIterator[list[Event]] | None = None
+        self._pending: list[Event] = []  # events read but not relayed yet
+        self._started = trio.current_time()
+
+    async def _open(self, member: Member, resume: Resume | None, number: int) -> None:
+        await self._close()
+        self._stack = AsyncExitStack()
+        fault = self.job.fault if number == 1 and resume is None else None
+        self._source = await self._stack.enter_async_context(
+            self.d.open_source(member, self.job, fault, resume)
+        )
+
+    async def _close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._stack.aclose()
+        self._source = None
+
+    async def start(self) -> bytes:
+        """Try candidates until one yields its first token; return the bytes to send first
+        (the held role chunk and that token). Raises ``ApiError`` when every attempt failed
+        (or the serving node answered the client's own error)."""
+        attempts = self.d.attempts(self.job, self.order, self.tried)
+        try:
+            held = await attempts.run(self._first_token)
+        except AttemptFailed as exc:  # final: the client's own error, as the node said it
+            await self._close()
+            raise final_error(exc) from None
+        except AttemptsExhausted as exc:
+            await self._close()
+            raise exhausted(self.request.model, exc.failures) from None
+        except BaseException:
+            await self._close()
+            raise
+        finally:
+            self.attempts = attempts.count
+        self.d.metrics.ttft.labels(self.request.model).observe(trio.current_time() - self._started)
+        for raw, data in held:
+            self._account(raw, data)
+        return b"".join(raw for raw, _ in held)
+
+    async def _first_token(self, member: Member, number: int) -> list[Event]:
+        """Open ``member`` and read up to its first token; the events held until then."""
+        ttft = self.d.config.ttft_timeout_s
+        self._pending = []
+        try:
+            with trio.fail_after(ttft):
+                await self._open(member, None, number)
+                assert self._source is not None
+                held: list[Event] = []
+                while not self._pending:
+                    try:
+                        batch = await anext(self._source)
+                    except StopAsyncIteration:
+                        raise AttemptFailed(f"node {member.name} ended before a token") from None
+                    for i, event in enumerate(batch):
+                        what = kind(event[1])
+                        if what == "error":
+                            raise AttemptFailed(f"node {member.name} sent an error event")
+                        held.append(event)
+                        if what != "role":
+                            # the first token: sent with what was held; the rest of the
+                            # batch is relayed (and checked) by _relay
+                            self._pending = [event, *batch[i + 1 :]]
+                            held.pop()
+                            break
+        except trio.TooSlowError:
+            await self._close()
+            raise AttemptFailed(
+                f"node {member.name} gave no first token in {ttft} s", status=504
+            ) from None
+        except (BackendBroken, HopError, SSEProtocolError) as exc:
+            await self._close()
+            raise AttemptFailed(f"node {member.name} broke: {exc!r}") from None
+        except AttemptFailed:
+            await self._close()
+            raise
+        self.node = member.name
+        return held
+
+    def _account(self, raw: bytes, data: str | bytes) -> bool:
+        """Count an event as delivered; False for an error event (never relayed here).
+        Raises ``SSEProtocolError`` for an event that is not a chunk object."""
+        if data == "[DONE]" or data == b"[DONE]":
+            self.done = True
+            return True
+        obj = decode(data)
+        if "error" in obj:
+            return False
+        self.events_sent += 1
+        for choice in _choices(obj):
+            delta = choice.get("delta")
+            if delta is None:
+                text = choice.get("text")
+                if isinstance(text, str) and text:
+                    self.text.setdefault("text", []).append(text)
+                continue
+            if not isinstance(delta, dict):
+                raise SSEProtocolError("an event's delta is not an object")
+            for key, value in delta.items():
+                if key != "role" and isinstance(value, str) and value:
+                    self.text.setdefault(key, []).append(value)
+            if delta.get("tool_calls"):
+                self.tool_calls += 1
+        return True
+
+    def resume_point(self) -> Resume:
+        """What the client has: events, text per delta field, tool-call deltas."""
+        text = {k: "".join(v) for k, v in self.text.items()}
+        return Resume(self.events_sent, text, tool_calls=self.tool_calls)
+
+    async def body(self, first: bytes) -> AsyncGenerator[bytes]:
+        """The client's stream: ``first``, the rest, resumes; always ends with ``[DONE]``."""
+        try:
+            yield first
+            while not self.done:
+                try:
+                    async with aclosing(self._relay()) as relay:
+                        async for out in relay:
+                            yield out
+                    if self.done:
+                        break
+                    raise BackendBroken(f"node {self.node} ended the stream without [DONE]")
+                except (BackendBroken, HopError, SSEProtocolError, trio.TooSlowError) as exc:
+                    log.warning("%s: stream from %s broke: %r", self.request_id, self.node, exc)
+                    if self.job.pin is None:
+                        self.d.breakers.get(self.node).record_failure(trio.current_time())
+                    await self._close()
+                    resumed = await self._resume()
+                    self.d.metrics.resumes.labels("resumed" if resumed else "failed").inc()
+                    if not resumed:
+                        yield stream_error(
+                            f"The stream broke on node {self.node} and no other node could "
+                            f"continue it ({exc})."
+                        )
+                        return
+            await self._drain()
+        finally:
+            await self._close()
+            self.d.relaying -= 1
+
+    async def _drain(self) -> None:
+        """Read the source to its end after [DONE] (the chunked terminator), so the
+        node-to-node connection goes back to the pool instead of being closed."""
+        if self._source is None:
+            return
+        with trio.move_on_after(1.0):
+            try:
+                async for _ in self._source:
+                    pass
+            except (HopError, SSEProtocolError, BackendBroken):
+                pass
+
+    async def _relay(self) -> AsyncGenerator[bytes]:
+        source = self._source
+        assert source is not None
+        while True:
+            if self._pending:
+                batch, self._pending = self._pending, []
+            else:
+                with trio.move_on_after(self.d.config.inter_token_timeout_s) as timeout:
+                    try:
+                        batch = await anext(source)
+                    except StopAsyncIteration:
+                        return
+                if timeout.cancelled_caught:
+                    limit = self.d.config.inter_token_timeout_s
+                    raise BackendBroken(f"no chunk from node {self.node} in {limit} s")
+            out: list[bytes] = []
+            for raw, data in batch:
+                if not self._account(raw, data):
+                    if out:
+                        yield b"".join(out)
+                    raise BackendBroken(f"node {self.node} sent an error event")
+                out.append(raw)
+                if self.done:
+                    break
+            if out:
+                yield b"".join(out)
+            if self.done:
+                return
+
+    async def _resume(self) -> bool:
+        """Open another candidate at the resume point, through the attempt loop (breakers
+        claimed as for a first try); False when none could."""
+        point = self.resume_point()
+        ttft = self.d.config.ttft_timeout_s
+
+        async def reopen(member: Member, number: int) -> None:
+            try:
+                with trio.fail_after(ttft):
+                    await self._open(member, point, number)
+            except trio.TooSlowError:
+                await self._close()
+                raise AttemptFailed(f"node {member.name} did not answer in {ttft} s") from None
+            except AttemptFailed:
+                await self._close()
+                raise
+            self.node = member.name
+
+        try:
+            await self.d.attempts(self.job, [], self.tried).run(reopen)
+        except (AttemptFailed, AttemptsExhausted) as exc:
+            log.info("%s: no node could resume: %s", self.request_id, exc)
+            return False
+        log.info("%s: resumed on %s after %d events", self.request_id, self.node, point.events)
+        return True
+
+
+# --- event sources -----------------------------------------------------------------------------
+
+
+async def local_events(events: AsyncIterator[bytes]) -> AsyncGenerator[list[Event]]:
+    """A backend's items (one or more whole events each) as batches of events. Events from
+    Quorum's own encoders are one ``data:`` line each and split without a parser."""
+    async for raw in events:
+        if b"\r" not in raw:
+            pieces = raw.split(b"\n\n")
+            if not pieces[-1] and all(
+                p.startswith(b"data: ") and b"\n" not in p for p in pieces[:-1]
+            ):
+                yield [(p + b"\n\n", p[6:]) for p in pieces[:-1]]
+                continue
+        yield [(e.raw, e.data) for e in SSEParser().feed(raw)]
+
+
+async def remote_events(response: HopResponse) -> AsyncGenerator[list[Event]]:
+    """A peer's streamed answer as batches of events, as the bytes arrive."""
+    parser = SSEParser()
+    async with aclosing(response.body()) as chunks:
+        async for chunk in chunks:
+            events = parser.feed(chunk)
+            if events:
+                yield [(e.raw, e.data) for e in events]
+
+
+# --- reading events ------------------------------------------------------------------------------
+
+
+def decode(data: str | bytes) -> dict[str, Any]:
+    """An event's JSON object; raises ``SSEProtocolError`` for anything else (a node or an
+    upstream that sends garbage has broken its stream)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise SSEProtocolError("an event is not JSON") from None
+    if not isinstance(obj, dict):
+        raise SSEProtocolError(f"an event is JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _choices(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    choices = obj.get("choices")
+    if choices is None:
+        return []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise SSEProtocolError("an event's choices are not a list of objects")
+    return choices
+
+
+def kind(data: str | bytes) -> str:
+    """ "role" (a chunk with only the role), "error", or "token" (anything else, [DONE] too).
+    Raises ``SSEProtocolError`` for an event that is not a chunk object."""
+    if data == "[DONE]" or data == b"[DONE]":
+        return "token"
+    obj = decode(data)
+    if "error" in obj:
+        return "error"
+    if obj.get("usage"):
+        return "token"
+    for choice in _choices(obj):
+        if choice.get("finish_reason") or choice.get("text"):
+            return "token"
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise SSEProtocolError("an event's delta is not an object")
+        if any(k != "role" and v for k, v in delta.items()):
+            return "token"
+    return "role"
