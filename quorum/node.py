@@ -35,6 +35,7 @@ from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
 from quorum.gossip import GossipConfig, GossipNode
+from quorum.gossip.seeds import Resolver, system_resolver
 from quorum.routing.dispatch import Dispatcher
 from quorum.routing.headers import ClusterSigner
 from quorum.routing.membership import (
@@ -118,7 +119,8 @@ def hop_signer(config: NodeConfig) -> ClusterSigner:
 class Node:
     """A node process's parts. ``transport``: httpx transport for static membership's
     polls; ``tap``: called with every body chunk the node's hops receive (tests record
-    what crosses the hop)."""
+    what crosses the hop). ``resolver``: resolves gossip seed and advertise names
+    (:mod:`quorum.gossip.seeds`; tests inject their own)."""
 
     def __init__(
         self,
@@ -126,8 +128,10 @@ class Node:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         tap: Callable[[bytes], None] | None = None,
+        resolver: Resolver = system_resolver,
     ) -> None:
         self.config = config
+        self._resolver = resolver
         self.name = config.name
         self.backends: dict[str, Backend] = {
             b.model: make_backend(b, source=config.source) for b in config.backends
@@ -288,9 +292,14 @@ class Node:
             raise ConfigError(f"{self.config.source}: [gossip].keys: {exc}") from None
 
         def resolve(host: str, port: int) -> tuple[str, int]:
-            return socket.gethostbyname(host), port
+            # An address literal (IPv4 or IPv6) is itself; of a name's addresses, the first
+            # of the bound socket's family (an IPv4 socket cannot answer on IPv6).
+            found = self._resolver(host, port)
+            v6 = ":" in settings.bind[0]
+            return next((a for a in found if (":" in a[0]) == v6), found[0])
 
-        seeds = [await trio.to_thread.run_sync(resolve, *s) for s in settings.seeds]
+        # Seeds stay names: the gossip runner resolves them on every join attempt, so that
+        # peers that appear later (a headless Service's pods) are found.
         advertise = None
         if settings.advertise is not None:
             advertise = await trio.to_thread.run_sync(resolve, *settings.advertise)
@@ -303,8 +312,9 @@ class Node:
             config,
             settings.bind,
             gossip_meta(self.self_member()),
-            seeds,
+            settings.seeds,
             advertise=advertise,
+            resolver=self._resolver,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
