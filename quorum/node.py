@@ -74,6 +74,18 @@ def drain_token_path(url: str) -> Path:
     return base / f"quorum-{os.getuid()}" / f"drain-{host}-{port}.token"
 
 
+def _loopback_url(bound: str) -> str | None:
+    """The loopback URL that reaches a listener bound at ``bound`` (``http://0.0.0.0:P`` ->
+    ``http://127.0.0.1:P``, ``http://[::]:P`` -> ``http://[::1]:P``, a loopback address ->
+    itself); None when loopback does not reach it."""
+    parts = urlsplit(bound)
+    host = parts.hostname or ""
+    reach = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if not is_loopback(reach):
+        return None
+    return f"{parts.scheme}://{f'[{reach}]' if ':' in reach else reach}:{parts.port}"
+
+
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -331,7 +343,7 @@ class Node:
         hconfig.graceful_timeout = 5
         hconfig.include_server_header = False
         hconfig.backlog = 4096  # the default 100 reset connections at 256 concurrent connects
-        token_file: Path | None = None
+        token_files: list[Path] = []
         try:
             async with trio.open_nursery() as nursery:
                 for backend in self.backends.values():
@@ -339,8 +351,12 @@ class Node:
                 binds = await nursery.start(self._serve, hconfig, nursery.cancel_scope)
                 if self.config.url is None:
                     self.url = binds[0]
-                token_file = drain_token_path(self.url)
-                await trio.to_thread.run_sync(_write_private, token_file, self.drain_token)
+                # /admin/drain answers loopback only: when the node's URL names another
+                # address (a pod IP, a compose service), `quorum drain http://127.0.0.1:PORT`
+                # on its machine must find the token too.
+                for url in dict.fromkeys(u for u in (self.url, _loopback_url(binds[0])) if u):
+                    token_files.append(drain_token_path(url))
+                    await trio.to_thread.run_sync(_write_private, token_files[-1], self.drain_token)
                 self.dispatcher.nursery = nursery
                 self._nursery = nursery
                 if self.config.gossip is not None:
@@ -354,5 +370,5 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await self.dispatcher.aclose()
-            if token_file is not None:
+            for token_file in token_files:
                 token_file.unlink(missing_ok=True)
