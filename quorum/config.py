@@ -27,12 +27,20 @@
     slots = 8
 
 Every problem raises ``ConfigError`` naming the file and the key to fix.
+
+In a file read with ``NodeConfig.from_toml``, any string value may name environment
+variables as ``$(NAME)`` (Kubernetes' syntax) or ``${NAME}``; ``$$`` is a literal ``$``. So one
+file serves every pod of a StatefulSet: ``name = "$(POD_NAME)"``, ``advertise =
+"$(POD_IP):7946"``, ``keys = ["$(QUORUM_GOSSIP_KEY)"]`` (from a Secret). A variable that is
+not set is an error, not an empty string.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,7 +49,14 @@ from typing import Any
 
 from quorum.routing.config import RoutingConfig
 
-__all__ = ["BackendConfig", "ConfigError", "NodeConfig", "RoutingConfig", "parse_hostport"]
+__all__ = [
+    "BackendConfig",
+    "ConfigError",
+    "NodeConfig",
+    "RoutingConfig",
+    "expand_env",
+    "parse_hostport",
+]
 
 BACKEND_KINDS = ("mock", "upstream")
 
@@ -63,6 +78,34 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not host:port")
     return host, int(port)
+
+
+_ENV_REF = re.compile(r"\$\$|\$\((\w+)\)|\$\{(\w+)\}")
+
+
+def expand_env(value: Any, environ: Mapping[str, str], *, where: str = "") -> Any:
+    """``value`` (parsed TOML: tables, arrays, scalars) with ``$(NAME)`` and ``${NAME}`` in
+    its strings replaced by ``environ[NAME]`` and ``$$`` by ``$``; other values unchanged.
+    Raises ``ValueError`` naming the key (``where``, dotted) of a variable that is not set."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1) or match.group(2)
+            if name is None:
+                return "$"
+            if name not in environ:
+                raise ValueError(f"{where or 'a value'}: environment variable {name} is not set")
+            return environ[name]
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, Mapping):
+        return {
+            k: expand_env(v, environ, where=f"{where}.{k}" if where else k)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [expand_env(v, environ, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +172,20 @@ class NodeConfig:
         return ()
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> NodeConfig:
-        """Read a TOML file; raises ``ConfigError`` (also for a missing or unparsable file)."""
+    def from_toml(cls, path: str | Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
+        """Read a TOML file, expanding ``$(NAME)``/``${NAME}`` in its strings from ``environ``
+        (default ``os.environ``); raises ``ConfigError`` (also for a missing or unparsable
+        file, or a variable that is not set)."""
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
+            data = expand_env(data, os.environ if environ is None else environ)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         return cls.from_mapping(data, source=str(path))
 
     @classmethod

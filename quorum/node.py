@@ -35,6 +35,7 @@ from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
 from quorum.gossip import GossipConfig, GossipNode
+from quorum.gossip.seeds import Resolver, system_resolver
 from quorum.routing.dispatch import Dispatcher
 from quorum.routing.headers import ClusterSigner
 from quorum.routing.membership import (
@@ -71,6 +72,18 @@ def drain_token_path(url: str) -> Path:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
     return base / f"quorum-{os.getuid()}" / f"drain-{host}-{port}.token"
+
+
+def _loopback_url(bound: str) -> str | None:
+    """The loopback URL that reaches a listener bound at ``bound`` (``http://0.0.0.0:P`` ->
+    ``http://127.0.0.1:P``, ``http://[::]:P`` -> ``http://[::1]:P``, a loopback address ->
+    itself); None when loopback does not reach it."""
+    parts = urlsplit(bound)
+    host = parts.hostname or ""
+    reach = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if not is_loopback(reach):
+        return None
+    return f"{parts.scheme}://{f'[{reach}]' if ':' in reach else reach}:{parts.port}"
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -118,7 +131,8 @@ def hop_signer(config: NodeConfig) -> ClusterSigner:
 class Node:
     """A node process's parts. ``transport``: httpx transport for static membership's
     polls; ``tap``: called with every body chunk the node's hops receive (tests record
-    what crosses the hop)."""
+    what crosses the hop). ``resolver``: resolves gossip seed and advertise names
+    (:mod:`quorum.gossip.seeds`; tests inject their own)."""
 
     def __init__(
         self,
@@ -126,8 +140,10 @@ class Node:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         tap: Callable[[bytes], None] | None = None,
+        resolver: Resolver = system_resolver,
     ) -> None:
         self.config = config
+        self._resolver = resolver
         self.name = config.name
         self.backends: dict[str, Backend] = {
             b.model: make_backend(b, source=config.source) for b in config.backends
@@ -295,9 +311,14 @@ class Node:
             raise ConfigError(f"{self.config.source}: [gossip].keys: {exc}") from None
 
         def resolve(host: str, port: int) -> tuple[str, int]:
-            return socket.gethostbyname(host), port
+            # An address literal (IPv4 or IPv6) is itself; of a name's addresses, the first
+            # of the bound socket's family (an IPv4 socket cannot answer on IPv6).
+            found = self._resolver(host, port)
+            v6 = ":" in settings.bind[0]
+            return next((a for a in found if (":" in a[0]) == v6), found[0])
 
-        seeds = [await trio.to_thread.run_sync(resolve, *s) for s in settings.seeds]
+        # Seeds stay names: the gossip runner resolves them on every join attempt, so that
+        # peers that appear later (a headless Service's pods) are found.
         advertise = None
         if settings.advertise is not None:
             advertise = await trio.to_thread.run_sync(resolve, *settings.advertise)
@@ -310,8 +331,9 @@ class Node:
             config,
             settings.bind,
             gossip_meta(self.self_member()),
-            seeds,
+            settings.seeds,
             advertise=advertise,
+            resolver=self._resolver,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -328,7 +350,7 @@ class Node:
         hconfig.graceful_timeout = 5
         hconfig.include_server_header = False
         hconfig.backlog = 4096  # the default 100 reset connections at 256 concurrent connects
-        token_file: Path | None = None
+        token_files: list[Path] = []
         try:
             async with trio.open_nursery() as nursery:
                 for backend in self.backends.values():
@@ -336,8 +358,12 @@ class Node:
                 binds = await nursery.start(self._serve, hconfig, nursery.cancel_scope)
                 if self.config.url is None:
                     self.url = binds[0]
-                token_file = drain_token_path(self.url)
-                await trio.to_thread.run_sync(_write_private, token_file, self.drain_token)
+                # /admin/drain answers loopback only: when the node's URL names another
+                # address (a pod IP, a compose service), `quorum drain http://127.0.0.1:PORT`
+                # on its machine must find the token too.
+                for url in dict.fromkeys(u for u in (self.url, _loopback_url(binds[0])) if u):
+                    token_files.append(drain_token_path(url))
+                    await trio.to_thread.run_sync(_write_private, token_files[-1], self.drain_token)
                 self.dispatcher.nursery = nursery
                 await nursery.start(self.dispatcher.hop.run)
                 self._nursery = nursery
@@ -352,5 +378,5 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await self.dispatcher.aclose()
-            if token_file is not None:
+            for token_file in token_files:
                 token_file.unlink(missing_ok=True)

@@ -69,3 +69,31 @@ def test_parse_hostport() -> None:
     assert parse_hostport("[::1]:80") == ("::1", 80)
     with pytest.raises(ValueError):
         parse_hostport("host:99999")
+
+
+def test_strings_name_environment_variables_as_kubernetes_and_shell_do(tmp_path: Path) -> None:
+    """One file for every pod: name, URL, advertised address and keys from the environment."""
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[node]\nname = "$(POD_NAME)"\nlisten = "0.0.0.0:32768"\n'
+        'url = "http://${POD_IP}:32768"\n'
+        '[gossip]\nbind = "0.0.0.0:7946"\nadvertise = "$(POD_IP):7946"\n'
+        'seeds = ["quorum-gossip.$(POD_NAMESPACE).svc.cluster.local:7946"]\n'
+        'keys = ["$(KEY)"]\ncluster = "costs $$(nothing)"\n'
+    )
+    key = "Hyc80cdrTNfE1LNR7LwwSS2w2AdVpjNshWh4EnRGfTU="
+    env = {"POD_NAME": "quorum-1", "POD_IP": "10.4.0.7", "POD_NAMESPACE": "ml", "KEY": key}
+    config = NodeConfig.from_toml(path, environ=env)
+    assert config.name == "quorum-1" and config.url == "http://10.4.0.7:32768"
+    assert config.gossip is not None
+    assert config.gossip.advertise == ("10.4.0.7", 7946)
+    assert config.gossip.seeds == (("quorum-gossip.ml.svc.cluster.local", 7946),)
+    assert config.gossip.keys == (key,)
+    assert config.gossip.cluster == "costs $(nothing)"  # $$ is a literal $
+
+
+def test_an_unset_environment_variable_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nname = "a"\n[gossip]\nkeys = ["${QUORUM_GOSSIP_KEY}"]\n')
+    with pytest.raises(ConfigError, match=r"gossip\.keys\[0\].*QUORUM_GOSSIP_KEY is not set"):
+        NodeConfig.from_toml(path, environ={})

@@ -24,11 +24,12 @@ from .config import GossipConfig
 from .core import COUNTERS, GossipCore, check_meta
 from .events import MemberEvent, Output, PushPullRequest, Send
 from .messages import Addr, Load, MemberInfo, MemberState, NodeMeta
+from .seeds import Resolver, resolve_seed
 from .transport import Transport, TransportError, TrioTransport
 
 __all__ = ["GossipNode"]
 
-_RUNNER_COUNTERS = ("push_pull_failed", "event_callback_errors")
+_RUNNER_COUNTERS = ("push_pull_failed", "event_callback_errors", "seed_resolve_failed")
 
 
 class GossipNode:
@@ -41,7 +42,11 @@ class GossipNode:
     ``advertise``: the address to publish when it differs from the bound one (e.g. bound to
     0.0.0.0). ``on_event``: called synchronously with each membership event (exceptions from
     it are counted, not raised). ``transport``: a ready transport instead of binding one
-    (tests). ``rng``: randomness (default: a fresh ``random.Random``).
+    (tests). ``rng``: randomness (default: a fresh ``random.Random``). ``resolver``: when
+    given, ``seeds`` are ``(name, port)`` pairs resolved with it (in a worker thread, at most
+    ``config.tcp_timeout`` seconds) on every join attempt, and every address found is tried
+    (:mod:`~quorum.gossip.seeds`; failures counted in ``seed_resolve_failed``); without it,
+    seeds are addresses.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class GossipNode:
         on_event: Callable[[MemberEvent], None] | None = None,
         transport: Transport | None = None,
         rng: random.Random | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -68,6 +74,8 @@ class GossipNode:
         self._on_event = on_event
         self._transport = transport
         self._rng = rng or random.Random()
+        self._resolver = resolver
+        self._resolving: set[Addr] = set()
         self._core: GossipCore | None = None
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
@@ -129,7 +137,7 @@ class GossipNode:
     def counters(self) -> dict[str, int]:
         """Totals: the core's (``received``, ``sent``, ``dropped_decrypt``,
         ``dropped_decode``, ``dropped_oversize``, ...) and the runner's
-        (``push_pull_failed``, ``event_callback_errors``)."""
+        (``push_pull_failed``, ``event_callback_errors``, ``seed_resolve_failed``)."""
         base = dict.fromkeys(COUNTERS, 0)
         if self._core is not None:
             base.update(self._core.counters)
@@ -224,6 +232,25 @@ class GossipNode:
         await self._dispatch(core.receive_push_pull(trio.current_time(), request.addr, answer))
         self._wakeup.set()
 
+    async def _join_seed(self, seed: Addr) -> None:
+        """One join attempt through a named seed: resolve it now, push-pull with each address
+        found except our own."""
+        core, resolver = self._core, self._resolver
+        assert core is not None and self._nursery is not None and resolver is not None
+        if seed in self._resolving:  # the previous attempt's lookup is still under way
+            return
+        self._resolving.add(seed)
+        try:
+            addrs = await resolve_seed(resolver, seed, within_s=self.config.tcp_timeout)
+        except OSError:
+            self._counters["seed_resolve_failed"] += 1
+            return
+        finally:
+            self._resolving.discard(seed)
+        for addr in addrs:
+            if addr != core.addr:
+                self._nursery.start_soon(self._push_pull, PushPullRequest(addr, join=True))
+
     def _dispatch_soon(self, outputs: list[Output]) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._dispatch, outputs)
@@ -236,7 +263,10 @@ class GossipNode:
                 await transport.send(out.addr, out.data)
             elif isinstance(out, PushPullRequest):
                 assert self._nursery is not None
-                self._nursery.start_soon(self._push_pull, out)
+                if out.join and self._resolver is not None:  # out.addr is a seed's name
+                    self._nursery.start_soon(self._join_seed, out.addr)
+                else:
+                    self._nursery.start_soon(self._push_pull, out)
             elif self._on_event is not None:
                 try:
                     self._on_event(out)
