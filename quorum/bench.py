@@ -23,9 +23,10 @@ every request, as vLLM does), output tokens/s and requests/s over the wall time,
 requests by kind: ``http <status>``, ``connect``, ``broken stream`` (reset, EOF before
 ``[DONE]``, unparsable chunk), ``error event`` (a ``data: {"error": ...}`` event), ``timeout``.
 
-The statistics (``percentile``, ``Summary``, ``stream_timings``, ``build_report``) are pure
-functions; ``run_bench`` is the coroutine that drives the load; ``NodeProcess`` starts and
-stops ``quorum node`` processes and reads their peak RSS (``VmHWM``).
+The statistics (``Summary``, ``stream_timings``, ``build_report``) are pure functions;
+percentiles are ``quorum.stats.percentile`` (linear interpolation between the closest ranks).
+``run_bench`` is the coroutine that drives the load; ``--node-config`` starts nodes with
+``quorum.launch.NodeProcess`` and reports their peak RSS (``VmHWM``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import httpx
 import trio
 
 from quorum.sse import SSEParser, SSEProtocolError
+from quorum.stats import percentile
 
 __all__ = [
     "BenchConfig",
@@ -64,28 +66,11 @@ __all__ = [
     "chat_url",
     "main",
     "peak_rss_kb",
-    "percentile",
     "run_bench",
     "stream_timings",
 ]
 
 # --- statistics (pure) --------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of ``values`` with linear interpolation between the
-    closest ranks (numpy's default, which ``vllm bench`` uses): rank ``q/100 * (n - 1)``.
-
-    Raises ``ValueError`` for an empty ``values`` or ``q`` outside [0, 100]."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} is outside [0, 100]")
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,6 @@ client, notes for the report), waiting for the cluster to converge, and its resu
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -24,7 +23,6 @@ __all__ = [
     "ScenarioError",
     "ScenarioResult",
     "open_env",
-    "percentile",
     "wait_converged",
 ]
 
@@ -97,15 +95,6 @@ class Env:
     @property
     def quick(self) -> bool:
         return self.options.quick
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100); 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 async def wait_converged(
