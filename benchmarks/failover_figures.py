@@ -33,21 +33,6 @@ NAMES = ("node-a", "node-b", "node-c")
 console = Console()
 
 
-async def all_alive(client: httpx.AsyncClient, base: dict[str, str]) -> None:
-    with trio.fail_after(60):
-        while True:
-            try:
-                views = [
-                    (await client.get(base[n] + "/cluster/members")).json()["members"]
-                    for n in NAMES
-                ]
-                if all(len(v) == 3 and all(m["state"] == "alive" for m in v) for v in views):
-                    return
-            except httpx.HTTPError:
-                pass
-            await trio.sleep(0.1)
-
-
 async def one_stream(
     client: httpx.AsyncClient,
     url: str,
@@ -119,7 +104,7 @@ async def resume_delays(
                 await started.wait()
             await cluster.kill(victim)  # SIGKILL by pid, reaped
         await cluster.start(victim)
-        await all_alive(client, base)
+        await cluster.wait_converged(60)
     return gaps, failures
 
 
@@ -176,7 +161,7 @@ async def main(args: argparse.Namespace) -> None:
             async with httpx.AsyncClient(
                 timeout=60, limits=httpx.Limits(max_connections=512, max_keepalive_connections=512)
             ) as client:
-                await all_alive(client, base)
+                await cluster.wait_converged(60)
                 share, total = await affinity_share(
                     client, base, args.requests, args.clients, args.conversations
                 )
