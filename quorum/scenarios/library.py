@@ -407,11 +407,6 @@ async def partition(env: Env, result: ScenarioResult) -> None:
     hold_s = 20.0 if env.quick else 45.0
     victim = target.nodes[-1]
     majority = [n for n in target.nodes if n != victim]
-    if target.kind == "local":
-        env.notes.append(
-            "loopback: partition at the gossip level with iptables (the node's UDP both ways, "
-            "TCP push-pull between all nodes); HTTP between nodes is not cut"
-        )
     reconverge: list[float] = []
     detect: list[float] = []
     same_side = 0
@@ -718,7 +713,8 @@ async def overload(env: Env, result: ScenarioResult) -> None:
 class Scenario:
     """A scenario: ``run`` fills a result; the cluster it needs is described by
     ``routing``/``mock``/``backend``; ``start``: the env starts the cluster first;
-    ``compose``: it can run against a compose cluster."""
+    ``compose``: it can run against a compose cluster; ``partitions``: it cuts nodes off,
+    which needs a way to (``env.partition_method``)."""
 
     name: str
     summary: str
@@ -728,6 +724,7 @@ class Scenario:
     backend: Callable[[bool], Mapping[str, Any]] = lambda quick: SCENARIO_BACKEND
     start: bool = True
     compose: bool = True
+    partitions: bool = False
 
     @property
     def script(self) -> str:
@@ -756,6 +753,7 @@ SCENARIOS: dict[str, Scenario] = {
             "partition",
             "cut one node off and heal it: routes, dead verdicts, reconvergence",
             partition,
+            partitions=True,
         ),
         Scenario(
             "flapping",
