@@ -19,6 +19,8 @@ import trio
 from quorum.launch import Membership, NodeCluster, shipped_configs, write_nodes
 from tests.conftest import NODES, ROOT
 
+pytestmark = pytest.mark.slow  # every test here runs quorum as OS processes
+
 MESSAGES = [{"role": "user", "content": "Count to five."}]
 
 

@@ -561,6 +561,7 @@ async def test_cluster_members_shows_state_incarnation_and_load(
     assert by_name["node-c"]["load"]["free_slots"] == 24  # 16 + 8 slots, all free
 
 
+@pytest.mark.slow  # runs `quorum members` as a process
 async def test_quorum_members_prints_the_table(cluster: Cluster) -> None:
     result = await trio.run_process(
         [sys.executable, "-m", "quorum", "members", cluster.url("node-a")],

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from quorum.scenarios.cluster import ClusterOptions, ProcessCluster
 from quorum.sse import SSEParser
 from tests.openai_spec import validate
+
+pytestmark = pytest.mark.slow  # real node processes
 
 NAMES = ("node-a", "node-b", "node-c")
 

@@ -15,7 +15,7 @@ import trio
 from quorum import cli
 from quorum.scenarios import SCENARIOS, Options, env
 from quorum.scenarios import run as run_scenario
-from quorum.scenarios.cluster import NETNS_PREFIX
+from quorum.scenarios.cluster import NETNS_PREFIX, netns_available
 from quorum.scenarios.env import MissingTool, partition_method
 from quorum.scenarios.target import ComposeTarget
 from tests.conftest import ROOT
@@ -30,6 +30,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.slow
 def test_scenario_list_names_every_scenario_and_its_script() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "quorum", "scenario", "--list"],
@@ -46,6 +47,7 @@ def test_scenario_list_names_every_scenario_and_its_script() -> None:
         assert (ROOT / scenario.script).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario_passes_in_quick_mode(name: str) -> None:
     options = Options(quick=True, trials=1 if name == "rolling-restart" else None)
@@ -71,7 +73,7 @@ def machine(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     def netns_available() -> str | None:
         if not found["root"]:
             return "network namespaces need root"
-        return None if found["ip"] else "iproute2's ip is not installed"
+        return None if found["ip"] else "iproute2 missing (apt-get install -y iproute2)"
 
     monkeypatch.setattr(env, "_is_root", lambda: found["root"])
     monkeypatch.setattr(env, "_has", lambda program: found[program])
@@ -140,8 +142,8 @@ def test_quorum_scenario_without_the_openai_package_says_how_to_install_it(
 
 
 def _netns_usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
+    if (why := netns_available()) is not None:
+        return why
     probe = f"{NETNS_PREFIX}probe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False)
     if made.returncode != 0:
@@ -150,6 +152,7 @@ def _netns_usable() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_kill_mid_stream_in_network_namespaces() -> None:
     why = _netns_usable()
     if why is not None:

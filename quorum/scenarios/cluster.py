@@ -64,7 +64,7 @@ def netns_available() -> str | None:
     if os.geteuid() != 0:
         return "network namespaces need root"
     if shutil.which("ip") is None:
-        return "iproute2's ip is not installed"
+        return "iproute2's ip is not installed (apt-get install -y iproute2)"
     return None
 
 

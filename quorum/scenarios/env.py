@@ -203,7 +203,7 @@ def partition_method(options: Options) -> PartitionMethod:
         return PartitionMethod(True, NETNS_NOTE + ", chosen because iptables is not installed")
     raise MissingTool(
         "a partition on loopback needs iptables (apt-get install -y iptables) or network "
-        f"namespaces (apt-get install -y iproute2), and neither is usable here: {netns_why}"
+        f"namespaces, which are unusable here: {netns_why}"
     )
 
 
