@@ -19,7 +19,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quorum.stats import percentile
-from tests.conftest import node_config, start_cluster
+from tests.helpers import node_config, start_cluster
 
 
 async def main(trials: int) -> None:

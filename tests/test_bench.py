@@ -19,7 +19,7 @@ from quorum.bench import (
     run_bench,
     stream_timings,
 )
-from tests.conftest import node_config, start_cluster
+from tests.helpers import node_config, start_cluster
 
 # --- summaries -------------------------------------------------------------------------
 

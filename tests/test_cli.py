@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from quorum.launch import Membership, NodeCluster, shipped_configs, write_nodes
-from tests.conftest import NODES, ROOT
+from tests.helpers import NODES, ROOT
 
 pytestmark = pytest.mark.slow  # every test here runs quorum as OS processes
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from quorum.config import NodeConfig
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,9 +13,15 @@ import pytest
 import trio
 
 from quorum.config import NodeConfig
-from tests.conftest import FAST, Cluster, start_cluster
-from tests.openai_spec import validate
-from tests.test_cluster import MESSAGES, WEATHER_TOOL, stream_events
+from tests.helpers import (
+    FAST,
+    MESSAGES,
+    WEATHER_TOOL,
+    Cluster,
+    start_cluster,
+    stream_events,
+    validate,
+)
 
 NODES = ("n1", "n2", "n3")
 

@@ -14,7 +14,7 @@ import pytest
 
 from quorum.scenarios.cluster import ClusterOptions, ProcessCluster
 from quorum.sse import SSEParser
-from tests.openai_spec import validate
+from tests.helpers import validate
 
 pytestmark = pytest.mark.slow  # real node processes
 

@@ -22,7 +22,7 @@ from quorum.launch import (
     shipped_configs,
     write_nodes,
 )
-from tests.conftest import NODES
+from tests.helpers import NODES
 
 NAMES = ("node-a", "node-b", "node-c")
 ADDRESSES = {

@@ -18,7 +18,7 @@ from quorum.scenarios import run as run_scenario
 from quorum.scenarios.cluster import NETNS_PREFIX, netns_available
 from quorum.scenarios.env import MissingTool, partition_method
 from quorum.scenarios.target import ComposeTarget
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # The openai SDK stops reading its nested async generators at [DONE] without closing them
 # (openai._streaming, and its vendored httpx2/httpcore2); under trio they are finalized by
