@@ -13,10 +13,10 @@ slots) on a serving node; the same streamed requests reach it three ways:
   HTTP/1.1 keepalive upstream). Installed with ``apt-get install -y nginx`` when missing and
   running as root; skipped, and said so, when it cannot be.
 
-Every process is started here on a free 127.0.0.1 port from temporary configs and ended by its
-own pid. The load generator is ``quorum.bench.run_bench`` in this process: on a small machine
-it shares the CPU with the nodes, which the figures include. Paths are interleaved at each
-concurrency so that drift affects them alike.
+Every process is started with ``quorum.launch`` on a free 127.0.0.1 port from temporary
+configs and ended by its own pid. The load generator is ``quorum.bench.run_bench`` in this
+process: on a small machine it shares the CPU with the nodes, which the figures include.
+Paths are interleaved at each concurrency so that drift affects them alike.
 """
 
 from __future__ import annotations
@@ -25,14 +25,12 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -41,7 +39,15 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quorum.bench import BenchConfig, NodeProcess, Report, peak_rss_kb, run_bench
+from quorum.bench import BenchConfig, Report, run_bench
+from quorum.launch import (
+    NodeCluster,
+    NodeStartError,
+    ServerProcess,
+    free_port,
+    peak_rss_kb,
+    write_nodes,
+)
 
 MODEL = "mock-zero"
 console = Console(highlight=False, width=max(132, shutil.get_terminal_size().columns))
@@ -53,34 +59,18 @@ TARGET_ADDED_TTFT_MS = 0.5  # DESIGN.md: forwarding hop, added TTFT at concurren
 TARGET_THROUGHPUT = 0.8  # DESIGN.md: forward vs direct at concurrency 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def node_toml(name: str, port: int, *, peers: list[str], output_tokens: int | None) -> str:
-    lines = [
-        "[node]",
-        f'name = "{name}"',
-        f'listen = "127.0.0.1:{port}"',
-        "",
-        "[cluster]",
-        f"peers = {json.dumps(peers)}",
-    ]
+def node_config(name: str, *, output_tokens: int | None) -> dict[str, Any]:
+    """A node serving the zero-latency mock (``output_tokens`` given) or nothing (a pure
+    forwarder); addresses and peers are ``NodeCluster``'s."""
+    config: dict[str, Any] = {"node": {"name": name}}
     if output_tokens is not None:
-        lines += [
-            "",
-            "[[backends]]",
-            f'model = "{MODEL}"',
-            'kind = "mock"',
-            "ttft_ms = 0",
-            "itl_ms = 0",
-            "slots = 4096",
-            "queue = 4096",
-            f"output_tokens = [{output_tokens}, {output_tokens}]",
-        ]
-    return "\n".join(lines) + "\n"
+        config["backends"] = [
+            {
+                "model": MODEL, "kind": "mock", "ttft_ms": 0, "itl_ms": 0, "slots": 4096,
+                "queue": 4096, "output_tokens": [output_tokens, output_tokens],
+            }
+        ]  # fmt: skip
+    return config
 
 
 NGINX_CONF = """\
@@ -136,70 +126,27 @@ def find_nginx() -> tuple[str | None, str]:
     return (path, "") if os.access(path, os.X_OK) else (None, "nginx did not install")
 
 
-@dataclass
-class Nginx:
-    binary: str
-    tmp: Path
-    port: int
-    upstream: int
-    process: trio.Process | None = None
+def nginx_process(binary: str, tmp: Path, port: int, upstream: int) -> ServerProcess:
+    """nginx on 127.0.0.1:``port`` in front of 127.0.0.1:``upstream``, its files under
+    ``tmp``; ready when ``/health`` (the node's, through it) answers."""
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream))
+    argv = [binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
+    return ServerProcess("nginx", f"http://127.0.0.1:{port}", argv, log_path=tmp / "nginx.log")
 
-    async def start(self) -> None:
-        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.tmp / sub).mkdir(parents=True, exist_ok=True)
-        conf = self.tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=self.tmp, port=self.port, upstream=self.upstream))
-        self.process = await trio.lowlevel.open_process(
-            [
-                self.binary,
-                "-p",
-                str(self.tmp),
-                "-c",
-                str(conf),
-                "-e",
-                str(self.tmp / "nginx-error.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            with trio.move_on_after(10):
-                while self.process.poll() is None:
-                    try:
-                        if (await client.get(f"http://127.0.0.1:{self.port}/health")).is_success:
-                            return
-                    except httpx.HTTPError:
-                        pass
-                    await trio.sleep(0.05)
-        await self.stop()
-        log = self.tmp / "nginx-error.log"
-        raise RuntimeError(
-            "nginx did not start: " + (log.read_text()[-500:] if log.exists() else "no error log")
-        )
 
-    def pids(self) -> list[int]:
-        """The master and its workers."""
-        if self.process is None:
-            return []
-        pid = self.process.pid
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            children = []
-        return [pid, *map(int, children)]
-
-    async def stop(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                os.kill(process.pid, signal.SIGTERM)  # nginx: fast shutdown
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                os.kill(process.pid, signal.SIGKILL)
-                await process.wait()
+def nginx_pids(nginx: ServerProcess) -> list[int]:
+    """The master and its workers."""
+    pid = nginx.pid
+    if pid is None:
+        return []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *map(int, children)]
 
 
 async def wait_forwarder_knows(url: str, serving: str, timeout_s: float = 15.0) -> None:
@@ -224,77 +171,77 @@ async def run(args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
     tmp = Path(tempfile.mkdtemp(prefix="quorum-hop-"))
     os.chmod(tmp, 0o755)
-    ports = {"direct": free_port(), "forward": free_port(), "nginx": free_port()}
-    direct_url = f"http://127.0.0.1:{ports['direct']}"
-    forward_url = f"http://127.0.0.1:{ports['forward']}"
-    (tmp / "serving.toml").write_text(
-        node_toml("hop-serving", ports["direct"], peers=[], output_tokens=args.output_tokens)
-    )
-    (tmp / "forwarding.toml").write_text(
-        node_toml("hop-forwarding", ports["forward"], peers=[direct_url], output_tokens=None)
-    )
-    serving = NodeProcess(tmp / "serving.toml", direct_url)
-    forwarding = NodeProcess(tmp / "forwarding.toml", forward_url)
-    nginx: Nginx | None = None
+    configs = {
+        "hop-serving": node_config("hop-serving", output_tokens=args.output_tokens),
+        "hop-forwarding": node_config("hop-forwarding", output_tokens=None),
+    }
+    nodes = NodeCluster(write_nodes(tmp, configs, membership="static"))
+    serving, forwarding = nodes.nodes["hop-serving"], nodes.nodes["hop-forwarding"]
+    nginx: ServerProcess | None = None
     nginx_bin, why = find_nginx()
-    paths = {"direct": direct_url, "forward": forward_url}
+    paths = {"direct": serving.url, "forward": forwarding.url}
     results: dict[tuple[int, str], Report] = {}
     rss: dict[str, int | None] = {}
     began = time.monotonic()
     try:
-        with open(tmp / "serving.log", "wb") as log_a, open(tmp / "forwarding.log", "wb") as log_b:  # noqa: ASYNC230
-            await serving.start(log=log_a)
-            await forwarding.start(log=log_b)
-            await wait_forwarder_knows(forward_url, "hop-serving")
-            if nginx_bin is not None:
-                nginx = Nginx(nginx_bin, tmp / "nginx", ports["nginx"], ports["direct"])
-                try:
-                    await nginx.start()
-                    paths["nginx"] = f"http://127.0.0.1:{ports['nginx']}"
-                except RuntimeError as exc:
-                    why, nginx = str(exc), None
-            if "nginx" not in paths:
-                console.print(f"[yellow]nginx column skipped: {why}")
-            console.print(
-                f"mock backend: ttft_ms=0 itl_ms=0, {args.output_tokens} output tokens, "
-                f"{args.prompt_tokens} prompt tokens; {os.cpu_count()} CPUs; nodes: serving "
-                f"pid {serving.pid}, forwarding pid {forwarding.pid}"
-                + (f", nginx pid {nginx.pids()}" if nginx else "")
-            )
-            for concurrency, count, warmup in plan:
-                for name, url in paths.items():
-                    config = BenchConfig(
-                        url=url,
-                        model=MODEL,
-                        concurrency=concurrency,
-                        requests=count,
-                        warmup=warmup,
-                        prompt_tokens=args.prompt_tokens,
-                        output_tokens=args.output_tokens,
-                        duration_s=120.0,
-                        timeout_s=60.0,
-                        seed=args.seed,
-                    )
-                    t = time.monotonic()
-                    report = await run_bench(config)
-                    results[concurrency, name] = report
-                    console.print(
-                        f"  c={concurrency:<4} {name:<8} {report.completed} ok, "
-                        f"{report.failed} failed, {report.req_per_s:8.1f} req/s "
-                        f"({time.monotonic() - t:.1f} s)"
-                    )
-            rss = {
-                "serving node": serving.peak_rss_kb(),
-                "forwarding node": forwarding.peak_rss_kb(),
-            }
-            if nginx is not None:
-                for i, pid in enumerate(nginx.pids()):
-                    rss["nginx master" if i == 0 else f"nginx worker {i}"] = peak_rss_kb(pid)
+        await nodes.start_all()
+        await nodes.wait_ready(30.0)
+        await wait_forwarder_knows(forwarding.url, "hop-serving")
+        if nginx_bin is not None:
+            upstream = int(serving.url.rsplit(":", 1)[1])
+            nginx = nginx_process(nginx_bin, tmp / "nginx", free_port(), upstream)
+            try:
+                await nginx.start()
+                await nginx.wait_ready(10.0)
+                paths["nginx"] = nginx.url
+            except (NodeStartError, OSError) as exc:
+                log = tmp / "nginx" / "nginx-error.log"
+                why = f"nginx did not start: {exc}; " + (
+                    log.read_text()[-500:] if log.exists() else "no error log"
+                )
+                await nginx.stop()
+                nginx = None
+        if "nginx" not in paths:
+            console.print(f"[yellow]nginx column skipped: {why}")
+        console.print(
+            f"mock backend: ttft_ms=0 itl_ms=0, {args.output_tokens} output tokens, "
+            f"{args.prompt_tokens} prompt tokens; {os.cpu_count()} CPUs; nodes: serving "
+            f"pid {serving.pid}, forwarding pid {forwarding.pid}"
+            + (f", nginx pid {nginx_pids(nginx)}" if nginx else "")
+        )
+        for concurrency, count, warmup in plan:
+            for name, url in paths.items():
+                config = BenchConfig(
+                    url=url,
+                    model=MODEL,
+                    concurrency=concurrency,
+                    requests=count,
+                    warmup=warmup,
+                    prompt_tokens=args.prompt_tokens,
+                    output_tokens=args.output_tokens,
+                    duration_s=120.0,
+                    timeout_s=60.0,
+                    seed=args.seed,
+                )
+                t = time.monotonic()
+                report = await run_bench(config)
+                results[concurrency, name] = report
+                console.print(
+                    f"  c={concurrency:<4} {name:<8} {report.completed} ok, "
+                    f"{report.failed} failed, {report.req_per_s:8.1f} req/s "
+                    f"({time.monotonic() - t:.1f} s)"
+                )
+        rss = {
+            "serving node": serving.peak_rss_kb(),
+            "forwarding node": forwarding.peak_rss_kb(),
+        }
+        if nginx is not None:
+            for i, pid in enumerate(nginx_pids(nginx)):
+                rss["nginx master" if i == 0 else f"nginx worker {i}"] = peak_rss_kb(pid)
     finally:
         if nginx is not None:
             await nginx.stop()
-        await forwarding.stop()
-        await serving.stop()
+        await nodes.close()
     print_results(results, list(paths), rss, plan, time.monotonic() - began)
     if args.json:
         Path(args.json).write_text(  # noqa: ASYNC240 - once, after the measurements

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -28,24 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from quorum.scenarios.cluster import ClusterOptions, ProcessCluster
+from quorum.stats import percentile
 
 NAMES = ("node-a", "node-b", "node-c")
 console = Console()
-
-
-async def all_alive(client: httpx.AsyncClient, base: dict[str, str]) -> None:
-    with trio.fail_after(60):
-        while True:
-            try:
-                views = [
-                    (await client.get(base[n] + "/cluster/members")).json()["members"]
-                    for n in NAMES
-                ]
-                if all(len(v) == 3 and all(m["state"] == "alive" for m in v) for v in views):
-                    return
-            except httpx.HTTPError:
-                pass
-            await trio.sleep(0.1)
 
 
 async def one_stream(
@@ -119,7 +104,7 @@ async def resume_delays(
                 await started.wait()
             await cluster.kill(victim)  # SIGKILL by pid, reaped
         await cluster.start(victim)
-        await all_alive(client, base)
+        await cluster.wait_converged(60)
     return gaps, failures
 
 
@@ -166,11 +151,6 @@ async def affinity_share(
     return on_home / max(1, total), total
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # nodes/*.toml on free loopback ports, gossip with the LAN preset (the shipped one)
@@ -181,7 +161,7 @@ async def main(args: argparse.Namespace) -> None:
             async with httpx.AsyncClient(
                 timeout=60, limits=httpx.Limits(max_connections=512, max_keepalive_connections=512)
             ) as client:
-                await all_alive(client, base)
+                await cluster.wait_converged(60)
                 share, total = await affinity_share(
                     client, base, args.requests, args.clients, args.conversations
                 )
@@ -194,11 +174,11 @@ async def main(args: argparse.Namespace) -> None:
     table.add_column("target")
     table.add_row(
         f"resume delay after kill -9, p50 ({len(gaps)} streams, {args.trials} kills)",
-        f"{statistics.median(gaps) * 1000:.0f} ms",
+        f"{percentile(gaps, 50) * 1000:.0f} ms",
         "",
     )
     table.add_row(
-        "resume delay after kill -9, p99", f"{pct(gaps, 0.99) * 1000:.0f} ms", "≤ 1000 ms"
+        "resume delay after kill -9, p99", f"{percentile(gaps, 99) * 1000:.0f} ms", "≤ 1000 ms"
     )
     table.add_row("streams ending in an error event", str(len(failures)), "0")
     table.add_row(

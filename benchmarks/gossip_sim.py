@@ -22,14 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quorum.gossip import GossipConfig, Load, MemberState, NodeMeta
 from quorum.gossip.events import MemberDied
 from quorum.gossip.sim import NetworkConditions, Simulation, TimedEvent
+from quorum.stats import percentile
 
 LAN = GossipConfig.lan()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[index]
 
 
 def warm(n: int, seed: int, settle: float) -> Simulation:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,21 +22,18 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quorum.launch import NodeCluster, ServerProcess, write_nodes
+
 console = Console()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+def rss_kb(node: ServerProcess) -> int:
+    kb = node.rss_kb()
+    if kb is None:
+        raise RuntimeError("the node's VmRSS cannot be read")
+    return kb
 
 
 async def hold_stream(
@@ -71,39 +66,26 @@ async def hold_stream(
 
 
 async def main(args: argparse.Namespace) -> None:
-    port = free_port()
+    config = {
+        "node": {"name": "holder"},
+        "backends": [
+            {
+                "model": "m", "kind": "mock", "ttft_ms": 0, "itl_ms": 5000,
+                "slots": args.streams + 100, "queue": 0,
+                "output_tokens": [args.output_tokens, args.output_tokens],
+            }
+        ],
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "node.toml"
-        config.write_text(
-            f'[node]\nname = "holder"\nlisten = "127.0.0.1:{port}"\n'
-            f'[[backends]]\nmodel = "m"\nkind = "mock"\nttft_ms = 0\nitl_ms = 5000\n'
-            f"slots = {args.streams + 100}\nqueue = 0\n"
-            f"output_tokens = [{args.output_tokens}, {args.output_tokens}]\n"
-        )
-        proc = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-m",
-                "quorum",
-                "node",
-                "--config",
-                str(config),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-        )
+        nodes = write_nodes(Path(tmp), {"holder": config}, membership="static", log_level="warning")
+        cluster = NodeCluster(nodes)
+        node = cluster.nodes["holder"]
+        port = int(node.url.rsplit(":", 1)[1])
         try:
-            base = f"http://127.0.0.1:{port}"
+            await cluster.start_all()
+            await cluster.wait_ready(30.0)
+            base = node.url
             async with httpx.AsyncClient(timeout=10) as client:
-                with trio.fail_after(30):
-                    while True:
-                        try:
-                            if (await client.get(base + "/health")).status_code == 200:
-                                break
-                        except httpx.HTTPError:
-                            await trio.sleep(0.1)
                 for _ in range(20):  # warm the code paths once
                     await client.post(
                         base + "/v1/chat/completions",
@@ -113,7 +95,7 @@ async def main(args: argparse.Namespace) -> None:
                             "messages": [{"role": "user", "content": "hi"}],
                         },
                     )
-                before = rss_kb(proc.pid)
+                before = rss_kb(node)
                 body = json.dumps(
                     {
                         "model": "m",
@@ -133,7 +115,7 @@ async def main(args: argparse.Namespace) -> None:
                     with trio.fail_after(args.timeout):
                         await all_open.wait()
                     open_s = trio.current_time() - started
-                    after = rss_kb(proc.pid)
+                    after = rss_kb(node)
                     health = (await client.get(base + "/health")).json()
                     release.set()
                 with trio.fail_after(30):
@@ -143,8 +125,7 @@ async def main(args: argparse.Namespace) -> None:
                             break
                         await trio.sleep(0.1)
         finally:
-            proc.kill()
-            await proc.wait()
+            await cluster.close()
     per_stream = (after - before) * 1024 / args.streams
     table = Table(
         title=f"{args.streams} concurrent open streams on one node "

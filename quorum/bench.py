@@ -23,9 +23,10 @@ every request, as vLLM does), output tokens/s and requests/s over the wall time,
 requests by kind: ``http <status>``, ``connect``, ``broken stream`` (reset, EOF before
 ``[DONE]``, unparsable chunk), ``error event`` (a ``data: {"error": ...}`` event), ``timeout``.
 
-The statistics (``percentile``, ``Summary``, ``stream_timings``, ``build_report``) are pure
-functions; ``run_bench`` is the coroutine that drives the load; ``NodeProcess`` starts and
-stops ``quorum node`` processes and reads their peak RSS (``VmHWM``).
+The statistics (``Summary``, ``stream_timings``, ``build_report``) are pure functions;
+percentiles are ``quorum.stats.percentile`` (linear interpolation between the closest ranks).
+``run_bench`` is the coroutine that drives the load; ``--node-config`` starts nodes with
+``quorum.launch.NodeProcess`` and reports their peak RSS (``VmHWM``).
 """
 
 from __future__ import annotations
@@ -34,27 +35,24 @@ import argparse
 import itertools
 import json
 import math
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import trio
 
+from quorum.launch import NodeProcess, NodeStartError, peak_rss_kb
 from quorum.sse import SSEParser, SSEProtocolError
+from quorum.stats import percentile
 
 __all__ = [
     "BenchConfig",
-    "NodeProcess",
     "Report",
     "RequestResult",
     "Summary",
@@ -63,29 +61,11 @@ __all__ = [
     "build_report",
     "chat_url",
     "main",
-    "peak_rss_kb",
-    "percentile",
     "run_bench",
     "stream_timings",
 ]
 
 # --- statistics (pure) --------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of ``values`` with linear interpolation between the
-    closest ranks (numpy's default, which ``vllm bench`` uses): rank ``q/100 * (n - 1)``.
-
-    Raises ``ValueError`` for an empty ``values`` or ``q`` outside [0, 100]."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} is outside [0, 100]")
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,91 +469,6 @@ async def run_bench(
     return replace(report, config=asdict(config))
 
 
-# --- node processes and their memory ------------------------------------------------------
-
-
-def peak_rss_kb(pid: int) -> int | None:
-    """Peak resident set size of process ``pid`` in KiB (``VmHWM`` in /proc/PID/status);
-    None when the process is gone or the platform has no /proc."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-@dataclass
-class NodeProcess:
-    """A ``python -m quorum node --config PATH`` child process. ``start`` it, read
-    ``peak_rss_kb()`` while it runs, ``stop`` it (SIGTERM to its own pid, SIGKILL after
-    ``grace`` seconds)."""
-
-    config: Path
-    url: str
-    name: str = ""
-    process: trio.Process | None = None
-    log: IO[bytes] | None = None
-
-    async def start(self, *, timeout_s: float = 30.0, log: IO[bytes] | None = None) -> None:
-        """Spawn it and wait until ``GET /health`` answers; raises ``RuntimeError`` (with the
-        output's tail when ``log`` is a readable file) when it exits or does not answer."""
-        self.log = log
-        self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "quorum", "node", "--config", str(self.config)],
-            stdout=log if log is not None else subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        async with httpx.AsyncClient(timeout=1.0) as client:
-            with trio.move_on_after(timeout_s):
-                while self.process.returncode is None and self.process.poll() is None:
-                    try:
-                        response = await client.get(self.url.rstrip("/") + "/health")
-                        if response.status_code == 200:
-                            self.name = str(response.json().get("node", self.config.stem))
-                            return
-                    except (httpx.HTTPError, ValueError):
-                        pass
-                    await trio.sleep(0.05)
-        why = "exited" if self.process.poll() is not None else "did not answer /health"
-        await self.stop()
-        raise RuntimeError(f"node {self.config} {why}{self._tail()}")
-
-    def _tail(self) -> str:
-        if self.log is None:
-            return ""
-        try:
-            self.log.flush()
-            with open(self.log.name, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()[-10:]
-        except (OSError, AttributeError, TypeError):
-            return ""
-        return ":\n    " + "\n    ".join(lines) if lines else ""
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def peak_rss_kb(self) -> int | None:
-        """VmHWM of the running process in KiB (read it before ``stop``)."""
-        return peak_rss_kb(self.process.pid) if self.process is not None else None
-
-    async def stop(self, grace: float = 10.0) -> None:
-        process = self.process
-        if process is None:
-            return
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                os.kill(process.pid, signal.SIGTERM)
-            with trio.move_on_after(grace):
-                await process.wait()
-            if process.returncode is None:
-                os.kill(process.pid, signal.SIGKILL)
-                await process.wait()
-
-
 # --- the command --------------------------------------------------------------------------
 
 
@@ -675,9 +570,14 @@ async def _main(args: argparse.Namespace, console: Any) -> int:
                 cfg = NodeConfig.from_toml(path)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
-            node = NodeProcess(path, cfg.url or f"http://{cfg.host}:{cfg.port}")
+            url = cfg.url or f"http://{cfg.host}:{cfg.port}"
+            node = NodeProcess.of(cfg.name, path, url)
             nodes.append(node)
             await node.start()
+            try:
+                await node.wait_ready(30.0)
+            except NodeStartError as exc:
+                raise RuntimeError(f"node {path}: {exc}") from None
         model = args.model or await _first_model(args.url)
         config = BenchConfig(
             url=args.url,
@@ -719,7 +619,7 @@ async def _main(args: argparse.Namespace, console: Any) -> int:
                 progress.update(task, advance=1, failed=failed)
 
             report = await run_bench(config, on_result=tick)
-        rss = {n.name or str(n.config): kb for n in nodes if (kb := n.peak_rss_kb()) is not None}
+        rss = {n.name: kb for n in nodes if (kb := n.peak_rss_kb()) is not None}
         rss |= {f"pid {pid}": kb for pid in args.pid if (kb := peak_rss_kb(pid)) is not None}
         report = replace(report, peak_rss_kb=rss)
     finally:

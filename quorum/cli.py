@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import subprocess
 import sys
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quorum.config import ConfigError, NodeConfig
+from quorum.launch import NodeCluster, NodeProcess, NodeStartError
 
 __all__ = ["main"]
 
@@ -152,118 +152,94 @@ def _first(exc: BaseException, kind: type[OSError]) -> OSError | None:
 
 
 @dataclass
-class _Child:
-    config: NodeConfig
-    path: Path
-    process: trio.Process | None = None
+class _Output:
+    """A node's output as ``quorum up`` shows it: every line prefixed with the node's name,
+    the last 30 kept for a failure report; ``exited`` once the process has ended."""
+
+    node: NodeProcess
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=30))
     exited: trio.Event = field(default_factory=trio.Event)
 
 
-async def _pump(child: _Child) -> None:
-    assert child.process is not None and child.process.stdout is not None
+async def _pump(out: _Output) -> None:
+    process = out.node.process
+    assert process is not None and process.stdout is not None
     buffer = b""
-    async for data in child.process.stdout:
+    async for data in process.stdout:
         buffer += data
         *lines, buffer = buffer.split(b"\n")
         for raw in lines:
             line = raw.decode("utf-8", "replace")
-            child.tail.append(line)
-            console.out(f"{child.config.name} | {line}", highlight=False)
-    await child.process.wait()
-    child.exited.set()
-
-
-async def _wait_healthy(client: httpx.AsyncClient, child: _Child, deadline: float) -> str | None:
-    """None once the node answers /health, else why it did not."""
-    url = f"http://{child.config.host}:{child.config.port}/health"
-    while trio.current_time() < deadline:
-        if child.exited.is_set():
-            code = child.process.returncode if child.process else None
-            return f"exited with status {code}"
-        try:
-            response = await client.get(url, timeout=1.0)
-            if response.status_code == 200 and response.json().get("node") == child.config.name:
-                return None
-        except (httpx.HTTPError, ValueError):
-            pass
-        await trio.sleep(0.1)
-    return "did not answer /health in time"
-
-
-async def _stop(children: list[_Child], grace_s: float = 10.0) -> None:
-    for child in children:
-        if child.process is not None and child.process.returncode is None:
-            child.process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(grace_s):
-        for child in children:
-            if child.process is not None:
-                await child.process.wait()
-    for child in children:
-        if child.process is not None and child.process.returncode is None:
-            child.process.kill()
-            await child.process.wait()
+            out.tail.append(line)
+            console.out(f"{out.node.name} | {line}", highlight=False)
+    await process.wait()
+    out.exited.set()
 
 
 async def _up(paths: list[Path], startup_timeout: float) -> int:
-    children = []
+    nodes = []
     for path in paths:
         try:
-            children.append(_Child(config=NodeConfig.from_toml(path), path=path))
+            config = NodeConfig.from_toml(path)
         except ConfigError as exc:
             console.print(f"[red]quorum up: {exc}")
             return 2
+        nodes.append(NodeProcess.of(config.name, path, f"http://{config.host}:{config.port}"))
+    cluster = NodeCluster(nodes)
+    outputs = [_Output(node) for node in nodes]
     status = 0
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             try:
-                for child in children:
-                    child.process = await trio.lowlevel.open_process(
-                        [sys.executable, "-m", "quorum", "node", "--config", str(child.path)],
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                    )
-                    nursery.start_soon(_pump, child)
-                deadline = trio.current_time() + startup_timeout
-                async with httpx.AsyncClient() as client:
-                    failures = []
-                    for child in children:
-                        why = await _wait_healthy(client, child, deadline)
-                        if why is not None:
-                            failures.append((child, why))
-                    if failures:
-                        for child, why in failures:
-                            console.print(
-                                f"[red]node {child.config.name} ({child.path}) failed "
-                                f"to start: {why}"
-                            )
-                            for line in list(child.tail)[-10:]:
-                                console.print(f"    {line}", markup=False)
-                        console.print("[red]stopping the other nodes")
-                        status = 1
-                    else:
+                for out in outputs:
+                    await out.node.start(pipe=True)
+                    nursery.start_soon(_pump, out)
+                try:
+                    await cluster.wait_ready(startup_timeout)
+                except NodeStartError as exc:
+                    with trio.move_on_after(2.0):  # the output of those that exited, to the end
+                        for out in outputs:
+                            if out.node.name in exc.failures and not out.node.running:
+                                await out.exited.wait()
+                    for out in outputs:
+                        why = exc.failures.get(out.node.name)
+                        if why is None:
+                            continue
+                        console.print(
+                            f"[red]node {out.node.name} ({out.node.config_path}) failed "
+                            f"to start: {why}"
+                        )
+                        for line in list(out.tail)[-10:]:
+                            console.print(f"    {line}", markup=False)
+                    console.print("[red]stopping the other nodes")
+                    status = 1
+                else:
+                    async with httpx.AsyncClient() as client:
                         await trio.sleep(1.2)  # one membership refresh, so every node knows all
-                        await _print_cluster(client, children[0])
-                        console.print("Ctrl-C stops the cluster.")
-                        async with trio.open_nursery() as watch:
-                            for child in children:
-                                watch.start_soon(_watch_exit, child, watch.cancel_scope)
-                            watch.start_soon(_first_signal, signals, watch.cancel_scope)
-                        dead = [c for c in children if c.exited.is_set()]
-                        for child in dead:
-                            code = child.process.returncode if child.process else None
-                            console.print(f"[red]node {child.config.name} exited (status {code})")
+                        await _print_cluster(client, nodes[0].url)
+                    console.print("Ctrl-C stops the cluster.")
+                    async with trio.open_nursery() as watch:
+                        for out in outputs:
+                            watch.start_soon(_watch_exit, out.exited, watch.cancel_scope)
+                        watch.start_soon(_first_signal, signals, watch.cancel_scope)
+                    for out in outputs:
+                        if out.exited.is_set():
+                            code = out.node.process.returncode if out.node.process else None
+                            console.print(f"[red]node {out.node.name} exited (status {code})")
                             status = 1
             finally:
-                with trio.CancelScope(shield=True):
-                    await _stop(children)
+                await cluster.close(grace_s=10.0)
+                with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                    for out in outputs:  # their last lines, up to the end of each pipe
+                        if out.node.process is not None:
+                            await out.exited.wait()
         nursery.cancel_scope.cancel()
     console.print("cluster stopped")
     return status
 
 
-async def _watch_exit(child: _Child, scope: trio.CancelScope) -> None:
-    await child.exited.wait()
+async def _watch_exit(exited: trio.Event, scope: trio.CancelScope) -> None:
+    await exited.wait()
     scope.cancel()
 
 
@@ -273,8 +249,7 @@ async def _first_signal(signals: AsyncIterator[int], scope: trio.CancelScope) ->
     scope.cancel()
 
 
-async def _print_cluster(client: httpx.AsyncClient, child: _Child) -> None:
-    url = f"http://{child.config.host}:{child.config.port}"
+async def _print_cluster(client: httpx.AsyncClient, url: str) -> None:
     table = Table(title="Quorum cluster")
     table.add_column("node")
     table.add_column("OpenAI base URL")

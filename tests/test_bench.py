@@ -15,36 +15,13 @@ from quorum.bench import (
     build_report,
     chat_url,
     make_prompt,
-    percentile,
     request_body,
     run_bench,
     stream_timings,
 )
-from tests.conftest import node_config, start_cluster
+from tests.helpers import node_config, start_cluster
 
-# --- percentiles and summaries ------------------------------------------------------------
-
-
-def test_percentile_interpolates_between_closest_ranks() -> None:
-    values = [15.0, 20.0, 35.0, 40.0, 50.0]  # sorted; rank = q/100 * 4
-    assert percentile(values, 0) == 15.0
-    assert percentile(values, 50) == 35.0
-    assert percentile(values, 100) == 50.0
-    assert percentile(values, 40) == pytest.approx(29.0)  # rank 1.6: 20 + 0.6 * 15
-    assert percentile(values, 90) == pytest.approx(46.0)  # rank 3.6: 40 + 0.6 * 10
-    assert percentile(values, 99) == pytest.approx(49.6)  # rank 3.96: 40 + 0.96 * 10
-
-
-def test_percentile_ignores_input_order_and_handles_one_value() -> None:
-    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == pytest.approx(2.5)
-    assert percentile([7.0], 99) == 7.0
-
-
-def test_percentile_of_nothing_or_out_of_range_is_an_error() -> None:
-    with pytest.raises(ValueError):
-        percentile([], 50)
-    with pytest.raises(ValueError):
-        percentile([1.0], 101)
+# --- summaries -------------------------------------------------------------------------
 
 
 def test_summary_scales_seconds_to_milliseconds() -> None:

@@ -17,9 +17,15 @@ import pytest
 import trio
 
 from quorum.config import NodeConfig, RoutingConfig
-from quorum.sse import SSEParser
-from tests.conftest import Cluster, node_config, start_cluster
-from tests.openai_spec import validate
+from tests.helpers import (
+    MESSAGES,
+    WEATHER_TOOL,
+    Cluster,
+    node_config,
+    start_cluster,
+    stream_events,
+    validate,
+)
 
 NODES = ("node-a", "node-b", "node-c")
 SERVED_BY = {
@@ -29,43 +35,6 @@ SERVED_BY = {
     "mock-coder": {"node-c"},
 }
 REASONING_FIELD = {"mock-reasoner": "reasoning_content", "mock-thinker": "reasoning"}
-MESSAGES = [{"role": "user", "content": "Count to five."}]
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "minLength": 1},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-
-async def stream_events(
-    http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> tuple[httpx.Response, list[dict[str, Any]], bytes]:
-    """POST a streaming request; return the response, the parsed JSON events (without
-    [DONE]) and the raw body. Asserts the stream ends with exactly one [DONE]."""
-    parser = SSEParser()
-    events = []
-    raw = b""
-    async with http.stream("POST", url, json=body, headers=headers) as response:
-        async for chunk in response.aiter_raw():  # read to the end: closes itself
-            raw += chunk
-            events.extend(parser.feed(chunk))
-    assert parser.pending == 0
-    assert [e.data for e in events].count("[DONE]") == 1 and events[-1].is_done
-    return response, [json.loads(e.data) for e in events[:-1]], raw
-
-
 # --- the OpenAI SDK against every node ----------------------------------------------------
 
 
@@ -563,6 +532,7 @@ async def test_cluster_members_shows_state_incarnation_and_load(
     assert by_name["node-c"]["load"]["free_slots"] == 24  # 16 + 8 slots, all free
 
 
+@pytest.mark.slow  # runs `quorum members` as a process
 async def test_quorum_members_prints_the_table(cluster: Cluster) -> None:
     result = await trio.run_process(
         [sys.executable, "-m", "quorum", "members", cluster.url("node-a")],

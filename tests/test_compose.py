@@ -12,11 +12,15 @@ import pytest
 import yaml
 
 from quorum.config import NodeConfig
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("docker-compose") is None, reason="docker-compose is not installed"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("docker-compose") is None,
+        reason="docker-compose is not installed (apt-get install -y docker-compose)",
+    ),
+]
 
 
 def compose_config() -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from quorum.config import ConfigError, NodeConfig, parse_hostport
 from quorum.node import Node
-from tests.conftest import NODES
+from tests.helpers import NODES
 
 
 def test_shipped_cluster_covers_shared_single_and_both_reasoning_styles() -> None:

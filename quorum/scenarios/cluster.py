@@ -1,6 +1,6 @@
-"""Real node processes for scenarios: configs written from ``nodes/*.toml`` into a temp dir,
-``python -m quorum node`` per node (on free loopback ports, or each in its own Linux network
-namespace), every process ended by its own pid.
+"""Real node processes for scenarios: ``nodes/*.toml`` with this run's options, written into
+a temp dir and started with ``quorum.launch`` (on free loopback ports, or each node in its own
+Linux network namespace), every process ended by its own pid.
 
 ::
 
@@ -12,104 +12,77 @@ namespace), every process ended by its own pid.
         await cluster.close()           # SIGTERM, then SIGKILL, by pid; namespaces removed
 
 Network namespaces (``netns=True``): one namespace per node named ``qscn<pid>-<node>``
-(``NETNS_PREFIX``), a bridge ``qscnbr<pid>`` in the root namespace holding 10.201.0.1/24,
-and a veth pair per node (``qscnv<pid><i>`` on the bridge, ``eth0`` in the namespace with
-10.201.0.<10+i>/24). Traffic only goes to loopback and to these namespaces. Leftovers from
-a crashed run are found by the prefix (``remove_leftover_namespaces``).
+(``NETNS_PREFIX``), a bridge ``qscnbr<pid>`` in the root namespace holding 10.201.X.1/24, and
+a veth pair per node (``qscnv<pid><i>`` on the bridge, ``eth0`` in the namespace with
+10.201.X.<10+i>/24). X is the first of 1..250, counted from this pid, that no interface of
+the machine uses yet (``free_subnet``), so that runs side by side do not share a subnet.
+Traffic only goes to loopback and to these namespaces. Leftovers from a crashed run are found
+by the prefix (``remove_leftover_namespaces``).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
+import shutil
 import subprocess
-import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import trio
+from quorum.launch import (
+    Address,
+    NodeCluster,
+    default_nodes_dir,
+    shipped_configs,
+    write_nodes,
+)
 
 __all__ = [
     "NETNS_PREFIX",
-    "NETNS_SUBNET",
+    "SCENARIO_MODEL",
     "ClusterOptions",
     "NetnsUnavailable",
-    "NodeProcess",
     "ProcessCluster",
-    "default_nodes_dir",
-    "free_port",
+    "free_subnet",
+    "netns_available",
     "remove_leftover_namespaces",
-    "to_toml",
 ]
 
 NETNS_PREFIX = "qscn"
-NETNS_SUBNET = "10.201.0"  # /24 on a bridge this module creates; nothing else is addressed
+NETNS_NET = "10.201"  # 10.201.X.0/24 on a bridge this module creates; nothing else is addressed
 SCENARIO_MODEL = "mock-scenario"
 
 
 class NetnsUnavailable(RuntimeError):
-    """Network namespaces cannot be used here (not root, or ``ip netns add`` failed)."""
+    """Network namespaces cannot be used here (not root, no ``ip``, or a command failed)."""
 
 
-def default_nodes_dir() -> Path:
-    """``nodes/`` of the repository this package was installed from (editable install)."""
-    return Path(__file__).resolve().parents[2] / "nodes"
+def netns_available() -> str | None:
+    """None when this process can make network namespaces (root and iproute2's ``ip``
+    installed), else why not. It does not try one: ``setup_netns`` says if that fails."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2's ip is not installed (apt-get install -y iproute2)"
+    return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, which is also free for UDP (gossip binds both)."""
-    for _ in range(50):
-        with socket.socket() as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair found in 50 tries")
+def free_subnet(tag: int) -> str:
+    """``10.201.X`` for the first X in 1..250, counted from ``tag``, that no interface holds
+    (``ip -o -4 addr show``); X = 1 + tag % 250 when ``ip`` cannot be asked."""
+    try:
+        used = _run(["ip", "-o", "-4", "addr", "show"], check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        used = ""
+    for i in range(250):
+        subnet = f"{NETNS_NET}.{1 + (tag + i) % 250}"
+        if f" {subnet}." not in used:
+            return subnet
+    return f"{NETNS_NET}.{1 + tag % 250}"
 
 
-# --- TOML out -----------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def to_toml(data: Mapping[str, Any]) -> str:
-    """The node-config subset of TOML: tables of scalars and lists, arrays of such tables."""
-    lines: list[str] = []
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            lines.append(f"[{key}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
-            lines.append("")
-        elif isinstance(value, list) and value and isinstance(value[0], Mapping):
-            for table in value:
-                lines.append(f"[[{key}]]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-                lines.append("")
-        else:
-            raise TypeError(f"top-level {key!r} must be a table or an array of tables")
-    return "\n".join(lines)
-
-
-# --- options and node processes -----------------------------------------------------------
+# --- options --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -130,33 +103,6 @@ class ClusterOptions:
     scenario_backend: Mapping[str, Any] | None = None
     nodes_dir: Path = field(default_factory=default_nodes_dir)
     names: Sequence[str] = ("node-a", "node-b", "node-c")
-
-
-@dataclass
-class NodeProcess:
-    """One node: its address, ports, config file, namespace and current process."""
-
-    name: str
-    host: str  # the address others reach it at: 127.0.0.1, or its namespace's 10.201.0.x
-    http_port: int
-    gossip_port: int
-    config_path: Path
-    log_path: Path
-    netns: str | None = None
-    process: trio.Process | None = None
-    starts: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
 
 
 def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -183,103 +129,98 @@ def remove_leftover_namespaces(prefix: str = NETNS_PREFIX) -> list[str]:
     return removed
 
 
-class ProcessCluster:
-    """Node processes of one scenario run. ``workdir``: configs and logs go here."""
+class ProcessCluster(NodeCluster):
+    """The node processes of one scenario run (a ``quorum.launch.NodeCluster``).
+    ``workdir``: configs and logs go here. ``addresses``: name -> ``Address``.
+    ``netns_of(name)``: the node's namespace (None on loopback)."""
 
     def __init__(self, workdir: Path, options: ClusterOptions) -> None:
         self.workdir = workdir
         self.options = options
-        self.nodes: dict[str, NodeProcess] = {}
         self.namespaces: list[str] = []
         self.bridge: str | None = None
         self.veths: list[str] = []
         self._tag = str(os.getpid())
-        self._layout()
-
-    # -- layout and configs ----------------------------------------------------------------
-
-    def _layout(self) -> None:
-        opts = self.options
-        for i, name in enumerate(opts.names):
-            if opts.netns:
-                host = f"{NETNS_SUBNET}.{10 + i}"
-                http_port, gossip_port = 32768, 7946  # each namespace has its own ports
-                netns = f"{NETNS_PREFIX}{self._tag}-{name}"
-            else:
-                host, http_port, gossip_port, netns = "127.0.0.1", free_port(), free_port(), None
-            self.nodes[name] = NodeProcess(
-                name=name,
-                host=host,
-                http_port=http_port,
-                gossip_port=gossip_port,
-                config_path=self.workdir / f"{name}.toml",
-                log_path=self.workdir / f"{name}.log",
-                netns=netns,
+        self._netns: dict[str, str] = {}
+        self.addresses: dict[str, Address] = {}
+        self.subnet: str | None = None
+        if options.netns:
+            self.subnet = free_subnet(os.getpid())
+        for i, name in enumerate(options.names):
+            if self.subnet is None:
+                self.addresses[name] = Address.loopback()
+                continue
+            # each namespace has its own ports: the shipped ones, listening on all addresses
+            host = f"{self.subnet}.{10 + i}"
+            self.addresses[name] = Address(host, 32768, 7946, bind="0.0.0.0")
+            self._netns[name] = f"{NETNS_PREFIX}{self._tag}-{name}"
+        configs = {name: self.config_for(name, data) for name, data in self._sources().items()}
+        super().__init__(
+            write_nodes(
+                workdir,
+                configs,
+                addresses=self.addresses,
+                preset=options.preset,
+                prefixes={n: ["ip", "netns", "exec", ns] for n, ns in self._netns.items()},
             )
-        for node in self.nodes.values():
-            node.config_path.write_text(to_toml(self.config_for(node)))
-
-    def config_for(self, node: NodeProcess) -> dict[str, Any]:
-        """``nodes/<name>.toml`` with this run's addresses, gossip preset and options."""
-        opts = self.options
-        source = opts.nodes_dir / f"{node.name}.toml"
-        data = tomllib.loads(source.read_text())
-        listen = f"0.0.0.0:{node.http_port}" if node.netns else f"{node.host}:{node.http_port}"
-        data["node"] = {**data["node"], "name": node.name, "listen": listen, "url": node.url}
-        data.pop("cluster", None)
-        gossip = dict(data.get("gossip", {}))
-        gossip.update(
-            bind=f"{node.host}:{node.gossip_port}",
-            seeds=[f"{o.host}:{o.gossip_port}" for o in self.nodes.values() if o is not node],
-            preset=opts.preset,
         )
-        gossip.setdefault("cluster", "quorum-scenario")
-        data["gossip"] = gossip
+
+    # -- configs ---------------------------------------------------------------------------
+
+    def _sources(self) -> dict[str, dict[str, Any]]:
+        return shipped_configs(self.options.nodes_dir, self.options.names)
+
+    def config_for(self, name: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``nodes/<name>.toml`` with this run's backends and routing (addresses, seeds and
+        the preset are ``quorum.launch.rewire``'s)."""
+        opts = self.options
+        out = dict(data)
+        out["gossip"] = {"cluster": "quorum-scenario", **data.get("gossip", {})}
         backends = [
             {**b, **opts.mock} if b.get("kind", "mock") == "mock" else dict(b)
             for b in data.get("backends", [])
         ]
         if opts.scenario_backend is not None:
             backends.append({"model": SCENARIO_MODEL, "kind": "mock", **opts.scenario_backend})
-        data["backends"] = backends
+        out["backends"] = backends
         if opts.routing:
-            data["routing"] = dict(opts.routing)
-        data["debug"] = {"faults": True}  # scenarios inject faults (x-quorum-fault)
-        return data
+            out["routing"] = dict(opts.routing)
+        out["debug"] = {"faults": True}  # scenarios inject faults (x-quorum-fault)
+        return out
 
-    @property
-    def urls(self) -> dict[str, str]:
-        return {n.name: n.url for n in self.nodes.values()}
+    def netns_of(self, name: str) -> str | None:
+        return self._netns.get(name)
 
     # -- namespaces ------------------------------------------------------------------------
 
     def setup_netns(self) -> None:
         """Create the bridge, the namespaces and the veth pairs; raises ``NetnsUnavailable``
         (having removed whatever it created) when that is not possible here."""
-        if os.geteuid() != 0:
-            raise NetnsUnavailable("network namespaces need root")
+        if (why := netns_available()) is not None:
+            raise NetnsUnavailable(why)
+        assert self.subnet is not None, "setup_netns needs ClusterOptions(netns=True)"
         bridge = f"{NETNS_PREFIX}br{self._tag}"[:15]
         try:
             _run(["ip", "link", "add", bridge, "type", "bridge"])
             self.bridge = bridge
-            _run(["ip", "addr", "add", f"{NETNS_SUBNET}.1/24", "dev", bridge])
+            _run(["ip", "addr", "add", f"{self.subnet}.1/24", "dev", bridge])
             _run(["ip", "link", "set", bridge, "up"])
-            for i, node in enumerate(self.nodes.values()):
-                assert node.netns is not None
-                _run(["ip", "netns", "add", node.netns])
-                self.namespaces.append(node.netns)
+            for i, (name, ns) in enumerate(self._netns.items()):
+                host = self.addresses[name].host
+                _run(["ip", "netns", "add", ns])
+                self.namespaces.append(ns)
                 host_end = f"{NETNS_PREFIX}v{self._tag}{i}"[:15]
                 peer = f"{NETNS_PREFIX}p{self._tag}{i}"[:15]
                 _run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", peer])
                 self.veths.append(host_end)
-                _run(["ip", "link", "set", peer, "netns", node.netns])
+                _run(["ip", "link", "set", peer, "netns", ns])
                 _run(["ip", "link", "set", host_end, "master", bridge])
                 _run(["ip", "link", "set", host_end, "up"])
-                ns = ["ip", "netns", "exec", node.netns, "ip"]
-                _run([*ns, "link", "set", "lo", "up"])
-                _run([*ns, "link", "set", peer, "name", "eth0"])
-                _run([*ns, "addr", "add", f"{node.host}/24", "dev", "eth0"])
-                _run([*ns, "link", "set", "eth0", "up"])
+                inside = ["ip", "netns", "exec", ns, "ip"]
+                _run([*inside, "link", "set", "lo", "up"])
+                _run([*inside, "link", "set", peer, "name", "eth0"])
+                _run([*inside, "addr", "add", f"{host}/24", "dev", "eth0"])
+                _run([*inside, "link", "set", "eth0", "up"])
         except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
             detail = getattr(exc, "stderr", "") or str(exc)
             self.teardown_netns()
@@ -297,79 +238,10 @@ class ProcessCluster:
             _run(["ip", "link", "del", self.bridge], check=False)
         self.namespaces, self.veths, self.bridge = [], [], None
 
-    # -- processes -------------------------------------------------------------------------
-
-    def argv(self, node: NodeProcess) -> list[str]:
-        command = [sys.executable, "-m", "quorum", "node", "--config", str(node.config_path)]
-        if node.netns is not None:
-            # `ip netns exec` execs the command in place: the pid stays the node's own.
-            return ["ip", "netns", "exec", node.netns, *command]
-        return command
-
-    async def start(self, name: str) -> NodeProcess:
-        """Start ``name`` (not waiting for it to listen); its output goes to its log."""
-        node = self.nodes[name]
-        if node.running:
-            raise RuntimeError(f"{name} is already running (pid {node.pid})")
-        node.starts += 1
-        with node.log_path.open("ab") as log:
-            log.write(f"--- start {node.starts} ---\n".encode())
-            log.flush()
-            node.process = await trio.lowlevel.open_process(
-                self.argv(node), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        return node
-
-    async def start_all(self) -> None:
-        for name in self.nodes:
-            await self.start(name)
-
-    def signal(self, name: str, signum: int) -> None:
-        """Send ``signum`` to the node's own pid (nothing if it is not running)."""
-        node = self.nodes[name]
-        if node.running and node.pid is not None:
-            os.kill(node.pid, signum)
-
-    async def wait_exit(self, name: str, timeout_s: float) -> int | None:
-        """The exit status, or None if still running after ``timeout_s``."""
-        node = self.nodes[name]
-        if node.process is None:
-            return None
-        with trio.move_on_after(timeout_s):
-            return await node.process.wait()
-        return None
-
-    async def kill(self, name: str) -> None:
-        """SIGKILL by pid, and reap it."""
-        node = self.nodes[name]
-        if node.running and node.process is not None:
-            os.kill(node.process.pid, signal.SIGCONT)  # a stopped process dies just the same
-            node.process.kill()
-            await node.process.wait()
-
-    def log_tail(self, name: str, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.nodes[name].log_path.read_text().splitlines()[-lines:])
-        except OSError:
-            return ""
+    # -- ending ----------------------------------------------------------------------------
 
     async def close(self, grace_s: float = 8.0) -> None:
         """End every process this cluster started (SIGCONT+SIGTERM, then SIGKILL, by pid),
         then remove the namespaces. Safe to call twice."""
-        with trio.CancelScope(shield=True):
-            for node in self.nodes.values():
-                if node.running and node.pid is not None:
-                    try:
-                        os.kill(node.pid, signal.SIGCONT)
-                        os.kill(node.pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-            with trio.move_on_after(grace_s):
-                for node in self.nodes.values():
-                    if node.process is not None:
-                        await node.process.wait()
-            for node in self.nodes.values():
-                if node.running and node.process is not None:
-                    node.process.kill()
-                    await node.process.wait()
-            self.teardown_netns()
+        await super().close(grace_s)
+        self.teardown_netns()

@@ -1,9 +1,10 @@
 """What every scenario shares: its options, the environment it runs in (a target, an HTTP
-client, notes for the report), waiting for the cluster to converge, and its result."""
+client, notes for the report), what it needs from the machine (``partition_method``,
+``MissingTool``), waiting for the cluster to converge, and its result."""
 
 from __future__ import annotations
 
-import math
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -15,22 +16,35 @@ from typing import Any
 import httpx
 import trio
 
-from quorum.scenarios.cluster import ClusterOptions, NetnsUnavailable, ProcessCluster
+from quorum.scenarios.cluster import (
+    ClusterOptions,
+    NetnsUnavailable,
+    ProcessCluster,
+    netns_available,
+)
 from quorum.scenarios.target import ComposeTarget, LocalTarget, Target
 
 __all__ = [
     "Env",
+    "MissingTool",
     "Options",
+    "PartitionMethod",
     "ScenarioError",
     "ScenarioResult",
     "open_env",
-    "percentile",
+    "partition_method",
     "wait_converged",
 ]
 
 
 class ScenarioError(RuntimeError):
     """The scenario could not run as designed (the cluster did not start or converge)."""
+
+
+class MissingTool(RuntimeError):
+    """The scenario needs a program this machine lacks, found before anything started. The
+    message is one line: what is missing and the command that installs it. ``quorum
+    scenario`` prints it and exits with status 2."""
 
 
 @dataclass(frozen=True)
@@ -99,15 +113,6 @@ class Env:
         return self.options.quick
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100); 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
 async def wait_converged(
     env: Env, timeout_s: float, *, nodes: Sequence[str] | None = None, ready: bool = True
 ) -> float:
@@ -139,6 +144,72 @@ async def wait_converged(
     raise ScenarioError(f"the cluster did not converge in {timeout_s} s: {views}")
 
 
+# --- what a scenario needs from the machine ------------------------------------------------
+
+
+def _has(program: str) -> bool:
+    return shutil.which(program) is not None
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@dataclass(frozen=True)
+class PartitionMethod:
+    """How this run cuts a node off. ``netns``: the cluster must run in network namespaces
+    (a partition sets the node's veth link down); otherwise the target's own way (iptables
+    on loopback, ``docker network disconnect`` under compose). ``note``: the report's line
+    saying which method, and why."""
+
+    netns: bool
+    note: str
+
+
+IPTABLES_NOTE = (
+    "partition method: iptables on loopback (the node's gossip UDP both ways and TCP "
+    "push-pull between all nodes dropped); HTTP between nodes is not cut"
+)
+NETNS_NOTE = "partition method: network namespaces, the node's veth link set down"
+
+
+def partition_method(options: Options) -> PartitionMethod:
+    """Choose how ``options``' run will partition nodes, before anything starts:
+
+    - ``--target compose``: ``docker network disconnect`` (needs ``docker``);
+    - ``--netns``, root and ``ip`` present: network namespaces;
+    - root and ``iptables`` present: iptables on loopback (as every run did before);
+    - root and ``ip`` present: network namespaces, chosen because iptables is missing;
+    - else ``MissingTool``, naming what to install (or that root is needed).
+    """
+    if options.target == "compose":
+        if not _has("docker"):
+            raise MissingTool(
+                "--target compose needs docker with its compose plugin, which is not installed "
+                "(apt-get install -y docker.io docker-compose-v2)"
+            )
+        return PartitionMethod(False, "partition method: docker network disconnect")
+    netns_why = netns_available() if _is_root() else "network namespaces need root"
+    if options.netns and netns_why is None:
+        return PartitionMethod(True, NETNS_NOTE + " (--netns)")
+    if not _is_root():
+        raise MissingTool(
+            "a partition needs root, for iptables (apt-get install -y iptables) or for network "
+            "namespaces (apt-get install -y iproute2): run it as root"
+        )
+    if _has("iptables"):
+        return PartitionMethod(False, IPTABLES_NOTE)
+    if netns_why is None:
+        return PartitionMethod(True, NETNS_NOTE + ", chosen because iptables is not installed")
+    raise MissingTool(
+        "a partition on loopback needs iptables (apt-get install -y iptables) or network "
+        f"namespaces, which are unusable here: {netns_why}"
+    )
+
+
+# --- the environment ------------------------------------------------------------------------
+
+
 @asynccontextmanager
 async def open_env(
     options: Options,
@@ -147,9 +218,13 @@ async def open_env(
     mock: Mapping[str, Any] | None = None,
     scenario_backend: Mapping[str, Any] | None = None,
     start: bool = True,
+    partition: PartitionMethod | None = None,
 ) -> AsyncIterator[Env]:
     """The scenario's cluster, started (unless ``start`` is False) and converged; always
-    torn down: processes ended by pid, namespaces and firewall rules removed."""
+    torn down: processes ended by pid, namespaces and firewall rules removed.
+    ``partition``: the scenario cuts nodes off, this way (``partition_method``); its note
+    goes into the report. Raises ``MissingTool`` when namespaces fail to set up and the
+    partition has no other way."""
     notes: list[str] = []
     async with httpx.AsyncClient(timeout=5.0) as http:
         if options.target == "compose":
@@ -161,36 +236,49 @@ async def open_env(
                 f"compose project {compose.project!r} ({compose_file}); its own node configs "
                 "apply (LAN preset, no scenario model or timeouts)"
             )
+            if partition is not None:
+                notes.append(partition.note)
             try:
                 await wait_converged(env, 60.0)
                 yield env
             finally:
                 await target.close()
             return
+        netns = options.netns or (partition is not None and partition.netns)
         workdir = Path(tempfile.mkdtemp(prefix="quorum-scenario-"))
         cluster_options = ClusterOptions(
             preset=options.preset,
-            netns=options.netns,
+            netns=netns,
             routing=dict(routing or {}),
             mock=dict(mock or {}),
             scenario_backend=scenario_backend,
         )
         cluster = ProcessCluster(workdir, cluster_options)
-        if options.netns:
+        if netns:
             try:
                 cluster.setup_netns()
                 notes.append(
-                    "netns: each node in its own network namespace on 10.201.0.0/24, "
+                    f"netns: each node in its own network namespace on {cluster.subnet}.0/24, "
                     "faults on real links (veth)"
                 )
             except NetnsUnavailable as exc:
+                if partition is not None and not (_is_root() and _has("iptables")):
+                    shutil.rmtree(workdir, ignore_errors=True)
+                    raise MissingTool(
+                        f"network namespaces are unusable here ({exc}) and iptables is not "
+                        "installed (apt-get install -y iptables)"
+                    ) from None
                 notes.append(
-                    f"--netns unavailable ({exc}): fell back to loopback with gossip-level "
-                    "fault injection"
+                    f"network namespaces unavailable ({exc}): fell back to loopback with "
+                    "gossip-level fault injection"
                 )
+                if partition is not None:
+                    partition = PartitionMethod(False, IPTABLES_NOTE)
                 cluster = ProcessCluster(
                     workdir, ClusterOptions(**{**cluster_options.__dict__, "netns": False})
                 )
+        if partition is not None:
+            notes.append(partition.note)
         target = LocalTarget(cluster)
         env = Env(target, http, options, notes, cluster=cluster, workdir=workdir)
         ok = False

@@ -22,7 +22,8 @@ from quorum.scenarios.clients import (
     reference_text,
     stream_chat,
 )
-from quorum.scenarios.env import Env, ScenarioError, ScenarioResult, percentile, wait_converged
+from quorum.scenarios.env import Env, ScenarioError, ScenarioResult, wait_converged
+from quorum.stats import percentile
 
 __all__ = ["SCENARIOS", "Scenario"]
 
@@ -202,14 +203,14 @@ async def kill_mid_stream(env: Env, result: ScenarioResult) -> None:
     result.figure("duplicated characters", damage.duplicated, "0")
     result.figure("hung clients", hung, "0")
     result.figure("broken streams (error or bad shape)", broken, "0")
-    result.figure("resume delay p50 (s)", percentile(gaps, 50))
-    result.figure("resume delay p99 (s)", percentile(gaps, 99), "≤ 1.0")
+    result.figure("resume delay p50 (s)", percentile(gaps, 50, empty=0.0))
+    result.figure("resume delay p99 (s)", percentile(gaps, 99, empty=0.0), "≤ 1.0")
     result.figure("resume delay max (s)", max(gaps, default=0.0))
     if unrouted:
         result.notes.append(f"{unrouted} trial(s) where the victim did not serve the probe")
     result.notes += errors[:10]
     result.check("some streams were on the killed node", affected > 0)
-    result.check("resume p99 ≤ 1 s", percentile(gaps, 99) <= 1.0)
+    result.check("resume p99 ≤ 1 s", percentile(gaps, 99, empty=0.0) <= 1.0)
 
 
 # --- steady load behind a load balancer ---------------------------------------------------
@@ -310,7 +311,7 @@ async def graceful_drain(env: Env, result: ScenarioResult) -> None:
 
     await with_load(env, result, body, workers)
     result.trials = trials
-    result.figure("drain → exit p50 (s)", percentile(exits, 50))
+    result.figure("drain → exit p50 (s)", percentile(exits, 50, empty=0.0))
     result.figure("drain → exit max (s)", max(exits, default=0.0))
 
 
@@ -336,7 +337,7 @@ async def rolling_restart(env: Env, result: ScenarioResult) -> None:
     await with_load(env, result, body, workers)
     result.trials = rounds * len(target.nodes)
     result.figure("restarts", len(took))
-    result.figure("drain → back in the cluster p50 (s)", percentile(took, 50))
+    result.figure("drain → back in the cluster p50 (s)", percentile(took, 50, empty=0.0))
     result.figure("drain → back in the cluster max (s)", max(took, default=0.0))
 
 
@@ -406,11 +407,6 @@ async def partition(env: Env, result: ScenarioResult) -> None:
     hold_s = 20.0 if env.quick else 45.0
     victim = target.nodes[-1]
     majority = [n for n in target.nodes if n != victim]
-    if target.kind == "local":
-        env.notes.append(
-            "loopback: partition at the gossip level with iptables (the node's UDP both ways, "
-            "TCP push-pull between all nodes); HTTP between nodes is not cut"
-        )
     reconverge: list[float] = []
     detect: list[float] = []
     same_side = 0
@@ -456,14 +452,14 @@ async def partition(env: Env, result: ScenarioResult) -> None:
                 same_side += 1
                 result.notes.append(f"trial {trial}: false dead verdict {observer} → {subject}")
     result.trials = trials
-    detected = f"p50 {percentile(detect, 50):.2f}, max {max(detect, default=0.0):.2f}"
+    detected = f"p50 {percentile(detect, 50, empty=0.0):.2f}, max {max(detect, default=0.0):.2f}"
     result.figure("time for the majority to declare the cut node dead (s)", detected)
     result.figure("dead verdicts across the cut (expected)", cross)
     result.figure("false dead verdicts (same side, or after healing)", same_side, "0")
     for side, counts in routes.items():
         result.figure(f"routes while cut, entering at {side}", ", ".join(
             f"{k.split(' → ')[1]} x{v}" for k, v in sorted(counts.items())))  # fmt: skip
-    result.figure("reconvergence after healing p50 (s)", percentile(reconverge, 50))
+    result.figure("reconvergence after healing p50 (s)", percentile(reconverge, 50, empty=0.0))
     result.figure("reconvergence after healing max (s)", max(reconverge, default=0.0))
     result.check("no false dead verdicts", same_side == 0)
     result.check("reconverged after every heal", len(reconverge) == trials)
@@ -717,7 +713,8 @@ async def overload(env: Env, result: ScenarioResult) -> None:
 class Scenario:
     """A scenario: ``run`` fills a result; the cluster it needs is described by
     ``routing``/``mock``/``backend``; ``start``: the env starts the cluster first;
-    ``compose``: it can run against a compose cluster."""
+    ``compose``: it can run against a compose cluster; ``partitions``: it cuts nodes off,
+    which needs a way to (``env.partition_method``)."""
 
     name: str
     summary: str
@@ -727,6 +724,7 @@ class Scenario:
     backend: Callable[[bool], Mapping[str, Any]] = lambda quick: SCENARIO_BACKEND
     start: bool = True
     compose: bool = True
+    partitions: bool = False
 
     @property
     def script(self) -> str:
@@ -755,6 +753,7 @@ SCENARIOS: dict[str, Scenario] = {
             "partition",
             "cut one node off and heal it: routes, dead verdicts, reconvergence",
             partition,
+            partitions=True,
         ),
         Scenario(
             "flapping",

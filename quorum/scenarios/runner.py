@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -12,15 +13,19 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from quorum.scenarios.env import Options, ScenarioError, ScenarioResult, open_env
+from quorum.scenarios.env import (
+    MissingTool,
+    Options,
+    ScenarioError,
+    ScenarioResult,
+    open_env,
+    partition_method,
+)
 from quorum.scenarios.library import SCENARIOS, Scenario
 
-__all__ = ["SCENARIOS", "Options", "ScenarioResult", "main", "run", "script"]
+__all__ = ["SCENARIOS", "MissingTool", "Options", "ScenarioResult", "main", "run"]
 
 console = Console(highlight=False)
-
-
-from quorum.scenarios import add_arguments  # noqa: E402 - defined in the light package
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -47,6 +52,7 @@ async def _run(scenario: Scenario, options: Options) -> ScenarioResult:
             "run it with --target local"
         )
         return result
+    partition = partition_method(options) if scenario.partitions else None
     env_notes: list[str] = []
     try:
         async with open_env(
@@ -55,6 +61,7 @@ async def _run(scenario: Scenario, options: Options) -> ScenarioResult:
             mock=scenario.mock(options.quick),
             scenario_backend=scenario.backend(options.quick),
             start=scenario.start,
+            partition=partition,
         ) as env:
             env_notes = env.notes
             if env.target.kind != kind:
@@ -74,7 +81,8 @@ async def _run(scenario: Scenario, options: Options) -> ScenarioResult:
 
 
 def run(name: str, options: Options) -> ScenarioResult:
-    """Run one scenario to its end (blocking) and return its result."""
+    """Run one scenario to its end (blocking) and return its result. Raises
+    ``MissingTool`` before starting anything when the machine lacks what it needs."""
     return trio.run(_run, SCENARIOS[name], options)
 
 
@@ -129,7 +137,8 @@ def _needs_root(options: Options) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``quorum scenario``: the exit status (0 PASS, 1 FAIL, 2 usage)."""
+    """``quorum scenario``: the exit status (0 PASS, 1 FAIL, 2 usage or a missing tool:
+    one line on stderr saying what to install)."""
     if args.list or not args.name:
         list_scenarios()
         return 0 if args.list else 2
@@ -142,21 +151,16 @@ def main(args: argparse.Namespace) -> int:
         return 2
     results = []
     for name in names:
-        result = run(name, options)
+        try:
+            result = run(name, options)
+        except MissingTool as exc:
+            print(f"quorum scenario {name}: {exc}", file=sys.stderr)
+            return 2
         render(result)
         results.append(result)
     if len(results) > 1:
         render_summary(results)
     return 0 if all(r.passed for r in results) else 1
-
-
-def script(name: str, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scenarios/<name>.py``: the same options, the name fixed."""
-    parser = argparse.ArgumentParser(prog=f"scenarios/{name.replace('-', '_')}.py")
-    add_arguments(parser, with_name=False)
-    args = parser.parse_args(argv)
-    args.name, args.list = name, False
-    return main(args)
 
 
 def quick(options: Options) -> Options:

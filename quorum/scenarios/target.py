@@ -242,12 +242,13 @@ class LocalTarget(Target):
         return self.cluster.nodes[node].url
 
     def inside(self, node: str) -> list[str]:
-        ns = self.cluster.nodes[node].netns
+        ns = self.cluster.netns_of(node)
         return ["ip", "netns", "exec", ns] if ns else []
 
     def local_url(self, node: str) -> str:
-        n = self.cluster.nodes[node]
-        return f"http://127.0.0.1:{n.http_port}" if n.netns else n.url
+        if self.cluster.netns_of(node) is None:
+            return self.url(node)
+        return f"http://127.0.0.1:{self.cluster.addresses[node].http_port}"
 
     def running(self, node: str) -> bool:
         return self.cluster.nodes[node].running
@@ -278,8 +279,8 @@ class LocalTarget(Target):
         if self.kind == "netns":
             await self.run(["ip", "link", "set", self.cluster.veth_of(node), "down"])
         else:
-            ports = [n.gossip_port for n in self.cluster.nodes.values()]
-            await self.firewall.cut(self.cluster.nodes[node].gossip_port, ports)
+            ports = [a.gossip_port for a in self.cluster.addresses.values()]
+            await self.firewall.cut(self.cluster.addresses[node].gossip_port, ports)
         self.partitioned.add(node)
 
     async def heal(self, node: str) -> None:

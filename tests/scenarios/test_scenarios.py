@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from quorum.scenarios import SCENARIOS, Options
+from quorum import cli
+from quorum.scenarios import SCENARIOS, Options, env
 from quorum.scenarios import run as run_scenario
-from quorum.scenarios.cluster import NETNS_PREFIX
+from quorum.scenarios.cluster import NETNS_PREFIX, netns_available
+from quorum.scenarios.env import MissingTool, partition_method
 from quorum.scenarios.target import ComposeTarget
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # The openai SDK stops reading its nested async generators at [DONE] without closing them
 # (openai._streaming, and its vendored httpx2/httpcore2); under trio they are finalized by
@@ -28,6 +30,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.slow
 def test_scenario_list_names_every_scenario_and_its_script() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "quorum", "scenario", "--list"],
@@ -44,16 +47,103 @@ def test_scenario_list_names_every_scenario_and_its_script() -> None:
         assert (ROOT / scenario.script).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario_passes_in_quick_mode(name: str) -> None:
     options = Options(quick=True, trials=1 if name == "rolling-restart" else None)
+    if SCENARIOS[name].partitions:
+        try:
+            method = partition_method(options)
+        except MissingTool as exc:
+            pytest.skip(str(exc))  # names the package to install
     result = run_scenario(name, options)
     assert result.passed, (result.figures, result.checks, result.notes)
+    if SCENARIOS[name].partitions:
+        assert method.note in result.notes  # the report says how it cut the node off
+
+
+# --- what a scenario needs from the machine ----------------------------------------------
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """What ``partition_method`` finds on this (pretend) machine: set the keys."""
+    found = {"root": True, "iptables": True, "ip": True, "docker": True}
+
+    def netns_available() -> str | None:
+        if not found["root"]:
+            return "network namespaces need root"
+        return None if found["ip"] else "iproute2 missing (apt-get install -y iproute2)"
+
+    monkeypatch.setattr(env, "_is_root", lambda: found["root"])
+    monkeypatch.setattr(env, "_has", lambda program: found[program])
+    monkeypatch.setattr(env, "netns_available", netns_available)
+    return found
+
+
+def test_a_partition_uses_iptables_on_loopback_when_it_is_installed(
+    machine: dict[str, bool],
+) -> None:
+    method = partition_method(Options(quick=True))
+    assert not method.netns and "iptables" in method.note
+
+
+def test_without_iptables_a_partition_runs_the_nodes_in_network_namespaces(
+    machine: dict[str, bool],
+) -> None:
+    machine["iptables"] = False
+    method = partition_method(Options(quick=True))
+    assert method.netns
+    assert "network namespaces" in method.note and "iptables is not installed" in method.note
+
+
+def test_netns_asked_for_is_used_even_with_iptables(machine: dict[str, bool]) -> None:
+    assert partition_method(Options(netns=True)).netns
+
+
+@pytest.mark.parametrize(
+    ("missing", "says"),
+    [
+        (("iptables", "ip"), "apt-get install -y iptables"),
+        (("root",), "root"),
+        (("docker",), "docker"),
+    ],
+)
+def test_a_partition_without_any_way_to_cut_names_what_to_install(
+    machine: dict[str, bool], missing: tuple[str, ...], says: str
+) -> None:
+    for key in missing:
+        machine[key] = False
+    target = "compose" if "docker" in missing else "local"
+    with pytest.raises(MissingTool, match=says):
+        partition_method(Options(quick=True, target=target))
+
+
+def test_quorum_scenario_partition_without_a_way_to_cut_is_one_line_and_status_2(
+    machine: dict[str, bool], capsys: pytest.CaptureFixture[str]
+) -> None:
+    machine["iptables"] = machine["ip"] = False
+    assert cli.main(["scenario", "partition", "--quick"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("quorum scenario partition: ")
+    assert "apt-get install -y iptables" in err and "apt-get install -y iproute2" in err
+
+
+def test_quorum_scenario_without_the_openai_package_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` now fails
+    for module in ("runner", "library", "clients"):
+        monkeypatch.delitem(sys.modules, f"quorum.scenarios.{module}", raising=False)
+    assert cli.main(["scenario", "partition", "--quick"]) == 2
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "pip install 'quorum[scenarios]'" in err
 
 
 def _netns_usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
+    if (why := netns_available()) is not None:
+        return why
     probe = f"{NETNS_PREFIX}probe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False)
     if made.returncode != 0:
@@ -62,6 +152,7 @@ def _netns_usable() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_kill_mid_stream_in_network_namespaces() -> None:
     why = _netns_usable()
     if why is not None:

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import trio
+import pytest
 
 from quorum.scenarios.cluster import ClusterOptions, ProcessCluster
 from quorum.sse import SSEParser
-from tests.openai_spec import validate
+from tests.helpers import validate
+
+pytestmark = pytest.mark.slow  # real node processes
 
 NAMES = ("node-a", "node-b", "node-c")
 
@@ -53,26 +55,11 @@ async def test_kill_9_of_the_serving_node_mid_stream_loses_nothing(
 ) -> None:
     # nodes/*.toml on free loopback ports, gossip with the LOCAL preset
     cluster = ProcessCluster(tmp_path, ClusterOptions(preset="local", names=NAMES))
-    await cluster.start_all()
     base = cluster.urls
-
-    async def all_alive(client: httpx.AsyncClient) -> None:
-        with trio.fail_after(30):
-            while True:
-                try:
-                    views = [
-                        (await client.get(base[n] + "/cluster/members")).json()["members"]
-                        for n in NAMES
-                    ]
-                    if all(len(v) == 3 and all(m["state"] == "alive" for m in v) for v in views):
-                        return
-                except httpx.HTTPError:
-                    pass
-                await trio.sleep(0.1)
-
     try:
+        await cluster.start_all()
+        await cluster.wait_converged(30)
         async with httpx.AsyncClient(timeout=20) as client:
-            await all_alive(client)
             for entry in NAMES:
                 # a conversation whose (prefix-affine) node is not the entry
                 for topic in range(50):
@@ -110,6 +97,6 @@ async def test_kill_9_of_the_serving_node_mid_stream_loses_nothing(
                     e["usage"] for e in reference if e.get("usage")
                 ]
                 await cluster.start(serving)
-                await all_alive(client)
+                await cluster.wait_converged(30)
     finally:
         await cluster.close()

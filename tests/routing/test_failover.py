@@ -13,9 +13,15 @@ import pytest
 import trio
 
 from quorum.config import NodeConfig
-from tests.conftest import FAST, Cluster, start_cluster
-from tests.openai_spec import validate
-from tests.test_cluster import MESSAGES, WEATHER_TOOL, stream_events
+from tests.helpers import (
+    FAST,
+    MESSAGES,
+    WEATHER_TOOL,
+    Cluster,
+    start_cluster,
+    stream_events,
+    validate,
+)
 
 NODES = ("n1", "n2", "n3")
 
@@ -218,34 +224,33 @@ async def test_saturation_is_429_with_retry_after(
 
 
 async def test_identical_deterministic_requests_share_one_generation(
-    trio_cluster: Cluster,
+    trio_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = trio_cluster.url("n1") + "/v1/chat/completions"
     body = {"model": "solo", "messages": MESSAGES, "stream": True, "seed": 3}
     backend = trio_cluster["n3"].backends["solo"]
-    peak = 0
+    generations = 0
     results: list[tuple[httpx.Response, bytes]] = []
+    backend_open = backend.open
+
+    def counting_open(generation: Any) -> Any:
+        nonlocal generations
+        generations += 1
+        return backend_open(generation)
+
+    monkeypatch.setattr(backend, "open", counting_open)
 
     async def one(client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             results.append((response, b"".join([c async for c in response.aiter_raw()])))
 
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, backend.load().busy)
-            await trio.sleep(0.002)
-
     for headers, expected_generations in (({}, 1), ({"x-quorum-single-flight": "off"}, 5)):
         results.clear()
-        peak = 0
-        async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as group:
-            group.start_soon(watch)
-            async with trio.open_nursery() as clients:
-                for _ in range(5):
-                    clients.start_soon(one, client, headers)
-            group.cancel_scope.cancel()
-        assert peak == expected_generations
+        generations = 0
+        async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as clients:
+            for _ in range(5):
+                clients.start_soon(one, client, headers)
+        assert generations == expected_generations
         bodies = {raw for _, raw in results}
         assert len(results) == 5
         for _, raw in results:
