@@ -72,19 +72,26 @@ Membership = Literal["gossip", "static"]  # how nodes find each other: SWIM, or 
 # --- ports, configs -------------------------------------------------------------------------
 
 
+_GIVEN: set[int] = set()  # ports this process handed out: never handed out twice
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on ``host`` now for TCP and for UDP (gossip binds both). Raises
+    """A port free on ``host`` now for TCP and for UDP (gossip binds both), and not handed
+    out before by this process (the kernel may offer a just-closed port again). Raises
     ``RuntimeError`` when 50 tries found none. Another process may take it before it is
     used; bind port 0 where the program allows it."""
     for _ in range(50):
         with socket.socket() as tcp:
             tcp.bind((host, 0))
             port = int(tcp.getsockname()[1])
+            if port in _GIVEN:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
                     udp.bind((host, port))
                 except OSError:
                     continue
+            _GIVEN.add(port)
             return port
     raise RuntimeError("no free port pair found in 50 tries")
 

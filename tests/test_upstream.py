@@ -26,6 +26,7 @@ async def mock_server(nursery: trio.Nursery) -> Node:
         {
             "node": {"name": "vllm", "listen": "127.0.0.1:0"},
             "backends": [{"model": "mock-llama", "kind": "mock", **FAST}],
+            "debug": {"faults": True},
         },
     )
 
@@ -36,6 +37,7 @@ async def gateway(nursery: trio.Nursery, upstream_url: str) -> Node:
         nursery,
         {
             "node": {"name": "gateway", "listen": "127.0.0.1:0"},
+            "debug": {"faults": True},
             "backends": [
                 {
                     "model": "llama",
@@ -115,6 +117,7 @@ async def test_unreachable_upstream_keeps_the_backend_warming(
         nursery,
         {
             "node": {"name": "gateway", "listen": "127.0.0.1:0"},
+            "debug": {"faults": True},
             "backends": [{"model": "llama", "kind": "upstream", "url": "http://127.0.0.1:9/v1"}],
             "routing": {"cold_start_wait_s": 0.2},
         },
@@ -157,6 +160,7 @@ async def test_a_stream_broken_at_the_upstream_is_resumed_through_another_gatewa
         {
             "node": {"name": name, "listen": "127.0.0.1:0"},
             "gossip": {"bind": "127.0.0.1:0", "preset": "local", "keys": []},
+            "debug": {"faults": True},
             "backends": [
                 {
                     "model": "llama",
