@@ -28,7 +28,16 @@ import trio
 
 from quorum.wire import Request
 
-__all__ = ["Backend", "BackendLoad", "BackendState", "Fault", "Generation", "Resume"]
+__all__ = [
+    "MAX_RESUME_COUNT",
+    "MAX_RESUME_TEXT_CHARS",
+    "Backend",
+    "BackendLoad",
+    "BackendState",
+    "Fault",
+    "Generation",
+    "Resume",
+]
 
 BackendState = Literal["warming", "ready"]
 
@@ -68,6 +77,15 @@ class Fault:
         return cls(**values)
 
 
+MAX_RESUME_COUNT = 1_000_000
+"""The largest ``events`` and ``tool_calls`` a ``quorum_resume`` field may carry: a million
+events is longer than any model's context, and it bounds the work a resume asks for."""
+
+MAX_RESUME_TEXT_CHARS = 4 << 20
+"""The most characters ``quorum_resume.text`` may hold, field names and values together (the
+node's default ``max_body_bytes`` is the same number of bytes)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Resume:
     """Where a broken stream stopped, for another backend to continue it.
@@ -75,8 +93,17 @@ class Resume:
     ``events``: how many events of the stream the client already has (the role chunk
     included, ``[DONE]`` excluded). ``text``: per delta field (``content``,
     ``reasoning_content``, ``reasoning``; ``text`` for completions) the text already delivered.
+    ``tool_calls``: how many tool-call deltas (chunks carrying ``delta.tool_calls``) the client
+    already has; their arguments are not in ``text``.
     A deterministic backend (the mock) skips ``events`` events of the same plan; an HTTP
-    upstream continues from the partial assistant ``text``.
+    upstream continues from the partial assistant ``text`` and refuses a resume after a tool
+    call, which it cannot continue exactly.
+
+    On the wire (the ``quorum_resume`` body field of a forwarded request)::
+
+        {"events": 12, "tool_calls": 0, "text": {"content": "One, two,", "reasoning": "..."}}
+
+    ``tool_calls`` absent means 0 (nodes before it was added never send it).
     """
 
     events: int
@@ -84,21 +111,46 @@ class Resume:
     tool_calls: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        return {"events": self.events, "text": dict(self.text)}
+        """The ``quorum_resume`` field: ``{"events", "tool_calls", "text"}``."""
+        return {"events": self.events, "tool_calls": self.tool_calls, "text": dict(self.text)}
 
     @classmethod
     def from_json(cls, value: Any) -> Resume:
-        """Parse the ``quorum_resume`` body field; raises ``ValueError``."""
+        """Parse the ``quorum_resume`` body field; raises ``ValueError`` saying what is wrong.
+
+        ``events`` and ``tool_calls`` are integers from 0 to ``MAX_RESUME_COUNT``
+        (``tool_calls`` may be absent: 0); ``text`` maps field names to strings, at most
+        ``MAX_RESUME_TEXT_CHARS`` characters in all.
+        """
         if not isinstance(value, dict):
             raise ValueError("quorum_resume must be an object")
-        events, text = value.get("events"), value.get("text", {})
-        if not isinstance(events, int) or isinstance(events, bool) or events < 0:
-            raise ValueError("quorum_resume.events must be an integer >= 0")
+        events = _count(value, "events", None)
+        tool_calls = _count(value, "tool_calls", 0)
+        text = value.get("text", {})
         if not isinstance(text, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in text.items()
         ):
             raise ValueError("quorum_resume.text must map field names to strings")
-        return cls(events=events, text=text)
+        size = sum(len(k) + len(v) for k, v in text.items())
+        if size > MAX_RESUME_TEXT_CHARS:
+            raise ValueError(
+                f"quorum_resume.text holds {size} characters; at most "
+                f"{MAX_RESUME_TEXT_CHARS} are accepted"
+            )
+        return cls(events=events, text=text, tool_calls=tool_calls)
+
+
+def _count(value: dict[str, Any], key: str, default: int | None) -> int:
+    """``value[key]``, an integer from 0 to ``MAX_RESUME_COUNT`` (``default`` when absent and
+    not None); raises ``ValueError``."""
+    number = value.get(key, default)
+    if (
+        not isinstance(number, int)
+        or isinstance(number, bool)
+        or not 0 <= number <= MAX_RESUME_COUNT
+    ):
+        raise ValueError(f"quorum_resume.{key} must be an integer from 0 to {MAX_RESUME_COUNT}")
+    return number
 
 
 @dataclass(frozen=True, slots=True)
