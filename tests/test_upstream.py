@@ -4,7 +4,6 @@ serving the mock (it speaks the same API as vLLM, llama.cpp server and Ollama)."
 from __future__ import annotations
 
 import httpx
-import pytest
 import trio
 
 from quorum.config import NodeConfig
@@ -223,11 +222,6 @@ async def test_a_streamed_body_json_cannot_carry_is_a_400_and_the_gateway_keeps_
     server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs routing/dispatch.py: _unary_once must treat a local 4xx ApiError as final "
-    "(today it is retried as a failed attempt and answered 502)",
-)
 async def test_a_non_streamed_body_json_cannot_carry_is_a_400(
     nursery: trio.Nursery, http: httpx.AsyncClient
 ) -> None:
