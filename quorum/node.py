@@ -225,14 +225,17 @@ class Node:
             advertise = await trio.to_thread.run_sync(
                 resolve, socket.gethostname(), settings.bind[1]
             )
-        return GossipNode(
-            self.name,
-            config,
-            settings.bind,
-            gossip_meta(self.self_member()),
-            seeds,
-            advertise=advertise,
-        )
+        try:
+            return GossipNode(
+                self.name,
+                config,
+                settings.bind,
+                gossip_meta(self.self_member()),
+                seeds,
+                advertise=advertise,
+            )
+        except ValueError as exc:  # plaintext on a reachable bind, or an oversized meta
+            raise ConfigError(f"{self.config.source}: [gossip]: {exc}") from None
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()``; reports the node's HTTP base URL once it is listening."""

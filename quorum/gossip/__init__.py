@@ -12,7 +12,7 @@ Layers, lowest first (nothing here imports anything above ``quorum.gossip``):
 
 from __future__ import annotations
 
-from .config import GossipConfig
+from .config import GossipConfig, PlaintextGossipError
 from .core import GossipCore
 from .events import (
     MemberDied,
@@ -44,6 +44,7 @@ __all__ = [
     "MemberUpdated",
     "NodeMeta",
     "Output",
+    "PlaintextGossipError",
     "PushPullRequest",
     "Send",
 ]

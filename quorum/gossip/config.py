@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from .keyring import KEY_SIZES
 
-__all__ = ["GossipConfig"]
+__all__ = ["GossipConfig", "PlaintextGossipError", "check_encryption", "is_loopback"]
 
 _ALIVE_ROOM = 440
 """Worst-case bytes of an alive message besides its meta: a 128-character name, a 253-byte
@@ -175,3 +176,42 @@ class GossipConfig:
         80% of the probe timeout, so the nack reaches the requester before its probe
         round ends."""
         return self.probe_timeout * 0.8
+
+
+class PlaintextGossipError(ValueError):
+    """Gossip without keys on an address other hosts can reach. Raised before anything is
+    bound; the message names the fix (set ``[gossip] keys``)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal, or ``"localhost"``) only reaches this machine:
+    127.0.0.0/8, ``::1`` or ``localhost``. Anything else, including the wildcards ``0.0.0.0``
+    and ``::`` and every other host name, is taken as reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_encryption(config: GossipConfig, host: str) -> bool:
+    """The plaintext rule: a node never gossips unencrypted where another host can reach it
+    (anyone who can send it a datagram could add a member with any URL, and entry nodes would
+    send prompts there).
+
+    ``host``: the address gossip binds to. Returns True when the gossip will be plaintext on
+    a loopback address (allowed, for tests and a cluster on one machine; the caller warns),
+    False when it is encrypted. Raises :class:`PlaintextGossipError` when ``config.keys`` is
+    empty and ``host`` is not loopback (see :func:`is_loopback`).
+    """
+    if config.keys:
+        return False
+    if not is_loopback(host):
+        raise PlaintextGossipError(
+            f"gossip would run unencrypted on {host}, which other hosts can reach: set "
+            "[gossip] keys (base64 AES keys of 16, 24 or 32 bytes, the same on every node; "
+            'e.g. python3 -c "import os,base64;print(base64.b64encode(os.urandom(32)).decode())"'
+            "), or bind gossip to 127.0.0.1 for a cluster on one machine"
+        )
+    return True

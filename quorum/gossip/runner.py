@@ -15,18 +15,21 @@ an ``await``, so it needs no lock.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 
 import trio
 
-from .config import GossipConfig
+from .config import GossipConfig, check_encryption
 from .core import COUNTERS, GossipCore, check_meta
 from .events import MemberEvent, Output, PushPullRequest, Send
 from .messages import Addr, Load, MemberInfo, MemberState, NodeMeta
 from .transport import Transport, TransportError, TrioTransport
 
 __all__ = ["GossipNode"]
+
+log = logging.getLogger(__name__)
 
 _RUNNER_COUNTERS = ("push_pull_failed", "event_callback_errors")
 
@@ -42,6 +45,11 @@ class GossipNode:
     0.0.0.0). ``on_event``: called synchronously with each membership event (exceptions from
     it are counted, not raised). ``transport``: a ready transport instead of binding one
     (tests). ``rng``: randomness (default: a fresh ``random.Random``).
+
+    Raises :class:`~quorum.gossip.config.PlaintextGossipError` (a ``ValueError``) when
+    ``config.keys`` is empty and ``bind`` is not a loopback address, before anything is
+    bound; on loopback without keys it logs one warning. Raises ``ValueError`` when the meta
+    does not fit ``config.max_meta_size``.
     """
 
     def __init__(
@@ -76,6 +84,14 @@ class GossipNode:
         self._pulling: set[Addr] = set()
         self._counters = dict.fromkeys(_RUNNER_COUNTERS, 0)
         check_meta(meta, config)  # fail fast, before run()
+        if check_encryption(config, bind[0]):
+            log.warning(
+                "gossip of %s on %s:%d is unencrypted (no [gossip] keys): acceptable on "
+                "loopback only",
+                name,
+                bind[0],
+                bind[1],
+            )
 
     # --- the public face -------------------------------------------------------------------
 
