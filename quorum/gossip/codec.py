@@ -22,6 +22,8 @@ from typing import Any, NoReturn
 import msgpack  # type: ignore[import-untyped]
 
 from .messages import (
+    MAX_INCARNATION,
+    MAX_LOAD_VERSION,
     MAX_WEIGHT,
     META_STATES,
     Ack,
@@ -62,15 +64,18 @@ MAX_URL_LEN = 2048
 MAX_MODELS = 256
 MAX_MODEL_LEN = 256
 MAX_SEQ = 2**32 - 1
-MAX_COUNTER = 2**63 - 1
-"""Largest incarnation or load version."""
 MAX_LOAD_FIGURE = 2**31 - 1
 _MAX_STR = max(MAX_URL_LEN, MAX_HOST_LEN, MAX_MODEL_LEN, MAX_NAME_LEN)
 
 
 class DecodeError(Exception):
     """Bytes that are not a valid gossip message. Internal: count and drop, never raise
-    past the core."""
+    past the core. ``counter``: the :data:`~quorum.gossip.core.COUNTERS` key to count the
+    drop under (``dropped_decode`` unless a more precise one applies)."""
+
+    def __init__(self, what: str, counter: str = "dropped_decode") -> None:
+        super().__init__(what)
+        self.counter = counter
 
 
 # --- encoding -----------------------------------------------------------------------------
@@ -174,6 +179,16 @@ def _int(v: object, lo: int, hi: int, what: str) -> int:
     return v
 
 
+def _counter(v: object, limit: int, what: str) -> int:
+    """An incarnation or a load version: a non-negative int; above ``limit`` it is counted
+    apart (``dropped_incarnation``), as a forged attempt to run a member out of numbers."""
+    if type(v) is not int or v < 0:
+        _fail(f"{what}: expected a non-negative int, got {v!r:.40}")
+    if v > limit:
+        raise DecodeError(f"{what}: {v} is over the limit of {limit}", "dropped_incarnation")
+    return v
+
+
 def _str(v: object, max_len: int, what: str, *, allow_empty: bool = False) -> str:
     if type(v) is not str or len(v) > max_len or (not v and not allow_empty):
         _fail(f"{what}: expected a string of 1..{max_len} characters")
@@ -236,6 +251,15 @@ def _decode_load(v: object) -> Load:
 
 
 _STATES = {s.value: s for s in MemberState}
+_MAX_ACCUSATION = MAX_INCARNATION - 1
+"""Suspect, dead and left stay below the cap, so the accused can always refute."""
+
+
+def _version(v: object) -> int:
+    version = _counter(v, MAX_LOAD_VERSION, "load-update.version")
+    if version < 1:
+        _fail("load-update.version: expected >= 1")
+    return version
 
 
 def _decode_member(v: object) -> MemberInfo:
@@ -243,14 +267,15 @@ def _decode_member(v: object) -> MemberInfo:
     state = _STATES.get(items[2]) if type(items[2]) is str else None
     if state is None:
         _fail("member.state: unknown state")
+    limit = MAX_INCARNATION if state is MemberState.ALIVE else _MAX_ACCUSATION
     return MemberInfo(
         name=_name(items[0], "member.name"),
         addr=_addr(items[1]),
         state=state,
-        incarnation=_int(items[3], 0, MAX_COUNTER, "member.incarnation"),
+        incarnation=_counter(items[3], limit, "member.incarnation"),
         meta=_decode_meta(items[4]),
         load=None if items[5] is None else _decode_load(items[5]),
-        load_version=_int(items[6], 0, MAX_COUNTER, "member.load_version"),
+        load_version=_counter(items[6], MAX_LOAD_VERSION, "member.load_version"),
     )
 
 
@@ -285,14 +310,14 @@ def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
         _list(items, 4, "suspect")
         return Suspect(
             node=_name(items[1], "suspect.node"),
-            incarnation=_int(items[2], 0, MAX_COUNTER, "suspect.incarnation"),
+            incarnation=_counter(items[2], _MAX_ACCUSATION, "suspect.incarnation"),
             source=_name(items[3], "suspect.source"),
         )
     if tag == MessageType.ALIVE:
         _list(items, 5, "alive")
         return Alive(
             node=_name(items[1], "alive.node"),
-            incarnation=_int(items[2], 0, MAX_COUNTER, "alive.incarnation"),
+            incarnation=_counter(items[2], MAX_INCARNATION, "alive.incarnation"),
             addr=_addr(items[3]),
             meta=_decode_meta(items[4]),
         )
@@ -300,20 +325,20 @@ def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
         _list(items, 4, "dead")
         return Dead(
             node=_name(items[1], "dead.node"),
-            incarnation=_int(items[2], 0, MAX_COUNTER, "dead.incarnation"),
+            incarnation=_counter(items[2], _MAX_ACCUSATION, "dead.incarnation"),
             source=_name(items[3], "dead.source"),
         )
     if tag == MessageType.LEFT:
         _list(items, 3, "left")
         return Left(
             node=_name(items[1], "left.node"),
-            incarnation=_int(items[2], 0, MAX_COUNTER, "left.incarnation"),
+            incarnation=_counter(items[2], _MAX_ACCUSATION, "left.incarnation"),
         )
     if tag == MessageType.LOAD:
         _list(items, 4, "load-update")
         return LoadUpdate(
             node=_name(items[1], "load-update.node"),
-            version=_int(items[2], 1, MAX_COUNTER, "load-update.version"),
+            version=_version(items[2]),
             load=_decode_load(items[3]),
         )
     if tag == MessageType.PUSH_PULL:

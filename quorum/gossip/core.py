@@ -56,6 +56,8 @@ from .events import (
 from .keyring import Keyring, OpenError
 from .lifeguard import Awareness, Suspicion
 from .messages import (
+    MAX_INCARNATION,
+    MAX_LOAD_VERSION,
     Ack,
     Addr,
     Alive,
@@ -96,6 +98,7 @@ COUNTERS = (
     "dropped_oversize",
     "dropped_decrypt",
     "dropped_decode",
+    "dropped_incarnation",
     "dropped_push_pull",
     "ping_wrong_target",
     "ack_unexpected",
@@ -105,13 +108,18 @@ COUNTERS = (
     "suspicions",
     "deaths_declared",
     "refutes",
+    "incarnation_capped",
+    "load_version_capped",
     "reminders",
     "conflicts",
     "push_pulls",
 )
 """Every key of :attr:`GossipCore.counters` (all present from the start, at 0). Every
 datagram is ``received`` and then exactly one of ``accepted``, ``dropped_oversize``,
-``dropped_decrypt``, ``dropped_decode``."""
+``dropped_decrypt``, ``dropped_decode``, ``dropped_incarnation`` (an incarnation or load
+version above the cap, :data:`~quorum.gossip.messages.MAX_INCARNATION`).
+``incarnation_capped``/``load_version_capped``: times our own counter could not be raised
+because it sits at the cap."""
 
 _MAX_FORWARDS = 1024
 """Pending ping-req forwards we keep; more are refused (a flood cannot grow memory)."""
@@ -338,6 +346,11 @@ class GossipCore:
         check_meta(meta, self.config)
         if meta == self._self.meta:
             return
+        if self._self.incarnation >= MAX_INCARNATION:
+            # Nothing can outbid the cap (only forged messages push a node there): keep the
+            # meta the cluster holds rather than disagree with it.
+            self.counters["incarnation_capped"] += 1
+            return
         self._self.meta = meta
         self._self.incarnation += 1
         self._announce()
@@ -348,7 +361,10 @@ class GossipCore:
         if load == self._self.load:
             return
         self._self.load = load
-        self._self.load_version += 1
+        if self._self.load_version >= MAX_LOAD_VERSION:
+            self.counters["load_version_capped"] += 1
+        else:
+            self._self.load_version += 1
         self._queue_load(self._self)
 
     def leave(self, now: float) -> list[Output]:
@@ -410,8 +426,8 @@ class GossipCore:
             return None
         try:
             return codec.decode(payload, max_size=max_size, max_members=max_members)
-        except DecodeError:
-            self.counters["dropped_decode"] += 1
+        except DecodeError as exc:
+            self.counters[exc.counter] += 1
             return None
 
     def _open_push_pull(self, data: bytes) -> PushPull | None:
@@ -586,7 +602,9 @@ class GossipCore:
         current = self._members.get(msg.node)
         verdict = judge_load(current, msg.version, msg.load, is_self=msg.node == self.name)
         if verdict is Verdict.REFUTE:  # an older run of ours published higher versions
-            self._self.load_version = msg.version + 1
+            if msg.version >= MAX_LOAD_VERSION:
+                self.counters["load_version_capped"] += 1
+            self._self.load_version = min(msg.version + 1, MAX_LOAD_VERSION)
             if self._self.load is not None:
                 self._queue_load(self._self)
         elif verdict is Verdict.APPLY:
@@ -620,7 +638,10 @@ class GossipCore:
     def _refute(self, claimed: int) -> None:
         """Only we raise our incarnation: take one above the claim and say we are alive
         (Lifeguard: being suspected hints that we are slow, so our health score rises)."""
-        self._self.incarnation = refuting_incarnation(self._self.incarnation, claimed)
+        own = self._self.incarnation
+        self._self.incarnation = refuting_incarnation(own, claimed)
+        if self._self.incarnation <= max(own, claimed):
+            self.counters["incarnation_capped"] += 1
         self._awareness.apply_delta(1)
         self.counters["refutes"] += 1
         self._announce()

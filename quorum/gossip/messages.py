@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "MAX_INCARNATION",
+    "MAX_LOAD_VERSION",
     "META_STATES",
     "Ack",
     "Addr",
@@ -82,6 +84,24 @@ META_STATES = ("warming", "ready", "draining")
 
 MAX_WEIGHT = 1000.0
 """The largest routing weight a model may have."""
+
+MAX_INCARNATION = 2**53 - 1
+"""The largest incarnation on the wire. An ``alive`` may carry it; an accusation (``suspect``,
+``dead``, ``left``) must stay below it, which leaves the accused the one step it needs to
+refute. Anything higher is dropped and counted (``dropped_incarnation``), and a node's own
+incarnation never passes it.
+
+Why 2**53 - 1, far below the 2**63 - 1 of a signed 64-bit integer: it is the largest integer
+that every decoder holds exactly (msgpack in any language, and JSON readers that parse numbers
+as doubles: ``/cluster/members`` shows incarnations), so ``claim + 1`` can never overflow
+anywhere. An honest node raises its incarnation once per refutation or meta change: at a
+thousand per second it would take 285,000 years to get there, so only a forged message can
+come near it (see :mod:`quorum.gossip.state` for what happens then)."""
+
+MAX_LOAD_VERSION = 2**53 - 1
+"""The largest load version on the wire, for the same reasons as :data:`MAX_INCARNATION`. A
+node that reaches it (only a forged load update can push it there) keeps publishing its load
+at that version; members that already hold that version keep the figures they have."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,23 @@ member that is alive or suspect is a CONFLICT: the existing address is kept and 
 counted. Note that an alive at the same incarnation never overrides suspect, dead or left, so
 an old alive replayed later cannot resurrect a dead member.
 
+The incarnation cap (:data:`~quorum.gossip.messages.MAX_INCARNATION`, M; the codec drops
+anything above it): accusations (suspect, dead, left) carry at most M - 1 and alive messages
+at most M, so a member accused at M - 1 refutes at M and every peer accepts that. An alive at
+M is the last word a member can say, so it may only *confirm* a known member (same address,
+same meta; it still refutes a suspicion or a death): one that would change a known member's
+address or meta is a CONFLICT. Without that rule a forged alive at M could pin any URL on a
+member for good, since nothing can outbid it.
+
 About ourselves, only we may raise our incarnation. A suspect, dead or left message with
 ``j >= i`` (while we are not leaving), or an alive message that is newer than ours or that
 disagrees with us at our own incarnation, is answered by REFUTE: we take the incarnation
 ``max(i, j) + 1`` and announce ourselves alive. That is also how a node restarted under the
 same name rejoins: it starts at incarnation 1, hears that the cluster holds it at ``j`` (alive,
-suspect or dead), and refutes with ``j + 1``. A suspect or dead message about us with ``j < i``
+suspect or dead), and refutes with ``j + 1``. Our refutation never passes M: a forged alive
+about us *at* M that disagrees with us cannot be outbid; we announce ourselves at M (counted
+as ``incarnation_capped``), and peers keep what they hold, since by the rule above an alive at M
+never changes a known member's address or meta. A suspect or dead message about us with ``j < i``
 means its sender missed our refutation: REMIND sends our current alive to that sender only
 (memberlist ignores it; then a member whose few refutation broadcasts were all lost keeps
 suspecting us until its timeout declares us dead, seen at 10% loss).
@@ -41,7 +52,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .messages import Addr, Alive, Dead, Left, Load, MemberInfo, MemberState, NodeMeta, Suspect
+from .messages import (
+    MAX_INCARNATION,
+    Addr,
+    Alive,
+    Dead,
+    Left,
+    Load,
+    MemberInfo,
+    MemberState,
+    NodeMeta,
+    Suspect,
+)
 
 __all__ = [
     "Member",
@@ -105,8 +127,10 @@ class Member:
 
 
 def refuting_incarnation(own: int, claimed: int) -> int:
-    """The incarnation we take to refute a claim made at ``claimed``."""
-    return max(own, claimed) + 1
+    """The incarnation we take to refute a claim made at ``claimed``: one above both, but
+    never above :data:`~quorum.gossip.messages.MAX_INCARNATION` (accusations stay below it,
+    so only a forged alive at the cap itself meets the ceiling)."""
+    return min(max(own, claimed) + 1, MAX_INCARNATION)
 
 
 def judge_alive(current: Member | None, msg: Alive, *, is_self: bool, leaving: bool) -> Verdict:
@@ -124,6 +148,10 @@ def judge_alive(current: Member | None, msg: Alive, *, is_self: bool, leaving: b
         return Verdict.REFUTE
     if current is None:
         return Verdict.APPLY
+    if msg.incarnation >= MAX_INCARNATION and (
+        msg.addr != current.addr or msg.meta != current.meta
+    ):
+        return Verdict.CONFLICT  # the last incarnation confirms, it never rewrites
     if msg.addr != current.addr:
         return Verdict.APPLY if current.state in _GONE else Verdict.CONFLICT
     return Verdict.APPLY if msg.incarnation > current.incarnation else Verdict.IGNORE
