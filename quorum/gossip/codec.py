@@ -22,8 +22,13 @@ from typing import Any, NoReturn
 import msgpack  # type: ignore[import-untyped]
 
 from .messages import (
+    MAX_HOST_LEN,
     MAX_INCARNATION,
     MAX_LOAD_VERSION,
+    MAX_MODEL_LEN,
+    MAX_MODELS,
+    MAX_NAME_LEN,
+    MAX_URL_LEN,
     MAX_WEIGHT,
     META_STATES,
     Ack,
@@ -44,6 +49,8 @@ from .messages import (
     PingReq,
     PushPull,
     Suspect,
+    check_host,
+    check_name,
 )
 
 __all__ = [
@@ -57,12 +64,6 @@ __all__ = [
     "encode_meta",
 ]
 
-MAX_NAME_LEN = 128
-"""Longest node name, in characters."""
-MAX_HOST_LEN = 253
-MAX_URL_LEN = 2048
-MAX_MODELS = 256
-MAX_MODEL_LEN = 256
 MAX_SEQ = 2**32 - 1
 MAX_LOAD_FIGURE = 2**31 - 1
 _MAX_STR = max(MAX_URL_LEN, MAX_HOST_LEN, MAX_MODEL_LEN, MAX_NAME_LEN)
@@ -189,8 +190,8 @@ def _counter(v: object, limit: int, what: str) -> int:
     return v
 
 
-def _str(v: object, max_len: int, what: str, *, allow_empty: bool = False) -> str:
-    if type(v) is not str or len(v) > max_len or (not v and not allow_empty):
+def _str(v: object, max_len: int, what: str) -> str:
+    if type(v) is not str or not 0 < len(v) <= max_len:
         _fail(f"{what}: expected a string of 1..{max_len} characters")
     return v
 
@@ -209,16 +210,23 @@ def _list(v: object, min_len: int, what: str) -> list[Any]:
 
 def _addr(v: object) -> Addr:
     items = _list(v, 2, "addr")
-    return (_str(items[0], MAX_HOST_LEN, "addr.host"), _int(items[1], 1, 65535, "addr.port"))
+    try:
+        host = check_host(items[0])
+    except ValueError as exc:
+        _fail(f"addr.host: {exc}")
+    return (host, _int(items[1], 1, 65535, "addr.port"))
 
 
 def _name(v: object, what: str = "name") -> str:
-    return _str(v, MAX_NAME_LEN, what)
+    try:
+        return check_name(v)
+    except ValueError as exc:
+        _fail(f"{what}: {exc}")
 
 
-def _decode_meta(v: object) -> NodeMeta:
+def _decode_meta(v: object, max_meta: int | None) -> NodeMeta:
     items = _list(v, 3, "meta")
-    url = _str(items[0], MAX_URL_LEN, "meta.http_url", allow_empty=True)
+    url = _str(items[0], MAX_URL_LEN, "meta.http_url")
     models = _list(items[1], 0, "meta.models")
     if len(models) > MAX_MODELS:
         _fail("meta.models: too many models")
@@ -233,12 +241,15 @@ def _decode_meta(v: object) -> NodeMeta:
         ):
             _fail("meta.weights: one weight in (0, 1000] per model")
         weights = tuple(float(w) for w in raw)
-    return NodeMeta(
+    meta = NodeMeta(  # checks the URL's scheme and host, the model ids (ValueError)
         http_url=url,
         models=tuple(_str(m, MAX_MODEL_LEN, "meta.models[]") for m in models),
         state=state,
         weights=weights,
     )
+    if max_meta is not None and len(encode_meta(meta)) > max_meta:
+        _fail(f"meta: over {max_meta} bytes encoded")
+    return meta
 
 
 def _decode_load(v: object) -> Load:
@@ -262,7 +273,7 @@ def _version(v: object) -> int:
     return version
 
 
-def _decode_member(v: object) -> MemberInfo:
+def _decode_member(v: object, max_meta: int | None) -> MemberInfo:
     items = _list(v, 7, "member")
     state = _STATES.get(items[2]) if type(items[2]) is str else None
     if state is None:
@@ -273,13 +284,13 @@ def _decode_member(v: object) -> MemberInfo:
         addr=_addr(items[1]),
         state=state,
         incarnation=_counter(items[3], limit, "member.incarnation"),
-        meta=_decode_meta(items[4]),
+        meta=_decode_meta(items[4], max_meta),
         load=None if items[5] is None else _decode_load(items[5]),
         load_version=_counter(items[6], MAX_LOAD_VERSION, "member.load_version"),
     )
 
 
-def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
+def _decode_fields(v: object, *, max_members: int, max_meta: int | None, nested: bool) -> Message:
     items = _list(v, 1, "message")
     tag = items[0]
     if type(tag) is not int:
@@ -319,7 +330,7 @@ def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
             node=_name(items[1], "alive.node"),
             incarnation=_counter(items[2], MAX_INCARNATION, "alive.incarnation"),
             addr=_addr(items[3]),
-            meta=_decode_meta(items[4]),
+            meta=_decode_meta(items[4], max_meta),
         )
     if tag == MessageType.DEAD:
         _list(items, 4, "dead")
@@ -349,7 +360,7 @@ def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
         return PushPull(
             source=_name(items[1], "push-pull.source"),
             join=_bool(items[2], "push-pull.join"),
-            members=tuple(_decode_member(m) for m in members),
+            members=tuple(_decode_member(m, max_meta) for m in members),
         )
     if tag == MessageType.COMPOUND:
         if nested:
@@ -357,18 +368,24 @@ def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
         _list(items, 2, "compound")
         parts = _list(items[1], 1, "compound.parts")
         return Compound(
-            parts=tuple(_decode_fields(p, max_members=0, nested=True) for p in parts),
+            parts=tuple(
+                _decode_fields(p, max_members=0, max_meta=max_meta, nested=True) for p in parts
+            ),
         )
     _fail(f"unknown message tag {tag}")
 
 
-def decode(data: bytes, *, max_size: int, max_members: int = 0) -> Message:
+def decode(
+    data: bytes, *, max_size: int, max_members: int = 0, max_meta_size: int | None = None
+) -> Message:
     """Decode and validate one message.
 
     ``max_size``: the largest acceptable input in bytes (a datagram: the datagram limit;
     a push-pull: its frame limit). ``max_members``: the most members a push-pull may carry
-    (0 refuses push-pulls, as in datagrams). Raises :class:`DecodeError` for anything
-    oversized, truncated, trailing, malformed or out of range, and never anything else.
+    (0 refuses push-pulls, as in datagrams). ``max_meta_size``: the most bytes one encoded
+    ``NodeMeta`` may take (None: no limit beyond the others). Raises :class:`DecodeError` for
+    anything oversized, truncated, trailing, malformed or out of range, and never anything
+    else.
     """
     if len(data) > max_size:
         raise DecodeError(f"{len(data)} bytes is over the limit of {max_size}")
@@ -387,6 +404,6 @@ def decode(data: bytes, *, max_size: int, max_members: int = 0) -> Message:
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
         raise DecodeError(f"not msgpack: {exc}") from None
     try:
-        return _decode_fields(obj, max_members=max_members, nested=False)
+        return _decode_fields(obj, max_members=max_members, max_meta=max_meta_size, nested=False)
     except (ValueError, TypeError) as exc:  # a value type's own __post_init__ check
         raise DecodeError(str(exc)) from None

@@ -75,6 +75,8 @@ from .messages import (
     PingReq,
     PushPull,
     Suspect,
+    check_host,
+    check_name,
 )
 from .state import (
     Member,
@@ -112,6 +114,7 @@ COUNTERS = (
     "load_version_capped",
     "reminders",
     "conflicts",
+    "members_refused",
     "push_pulls",
 )
 """Every key of :attr:`GossipCore.counters` (all present from the start, at 0). Every
@@ -119,7 +122,8 @@ datagram is ``received`` and then exactly one of ``accepted``, ``dropped_oversiz
 ``dropped_decrypt``, ``dropped_decode``, ``dropped_incarnation`` (an incarnation or load
 version above the cap, :data:`~quorum.gossip.messages.MAX_INCARNATION`).
 ``incarnation_capped``/``load_version_capped``: times our own counter could not be raised
-because it sits at the cap."""
+because it sits at the cap. ``members_refused``: alive messages about a new member dropped
+because the member table already holds ``config.max_push_pull_members`` records."""
 
 _MAX_FORWARDS = 1024
 """Pending ping-req forwards we keep; more are refused (a flood cannot grow memory)."""
@@ -167,13 +171,15 @@ class _Forward:
 class GossipCore:
     """SWIM membership of one node, without I/O.
 
-    ``name``: this node's unique name (1..128 characters). ``addr``: the address peers reach
-    it at (UDP, and TCP on the same port). ``meta``: what it tells the cluster about itself.
-    ``config``: timings and limits. ``rng``: the only source of randomness (seed it in tests).
-    ``now``: the current time in seconds on any monotonic clock; every later call must pass
-    a time on the same clock. ``seeds``: addresses to push-pull with while no other member is
-    alive (join, and rejoin after a long partition). ``load``: initial load figures.
-    Raises ``ValueError`` when the encoded meta exceeds ``config.max_meta_size``.
+    ``name``: this node's unique name (1..128 printable characters). ``addr``: the address
+    peers reach it at (UDP, and TCP on the same port; the host an IP literal). ``meta``: what
+    it tells the cluster about itself. ``config``: timings and limits. ``rng``: the only
+    source of randomness (seed it in tests). ``now``: the current time in seconds on any
+    monotonic clock; every later call must pass a time on the same clock. ``seeds``:
+    addresses to push-pull with while no other member is alive (join, and rejoin after a long
+    partition). ``load``: initial load figures.
+    Raises ``ValueError`` for a bad name or host, or when the encoded meta exceeds
+    ``config.max_meta_size``.
     """
 
     def __init__(
@@ -188,8 +194,8 @@ class GossipCore:
         seeds: Sequence[Addr] = (),
         load: Load | None = None,
     ) -> None:
-        if not name or len(name) > codec.MAX_NAME_LEN:
-            raise ValueError(f"node name must be 1..{codec.MAX_NAME_LEN} characters")
+        check_name(name)
+        check_host(addr[0])
         check_meta(meta, config)
         self.name = name
         self.config = config
@@ -425,7 +431,12 @@ class GossipCore:
             self.counters["dropped_decrypt"] += 1
             return None
         try:
-            return codec.decode(payload, max_size=max_size, max_members=max_members)
+            return codec.decode(
+                payload,
+                max_size=max_size,
+                max_members=max_members,
+                max_meta_size=self.config.max_meta_size,
+            )
         except DecodeError as exc:
             self.counters[exc.counter] += 1
             return None
@@ -517,6 +528,9 @@ class GossipCore:
             return
         event: Output | None
         if current is None:
+            if len(self._members) >= self.config.max_push_pull_members:
+                self.counters["members_refused"] += 1  # a flood of names cannot grow memory
+                return
             current = Member(
                 msg.node, msg.addr, MemberState.ALIVE, msg.incarnation, msg.meta, self._now
             )

@@ -25,8 +25,13 @@ def make_core(name: str = "a", *, config: GossipConfig = CONFIG, seed: int = 1) 
     return GossipCore(name, addr_of(name), META, config, rng=random.Random(seed), now=0.0)
 
 
+def seal_payload(payload: bytes, *, config: GossipConfig = CONFIG) -> bytes:
+    """Seal already-encoded message bytes (hostile ones, say) as a peer would."""
+    return Keyring(config.keys).seal(payload, config.cluster_name.encode())
+
+
 def seal(msg: Message, *, config: GossipConfig = CONFIG) -> bytes:
-    return Keyring(config.keys).seal(codec.encode(msg), config.cluster_name.encode())
+    return seal_payload(codec.encode(msg), config=config)
 
 
 def feed(core: GossipCore, *msgs: Message, now: float = 0.0, src: str = "x") -> list[Output]:
