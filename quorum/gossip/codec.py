@@ -8,10 +8,26 @@ of the dataclass (see :mod:`quorum.gossip.messages`); nested values are arrays t
 ``[10, [message, ...]]``. Trailing fields beyond the known ones are ignored, so a later
 version may append fields to a message without a new tag.
 
+Every packet (datagram or push-pull frame) is one *envelope* around one message (which may be
+a compound)::
+
+    [12, source, epoch, sent_ms, message, ...]
+
+``source``/``epoch``/``sent_ms`` are the :class:`~quorum.gossip.messages.Header` that
+:mod:`quorum.gossip.freshness` judges; the envelope is what :mod:`quorum.gossip.keyring`
+seals, so the header is authenticated and encrypted with the message. It follows the same
+rules: tag 12 is appended to the tag table, and fields a later version appends after the
+message are ignored. A bare message without an envelope (a node older than the envelope, or a
+packet stripped of it) is dropped: accepting it would let anyone replay old captures.
+Envelopes never nest and never appear inside a compound.
+
 Decoding never trusts the peer: msgpack itself is bounded (``max_str_len``, ``max_array_len``,
-no maps, no binary, no extension types), then every field is checked for type and range.
-Anything nonsensical raises :class:`DecodeError`, which callers count and drop; nothing else
-escapes :func:`decode`.
+no maps, no binary, no extension types), then every field is checked for type and range:
+names are 1..128 printable characters, hosts IP literals, meta URLs ``http(s)`` base URLs
+(:class:`~quorum.gossip.messages.NodeMeta`), incarnations and load versions at most
+:data:`~quorum.gossip.messages.MAX_INCARNATION` (accusations one less). Anything nonsensical
+raises :class:`DecodeError`, which callers count and drop; nothing else escapes
+:func:`decode` and :func:`decode_packet`.
 """
 
 from __future__ import annotations
@@ -22,12 +38,14 @@ from typing import Any, NoReturn
 import msgpack  # type: ignore[import-untyped]
 
 from .messages import (
+    MAX_EPOCH,
     MAX_HOST_LEN,
     MAX_INCARNATION,
     MAX_LOAD_VERSION,
     MAX_MODEL_LEN,
     MAX_MODELS,
     MAX_NAME_LEN,
+    MAX_SENT_MS,
     MAX_URL_LEN,
     MAX_WEIGHT,
     META_STATES,
@@ -36,6 +54,7 @@ from .messages import (
     Alive,
     Compound,
     Dead,
+    Header,
     Left,
     Load,
     LoadUpdate,
@@ -57,11 +76,15 @@ __all__ = [
     "MAX_MODELS",
     "MAX_NAME_LEN",
     "DecodeError",
+    "alive_overhead",
     "compound_overhead",
     "decode",
+    "decode_packet",
     "encode",
     "encode_compound",
+    "encode_envelope",
     "encode_meta",
+    "envelope_overhead",
 ]
 
 MAX_SEQ = 2**32 - 1
@@ -165,6 +188,24 @@ def encode_compound(parts: Sequence[bytes]) -> bytes:
     else:
         header = b"\xdd" + count.to_bytes(4, "big")
     return b"\x92" + bytes((MessageType.COMPOUND,)) + header + b"".join(parts)
+
+
+def encode_envelope(header: Header, message: bytes) -> bytes:
+    """A packet's plaintext: ``header`` and the already-encoded ``message`` in an envelope."""
+    fields = (MessageType.ENVELOPE, header.source, header.epoch, header.sent_ms)
+    return b"\x95" + b"".join(msgpack.packb(f) for f in fields) + message
+
+
+def alive_overhead() -> int:
+    """The most bytes an alive message takes besides its meta (longest name and host, largest
+    incarnation and port)."""
+    fields = [MessageType.ALIVE, "n" * MAX_NAME_LEN, MAX_INCARNATION, ["f" * MAX_HOST_LEN, 65535]]
+    return len(msgpack.packb(fields))  # a fixarray header: one byte for 4 items or for 5
+
+
+def envelope_overhead(source: str) -> int:
+    """The most bytes an envelope from ``source`` adds around its message."""
+    return len(encode_envelope(Header(source, MAX_EPOCH, MAX_SENT_MS), b""))
 
 
 # --- decoding -----------------------------------------------------------------------------
@@ -375,6 +416,23 @@ def _decode_fields(v: object, *, max_members: int, max_meta: int | None, nested:
     _fail(f"unknown message tag {tag}")
 
 
+def decode_packet(
+    data: bytes, *, max_size: int, max_members: int = 0, max_meta_size: int | None = None
+) -> tuple[Header, Message]:
+    """Decode and validate one packet's plaintext: an envelope (see the module docstring)
+    around a message. Limits and errors as for :func:`decode`; a bare message without an
+    envelope raises :class:`DecodeError` too."""
+    items = _list(_unpack(data, max_size, max_members), 5, "envelope")
+    if items[0] != MessageType.ENVELOPE or type(items[0]) is not int:
+        _fail("expected an envelope")
+    header = Header(
+        source=_name(items[1], "envelope.source"),
+        epoch=_int(items[2], 0, MAX_EPOCH, "envelope.epoch"),
+        sent_ms=_int(items[3], 0, MAX_SENT_MS, "envelope.sent_ms"),
+    )
+    return header, _decode_message(items[4], max_members, max_meta_size)
+
+
 def decode(
     data: bytes, *, max_size: int, max_members: int = 0, max_meta_size: int | None = None
 ) -> Message:
@@ -387,10 +445,14 @@ def decode(
     anything oversized, truncated, trailing, malformed or out of range, and never anything
     else.
     """
+    return _decode_message(_unpack(data, max_size, max_members), max_members, max_meta_size)
+
+
+def _unpack(data: bytes, max_size: int, max_members: int) -> object:
     if len(data) > max_size:
         raise DecodeError(f"{len(data)} bytes is over the limit of {max_size}")
     try:
-        obj = msgpack.unpackb(
+        return msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
@@ -403,6 +465,9 @@ def decode(
         )
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
         raise DecodeError(f"not msgpack: {exc}") from None
+
+
+def _decode_message(obj: object, max_members: int, max_meta_size: int | None) -> Message:
     try:
         return _decode_fields(obj, max_members=max_members, max_meta=max_meta_size, nested=False)
     except (ValueError, TypeError) as exc:  # a value type's own __post_init__ check

@@ -9,13 +9,24 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .keyring import KEY_SIZES
+from . import codec
+from .keyring import KEY_SIZES, Keyring
+from .messages import MAX_NAME_LEN
 
 __all__ = ["GossipConfig", "PlaintextGossipError", "check_encryption", "is_loopback"]
 
-_ALIVE_ROOM = 440
-"""Worst-case bytes of an alive message besides its meta: a 128-character name, a 253-byte
-host, numbers, msgpack framing, and 29 bytes of sealing."""
+_COMPOUND_SLACK = codec.compound_overhead(2**16 - 1)
+"""Bytes a compound header may need around its parts."""
+
+
+def _alive_room(config: GossipConfig) -> int:
+    """Worst-case bytes of a datagram that carries one alive, besides its meta: the longest
+    name and host and the largest numbers (``codec.alive_overhead``), the envelope of a
+    sender with the longest name, and the sealing (29 bytes with keys, the cluster name and
+    2 bytes without)."""
+    sealing = Keyring(config.keys).overhead(config.cluster_name.encode())
+    longest = "n" * MAX_NAME_LEN
+    return codec.alive_overhead() + codec.envelope_overhead(longest) + sealing + _COMPOUND_SLACK
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +62,13 @@ class GossipConfig:
       ``cluster_name``: associated data of every packet (a packet for another cluster is
       dropped). ``keys``: AES-GCM keys, the first encrypts; empty means plaintext.
       ``max_meta_size``: encoded ``NodeMeta`` must fit in this many bytes.
+      ``freshness_window``: a packet older than this when it arrives is dropped (see
+      :mod:`quorum.gossip.freshness`). 30 s: well beyond any delivery delay or stall of a
+      live node (the failure detector gives up on a member long before), and at least
+      ``tcp_timeout``, the longest a push-pull may take. ``freshness_retention``: how long a
+      sender's life and clock offset are remembered after its last packet; 120 s outlives
+      ``gossip_to_the_dead_time`` plus the window, so by the time we would take a replayed
+      packet of a dead sender as new, its member record is long gone.
     """
 
     probe_interval: float = 1.0
@@ -73,6 +91,8 @@ class GossipConfig:
     cluster_name: str = "quorum"
     keys: tuple[bytes, ...] = ()
     max_meta_size: int = 960
+    freshness_window: float = 30.0
+    freshness_retention: float = 120.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -82,10 +102,15 @@ class GossipConfig:
             "tcp_timeout",
             "join_retry_interval",
             "join_retry_max",
+            "freshness_window",
         )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"GossipConfig.{name} must be > 0")
+        if not self.tcp_timeout <= self.freshness_window <= self.freshness_retention:
+            raise ValueError(
+                "GossipConfig needs tcp_timeout <= freshness_window <= freshness_retention"
+            )
         if self.probe_timeout >= self.probe_interval:
             raise ValueError("GossipConfig.probe_timeout must be shorter than probe_interval")
         at_least_one = (
@@ -103,17 +128,18 @@ class GossipConfig:
             raise ValueError("GossipConfig.indirect_checks and push_pull_interval must be >= 0")
         if not 256 <= self.max_datagram <= 65_000:
             raise ValueError("GossipConfig.max_datagram must be in [256, 65000]")
-        if self.max_meta_size > self.max_datagram - _ALIVE_ROOM:
-            raise ValueError(
-                f"GossipConfig.max_meta_size must leave {_ALIVE_ROOM} bytes of the datagram "
-                "for the rest of an alive message (name, address, sealing)"
-            )
         if not self.cluster_name or len(self.cluster_name.encode()) > 255:
             raise ValueError("GossipConfig.cluster_name must be 1..255 bytes of UTF-8")
         object.__setattr__(self, "keys", tuple(bytes(k) for k in self.keys))
         for key in self.keys:
             if len(key) not in KEY_SIZES:
                 raise ValueError("GossipConfig.keys must be 16, 24 or 32 bytes each")
+        room = _alive_room(self)
+        if self.max_meta_size > self.max_datagram - room:
+            raise ValueError(
+                f"GossipConfig.max_meta_size must leave {room} bytes of the datagram "
+                "for the rest of an alive message (name, address, envelope, sealing)"
+            )
 
     @classmethod
     def lan(cls, **overrides: Any) -> GossipConfig:

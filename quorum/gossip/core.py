@@ -27,6 +27,10 @@ Protocol (SWIM, Das et al. 2002; Lifeguard, Dadgar et al. 2018; memberlist ``sta
 * Anti-entropy: a full-state push-pull with a random member every ``push_pull_interval``
   (the runner carries it over TCP), and with the seeds while no other member is alive.
 
+* Freshness: every packet is sealed with a header (our name, our epoch, the time since it
+  began); a receiver drops packets that are too old or from a previous life of their sender
+  (:mod:`quorum.gossip.freshness`).
+
 The member-state rules live in :mod:`quorum.gossip.state`; this module carries them out.
 Nothing a peer sends can raise out of :meth:`receive`: bad packets are counted in
 :attr:`GossipCore.counters` and dropped.
@@ -53,9 +57,11 @@ from .events import (
     PushPullRequest,
     Send,
 )
+from .freshness import Freshness, FreshnessVerdict
 from .keyring import Keyring, OpenError
 from .lifeguard import Awareness, Suspicion
 from .messages import (
+    MAX_EPOCH,
     MAX_INCARNATION,
     MAX_LOAD_VERSION,
     Ack,
@@ -63,6 +69,7 @@ from .messages import (
     Alive,
     Compound,
     Dead,
+    Header,
     Left,
     Load,
     LoadUpdate,
@@ -101,6 +108,8 @@ COUNTERS = (
     "dropped_decrypt",
     "dropped_decode",
     "dropped_incarnation",
+    "dropped_stale",
+    "dropped_replay",
     "dropped_push_pull",
     "ping_wrong_target",
     "ack_unexpected",
@@ -120,7 +129,9 @@ COUNTERS = (
 """Every key of :attr:`GossipCore.counters` (all present from the start, at 0). Every
 datagram is ``received`` and then exactly one of ``accepted``, ``dropped_oversize``,
 ``dropped_decrypt``, ``dropped_decode``, ``dropped_incarnation`` (an incarnation or load
-version above the cap, :data:`~quorum.gossip.messages.MAX_INCARNATION`).
+version above the cap, :data:`~quorum.gossip.messages.MAX_INCARNATION`), ``dropped_stale``
+(older than ``config.freshness_window``), ``dropped_replay`` (from a previous life of its
+sender, or our own packet sent back; see :mod:`quorum.gossip.freshness`).
 ``incarnation_capped``/``load_version_capped``: times our own counter could not be raised
 because it sits at the cap. ``members_refused``: alive messages about a new member dropped
 because the member table already holds ``config.max_push_pull_members`` records."""
@@ -177,7 +188,11 @@ class GossipCore:
     source of randomness (seed it in tests). ``now``: the current time in seconds on any
     monotonic clock; every later call must pass a time on the same clock. ``seeds``:
     addresses to push-pull with while no other member is alive (join, and rejoin after a long
-    partition). ``load``: initial load figures.
+    partition). ``load``: initial load figures. ``epoch``: this life of the node, sealed
+    into every packet with the time since ``now`` (see :mod:`quorum.gossip.freshness`); each
+    start of a node must use a higher one than the last. Default: ``now`` in nanoseconds,
+    which does when every life shares one clock (the simulator); a process, whose monotonic
+    clock restarts with it, passes the wall clock (``time.time_ns()``), as the runner does.
     Raises ``ValueError`` for a bad name or host, or when the encoded meta exceeds
     ``config.max_meta_size``.
     """
@@ -193,6 +208,7 @@ class GossipCore:
         now: float,
         seeds: Sequence[Addr] = (),
         load: Load | None = None,
+        epoch: int | None = None,
     ) -> None:
         check_name(name)
         check_host(addr[0])
@@ -203,7 +219,22 @@ class GossipCore:
         self._now = now
         self._keyring = Keyring(config.keys)
         self._label = config.cluster_name.encode()
-        self._budget = config.max_datagram - self._keyring.overhead(self._label) - _COMPOUND_SLACK
+        self._budget = (
+            config.max_datagram
+            - self._keyring.overhead(self._label)
+            - codec.envelope_overhead(name)
+            - _COMPOUND_SLACK
+        )
+        self._epoch = epoch if epoch is not None else min(MAX_EPOCH, max(0, int(now * 1e9)))
+        if not 0 <= self._epoch <= MAX_EPOCH:
+            raise ValueError(f"epoch must be in [0, {MAX_EPOCH}]")
+        self._born = now
+        self._freshness = Freshness(
+            name,
+            window=config.freshness_window,
+            retention=config.freshness_retention,
+            max_senders=config.max_push_pull_members,
+        )
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         """Running totals, see :data:`COUNTERS`."""
 
@@ -251,7 +282,7 @@ class GossipCore:
         self._advance(now)
         self.counters["received"] += 1
         self.counters["bytes_received"] += len(data)
-        msg = self._open(data, max_size=self.config.max_datagram, max_members=0)
+        msg = self._open(now, data, max_size=self.config.max_datagram, max_members=0)
         if msg is None:
             return self._flush()
         if isinstance(msg, PushPull):  # full state travels over TCP only
@@ -295,11 +326,13 @@ class GossipCore:
 
     # --- push-pull (the runner carries these bytes over TCP) -------------------------------
 
-    def push_pull_payload(self, join: bool) -> bytes:
-        """Our full state, sealed: the request (or the answer) of a push-pull."""
+    def push_pull_payload(self, join: bool, now: float | None = None) -> bytes:
+        """Our full state, sealed: the request (or the answer) of a push-pull. ``now``: the
+        time to seal it at (default: the latest time given to the core)."""
+        if now is not None:
+            self._advance(now)
         members = tuple(m.info() for m in self._members.values())
-        payload = codec.encode(PushPull(source=self.name, join=join, members=members))
-        return self._keyring.seal(payload, self._label)
+        return self._seal(codec.encode(PushPull(source=self.name, join=join, members=members)))
 
     def answer_push_pull(
         self, now: float, addr: Addr, data: bytes
@@ -308,7 +341,7 @@ class GossipCore:
         to send back (taken before merging theirs, or None if theirs was refused) and the
         outputs of the merge. A refused push-pull is counted in ``dropped_push_pull``."""
         self._advance(now)
-        remote = self._open_push_pull(data)
+        remote = self._open_push_pull(now, data)
         if remote is None:
             return None, self._flush()
         answer = self.push_pull_payload(join=False)
@@ -319,7 +352,7 @@ class GossipCore:
         """Client side of a push-pull: merge the peer's sealed state ``data``. A refused
         push-pull is counted in ``dropped_push_pull``."""
         self._advance(now)
-        remote = self._open_push_pull(data)
+        remote = self._open_push_pull(now, data)
         if remote is not None:
             self._merge(remote)
         return self._flush()
@@ -421,7 +454,9 @@ class GossipCore:
         if now > self._now:
             self._now = now
 
-    def _open(self, data: bytes, *, max_size: int, max_members: int) -> Message | None:
+    def _open(self, now: float, data: bytes, *, max_size: int, max_members: int) -> Message | None:
+        """Size, then seal, then envelope and message, then freshness: the first check that
+        fails counts the packet under its ``dropped_*`` counter and returns None."""
         if len(data) > max_size:
             self.counters["dropped_oversize"] += 1
             return None
@@ -431,7 +466,7 @@ class GossipCore:
             self.counters["dropped_decrypt"] += 1
             return None
         try:
-            return codec.decode(
+            header, msg = codec.decode_packet(
                 payload,
                 max_size=max_size,
                 max_members=max_members,
@@ -440,10 +475,19 @@ class GossipCore:
         except DecodeError as exc:
             self.counters[exc.counter] += 1
             return None
+        verdict = self._freshness.check(now, header)
+        if verdict is FreshnessVerdict.STALE:
+            self.counters["dropped_stale"] += 1
+            return None
+        if verdict is FreshnessVerdict.REPLAY:
+            self.counters["dropped_replay"] += 1
+            return None
+        return msg
 
-    def _open_push_pull(self, data: bytes) -> PushPull | None:
+    def _open_push_pull(self, now: float, data: bytes) -> PushPull | None:
         self.counters["push_pulls"] += 1
         msg = self._open(
+            now,
             data,
             max_size=self.config.max_push_pull_bytes,
             max_members=self.config.max_push_pull_members,
@@ -849,9 +893,14 @@ class GossipCore:
         parts.extend(self._queue.take(budget, limit, target=target))
         self._emit(addr, parts)
 
+    def _seal(self, message: bytes) -> bytes:
+        """``message`` (encoded) in an envelope with our header, sealed."""
+        sent_ms = max(0, round((self._now - self._born) * 1000))
+        header = Header(self.name, self._epoch, sent_ms)
+        return self._keyring.seal(codec.encode_envelope(header, message), self._label)
+
     def _emit(self, addr: Addr, parts: list[bytes]) -> None:
-        payload = parts[0] if len(parts) == 1 else codec.encode_compound(parts)
-        packet = self._keyring.seal(payload, self._label)
+        packet = self._seal(parts[0] if len(parts) == 1 else codec.encode_compound(parts))
         self.counters["sent"] += 1
         self.counters["bytes_sent"] += len(packet)
         self._out.append(Send(addr, packet))

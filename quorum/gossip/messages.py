@@ -21,12 +21,14 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 __all__ = [
+    "MAX_EPOCH",
     "MAX_HOST_LEN",
     "MAX_INCARNATION",
     "MAX_LOAD_VERSION",
     "MAX_MODELS",
     "MAX_MODEL_LEN",
     "MAX_NAME_LEN",
+    "MAX_SENT_MS",
     "MAX_URL_LEN",
     "META_STATES",
     "Ack",
@@ -34,6 +36,7 @@ __all__ = [
     "Alive",
     "Compound",
     "Dead",
+    "Header",
     "Left",
     "Load",
     "LoadUpdate",
@@ -72,6 +75,9 @@ class MessageType(enum.IntEnum):
     PUSH_PULL = 9
     COMPOUND = 10
     LOAD = 11
+    ENVELOPE = 12
+    """Not a message: the frame around every packet's message (a :class:`Header`, then the
+    message), see :mod:`quorum.gossip.codec`."""
 
 
 class MemberState(enum.StrEnum):
@@ -95,6 +101,11 @@ META_STATES = ("warming", "ready", "draining")
 MAX_WEIGHT = 1000.0
 """The largest routing weight a model may have."""
 
+MAX_EPOCH = 2**63 - 1
+"""The largest epoch (a sender's life, see :class:`Header`). Epochs are compared, never
+incremented, so the whole signed 64-bit range is safe."""
+MAX_SENT_MS = 2**53 - 1
+"""The largest ``Header.sent_ms``: 285,000 years of one life."""
 MAX_NAME_LEN = 128
 """Longest node name, in characters."""
 MAX_HOST_LEN = 64
@@ -260,6 +271,22 @@ class MemberInfo:
     meta: NodeMeta
     load: Load | None = None
     load_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Who sealed a packet, in which life, and when: the freshness header inside every sealed
+    payload (see :mod:`quorum.gossip.freshness` for how a receiver uses it).
+
+    ``source``: the sender's node name. ``epoch``: the sender's life, fixed when its gossip
+    starts and higher for each later start (the runner uses the wall clock in nanoseconds);
+    0..2**63-1. ``sent_ms``: milliseconds from the start of that life to the sealing, on the
+    sender's monotonic clock; 0..2**53-1.
+    """
+
+    source: str
+    epoch: int
+    sent_ms: int
 
 
 # --- failure detection (SWIM section 3.1, Lifeguard section 4.2) ---------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 
 import trio
@@ -189,6 +190,7 @@ class GossipNode:
                 now=trio.current_time(),
                 seeds=self._seeds,
                 load=self._load,
+                epoch=time.time_ns(),  # this life: later than any earlier start of this node
             )
             self._core = core
             async with trio.open_nursery() as nursery:
@@ -231,7 +233,8 @@ class GossipNode:
             return
         self._pulling.add(request.addr)
         try:
-            answer = await transport.exchange(request.addr, core.push_pull_payload(request.join))
+            payload = core.push_pull_payload(request.join, trio.current_time())
+            answer = await transport.exchange(request.addr, payload)
         except TransportError:
             self._counters["push_pull_failed"] += 1
             return
