@@ -85,6 +85,7 @@ __all__ = [
     "encode_envelope",
     "encode_meta",
     "envelope_overhead",
+    "max_push_pull_size",
 ]
 
 MAX_SEQ = 2**32 - 1
@@ -201,6 +202,27 @@ def alive_overhead() -> int:
     incarnation and port)."""
     fields = [MessageType.ALIVE, "n" * MAX_NAME_LEN, MAX_INCARNATION, ["f" * MAX_HOST_LEN, 65535]]
     return len(msgpack.packb(fields))  # a fixarray header: one byte for 4 items or for 5
+
+
+def max_push_pull_size(members: int, max_meta_size: int) -> int:
+    """The most bytes the plaintext of a push-pull with ``members`` entries can take: each
+    entry at its largest (128-character name, 64-character host, a meta of
+    ``max_meta_size`` bytes, the largest numbers), in an envelope from a sender with the
+    longest name. A frame limit derived from this never refuses an honest push-pull."""
+    longest = "n" * MAX_NAME_LEN
+    big = [MAX_LOAD_FIGURE] * 3
+    entry = [
+        longest,
+        ["f" * MAX_HOST_LEN, 65535],
+        "suspect",
+        MAX_INCARNATION,
+        0,
+        big,
+        MAX_LOAD_VERSION,
+    ]
+    entry_size = len(msgpack.packb(entry)) - 1 + max_meta_size  # the 0 stands for the meta
+    head = len(msgpack.packb([MessageType.PUSH_PULL, longest, False])) + 5  # + members header
+    return envelope_overhead(longest) + head + members * entry_size
 
 
 def envelope_overhead(source: str) -> int:

@@ -54,8 +54,18 @@ class GossipConfig:
     Anti-entropy:
       ``push_pull_interval``: full-state TCP exchange with one random member (scaled up
       beyond 32 members as memberlist does); 0 disables it.
-      ``max_push_pull_members``: a push-pull claiming more members is refused.
-      ``max_push_pull_bytes``: largest TCP frame. ``tcp_timeout``: connect/read/write bound.
+      ``max_push_pull_members``: the largest cluster: a push-pull claiming more members is
+      refused, and the member table (dead and left members included, until forgotten) holds
+      at most this many, so no number of push-pulls can introduce more. 512: Quorum
+      clusters are a handful of machines, the simulator's largest runs 200.
+      :attr:`max_push_pull_bytes` (derived): the largest frame read from a peer, before it
+      is decrypted.
+      ``max_push_pull_conns``: push-pull connections served at once; more are closed at
+      once and counted (``dropped_tcp_busy``). 16: a node starts one push-pull every
+      ``push_pull_interval`` and each takes milliseconds, so even 512 members rarely put two
+      on one peer at a time; joins refused in a burst retry with backoff.
+      ``tcp_timeout``: connect/read/write bound; a push-pull request not read within it is
+      cut (``dropped_tcp_slow``).
       ``join_retry_interval``/``join_retry_max``: retry the seeds, with backoff, while no
       other member is alive.
     Identity and security:
@@ -83,8 +93,8 @@ class GossipConfig:
     gossip_to_the_dead_time: float = 30.0
     max_datagram: int = 1400
     push_pull_interval: float = 30.0
-    max_push_pull_members: int = 10_000
-    max_push_pull_bytes: int = 8 * 1024 * 1024
+    max_push_pull_members: int = 512
+    max_push_pull_conns: int = 16
     tcp_timeout: float = 10.0
     join_retry_interval: float = 1.0
     join_retry_max: float = 30.0
@@ -120,6 +130,7 @@ class GossipConfig:
             "retransmit_mult",
             "gossip_nodes",
             "max_push_pull_members",
+            "max_push_pull_conns",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
@@ -195,6 +206,16 @@ class GossipConfig:
             return self.push_pull_interval
         multiplier = math.ceil(math.log2(n_members) - math.log2(threshold)) + 1
         return self.push_pull_interval * multiplier
+
+    @property
+    def max_push_pull_bytes(self) -> int:
+        """The largest push-pull frame in bytes, checked before anything is decrypted: what
+        a push-pull of ``max_push_pull_members`` members needs when every field is at its
+        largest (``codec.max_push_pull_size``: about 1.2 KB a member with the default
+        960-byte meta), sealed. 0.6 MB for the defaults; honest frames are far smaller
+        (about 100 bytes a member)."""
+        sealing = Keyring(self.keys).overhead(self.cluster_name.encode())
+        return codec.max_push_pull_size(self.max_push_pull_members, self.max_meta_size) + sealing
 
     @property
     def nack_timeout(self) -> float:

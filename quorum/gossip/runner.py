@@ -26,7 +26,7 @@ from .config import GossipConfig, check_encryption
 from .core import COUNTERS, GossipCore, check_meta
 from .events import MemberEvent, Output, PushPullRequest, Send
 from .messages import Addr, Load, MemberInfo, MemberState, NodeMeta
-from .transport import Transport, TransportError, TrioTransport
+from .transport import TCP_COUNTERS, Transport, TransportError, TrioTransport
 
 __all__ = ["GossipNode"]
 
@@ -145,11 +145,14 @@ class GossipNode:
     @property
     def counters(self) -> dict[str, int]:
         """Totals: the core's (``received``, ``sent``, ``dropped_decrypt``,
-        ``dropped_decode``, ``dropped_oversize``, ...) and the runner's
-        (``push_pull_failed``, ``event_callback_errors``)."""
-        base = dict.fromkeys(COUNTERS, 0)
+        ``dropped_decode``, ``dropped_oversize``, ...), the transport's
+        (``dropped_tcp_busy``, ``dropped_tcp_slow``, ``dropped_tcp_oversize``) and the
+        runner's (``push_pull_failed``, ``event_callback_errors``)."""
+        base = dict.fromkeys(COUNTERS + TCP_COUNTERS, 0)
         if self._core is not None:
             base.update(self._core.counters)
+        if self._transport is not None:
+            base.update(self._transport.counters)
         base.update(self._counters)
         return base
 
@@ -178,6 +181,7 @@ class GossipNode:
                 max_datagram=self.config.max_datagram,
                 max_frame=self.config.max_push_pull_bytes,
                 exchange_timeout=self.config.tcp_timeout,
+                max_connections=self.config.max_push_pull_conns,
             )
         self._transport = transport
         try:
