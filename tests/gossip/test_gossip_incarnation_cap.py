@@ -109,17 +109,27 @@ def test_push_pull_entries_over_the_cap_are_dropped_and_counted() -> None:
     assert [m.name for m in core.members()] == ["a"]
 
 
-def test_forged_alive_at_the_cap_cannot_rewrite_a_known_member() -> None:
-    core = make_core()
-    join(core, "b")
-    feed(core, Alive("b", MAX_INCARNATION, addr_of("b"), HOSTILE))
-    info = core.member("b")
-    assert info is not None and info.meta == META and info.incarnation == 1
-    assert core.counters["conflicts"] == 1
-    feed(core, Suspect("b", 1, "c"))
-    feed(core, Alive("b", MAX_INCARNATION, addr_of("b"), META))  # a refutation at the cap
-    info = core.member("b")
-    assert info is not None and info.state is ALIVE and info.incarnation == MAX_INCARNATION
+def test_forged_alive_just_below_the_cap_is_refuted_at_the_cap() -> None:
+    a, b = pair()
+    forged = Alive("a", MAX_INCARNATION - 1, addr_of("a"), HOSTILE)
+    feed(a, forged)
+    feed(b, forged)
+    assert a.incarnation == MAX_INCARNATION
+    deliver(a, b, 2.0)
+    info = b.member("a")
+    assert info is not None and info.meta == META and info.incarnation == MAX_INCARNATION
+
+
+def test_forged_alive_at_the_cap_cannot_be_outbid_but_kills_nobody() -> None:
+    """The documented limit (state.py): an alive at the cap itself is the last word."""
+    a, b = pair()
+    forged = Alive("a", MAX_INCARNATION, addr_of("a"), HOSTILE)
+    feed(a, forged)
+    feed(b, forged)
+    deliver(a, b, 2.0)
+    assert a.incarnation == MAX_INCARNATION and a.counters["incarnation_capped"] == 1
+    info = b.member("a")
+    assert info is not None and info.state is ALIVE and info.meta == HOSTILE
 
 
 def test_own_numbers_never_pass_the_cap() -> None:
