@@ -14,8 +14,10 @@ The value types carried inside messages (:class:`NodeMeta`, :class:`Load`,
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -131,41 +133,55 @@ def check_name(name: object) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)  # every alive carries one; a cluster has few hosts
+def _ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def check_host(host: object) -> str:
     """Return ``host`` if it can be a gossip address: an IPv4 or IPv6 literal of at most 64
     characters. Host names are refused: a peer must not make us resolve names it chose, and
     every node advertises an IP (``quorum.node`` resolves its own). Raises ``ValueError``."""
     if type(host) is not str or not 0 < len(host) <= MAX_HOST_LEN:
         raise ValueError(f"a gossip host must be an IP literal of 1..{MAX_HOST_LEN} characters")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"a gossip host must be an IP literal, not {host!r:.70}") from None
+    if not _ip_literal(host):
+        raise ValueError(f"a gossip host must be an IP literal, not {host!r:.70}")
     return host
+
+
+_SPACE = re.compile(r"\s")
 
 
 def _check_url(url: object) -> None:
     """An absolute ``http://`` or ``https://`` URL with a host, at most 2048 printable
     characters, no spaces, no user info, no query or fragment (it is a base URL)."""
-    problem = f"NodeMeta.http_url must be an http(s) base URL of at most {MAX_URL_LEN} characters"
-    if not _printable(url, MAX_URL_LEN):
-        raise ValueError(problem)
-    assert isinstance(url, str)
-    if any(c.isspace() for c in url):
-        raise ValueError(problem)
+    if type(url) is not str or not _http_base_url(url):
+        raise ValueError(
+            f"NodeMeta.http_url must be an http(s) base URL of at most {MAX_URL_LEN} "
+            f"characters, not {url!r:.70}"
+        )
+
+
+@functools.lru_cache(maxsize=4096)  # every alive carries one; a cluster has few URLs
+def _http_base_url(url: str) -> bool:
+    if not _printable(url, MAX_URL_LEN) or _SPACE.search(url):
+        return False
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a port out of range
     except ValueError:
-        raise ValueError(problem) from None
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or "@" in parts.netloc
-        or parts.query
-        or parts.fragment
-    ):
-        raise ValueError(f"{problem}, not {url!r:.70}")
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and not parts.query
+        and not parts.fragment
+    )
 
 
 MAX_INCARNATION = 2**53 - 1
