@@ -326,15 +326,18 @@ class Node:
             advertise = await trio.to_thread.run_sync(
                 resolve, socket.gethostname(), settings.bind[1]
             )
-        return GossipNode(
-            self.name,
-            config,
-            settings.bind,
-            gossip_meta(self.self_member()),
-            settings.seeds,
-            advertise=advertise,
-            resolver=self._resolver,
-        )
+        try:
+            return GossipNode(
+                self.name,
+                config,
+                settings.bind,
+                gossip_meta(self.self_member()),
+                settings.seeds,
+                advertise=advertise,
+                resolver=self._resolver,
+            )
+        except ValueError as exc:  # plaintext on a reachable bind, or an oversized meta
+            raise ConfigError(f"{self.config.source}: [gossip]: {exc}") from None
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until ``stop()``; reports the node's HTTP base URL once it is listening."""

@@ -4,6 +4,7 @@ Layers, lowest first (nothing here imports anything above ``quorum.gossip``):
 
 * :mod:`~quorum.gossip.messages`: the wire messages and value types.
 * :mod:`~quorum.gossip.codec`, :mod:`~quorum.gossip.keyring`: msgpack and AES-GCM.
+* :mod:`~quorum.gossip.freshness`: the replay window (sender, life and time in every packet).
 * :mod:`~quorum.gossip.state`: the member-state rules, in one place.
 * :mod:`~quorum.gossip.core`: the sans-IO state machine (``receive``/``tick``/``next_deadline``).
 * :mod:`~quorum.gossip.transport`, :mod:`~quorum.gossip.runner`: trio, UDP and TCP.
@@ -12,7 +13,7 @@ Layers, lowest first (nothing here imports anything above ``quorum.gossip``):
 
 from __future__ import annotations
 
-from .config import GossipConfig
+from .config import GossipConfig, PlaintextGossipError
 from .core import GossipCore
 from .events import (
     MemberDied,
@@ -44,6 +45,7 @@ __all__ = [
     "MemberUpdated",
     "NodeMeta",
     "Output",
+    "PlaintextGossipError",
     "PushPullRequest",
     "Send",
 ]

@@ -8,10 +8,26 @@ of the dataclass (see :mod:`quorum.gossip.messages`); nested values are arrays t
 ``[10, [message, ...]]``. Trailing fields beyond the known ones are ignored, so a later
 version may append fields to a message without a new tag.
 
+Every packet (datagram or push-pull frame) is one *envelope* around one message (which may be
+a compound)::
+
+    [12, source, epoch, sent_ms, message, ...]
+
+``source``/``epoch``/``sent_ms`` are the :class:`~quorum.gossip.messages.Header` that
+:mod:`quorum.gossip.freshness` judges; the envelope is what :mod:`quorum.gossip.keyring`
+seals, so the header is authenticated and encrypted with the message. It follows the same
+rules: tag 12 is appended to the tag table, and fields a later version appends after the
+message are ignored. A bare message without an envelope (a node older than the envelope, or a
+packet stripped of it) is dropped: accepting it would let anyone replay old captures.
+Envelopes never nest and never appear inside a compound.
+
 Decoding never trusts the peer: msgpack itself is bounded (``max_str_len``, ``max_array_len``,
-no maps, no binary, no extension types), then every field is checked for type and range.
-Anything nonsensical raises :class:`DecodeError`, which callers count and drop; nothing else
-escapes :func:`decode`.
+no maps, no binary, no extension types), then every field is checked for type and range:
+names are 1..128 printable characters, hosts IP literals, meta URLs ``http(s)`` base URLs
+(:class:`~quorum.gossip.messages.NodeMeta`), incarnations and load versions at most
+:data:`~quorum.gossip.messages.MAX_INCARNATION` (accusations one less). Anything nonsensical
+raises :class:`DecodeError`, which callers count and drop; nothing else escapes
+:func:`decode` and :func:`decode_packet`.
 """
 
 from __future__ import annotations
@@ -22,6 +38,15 @@ from typing import Any, NoReturn
 import msgpack  # type: ignore[import-untyped]
 
 from .messages import (
+    MAX_EPOCH,
+    MAX_HOST_LEN,
+    MAX_INCARNATION,
+    MAX_LOAD_VERSION,
+    MAX_MODEL_LEN,
+    MAX_MODELS,
+    MAX_NAME_LEN,
+    MAX_SENT_MS,
+    MAX_URL_LEN,
     MAX_WEIGHT,
     META_STATES,
     Ack,
@@ -29,6 +54,7 @@ from .messages import (
     Alive,
     Compound,
     Dead,
+    Header,
     Left,
     Load,
     LoadUpdate,
@@ -42,35 +68,39 @@ from .messages import (
     PingReq,
     PushPull,
     Suspect,
+    check_host,
+    check_name,
 )
 
 __all__ = [
     "MAX_MODELS",
     "MAX_NAME_LEN",
     "DecodeError",
+    "alive_overhead",
     "compound_overhead",
     "decode",
+    "decode_packet",
     "encode",
     "encode_compound",
+    "encode_envelope",
     "encode_meta",
+    "envelope_overhead",
+    "max_push_pull_size",
 ]
 
-MAX_NAME_LEN = 128
-"""Longest node name, in characters."""
-MAX_HOST_LEN = 253
-MAX_URL_LEN = 2048
-MAX_MODELS = 256
-MAX_MODEL_LEN = 256
 MAX_SEQ = 2**32 - 1
-MAX_COUNTER = 2**63 - 1
-"""Largest incarnation or load version."""
 MAX_LOAD_FIGURE = 2**31 - 1
 _MAX_STR = max(MAX_URL_LEN, MAX_HOST_LEN, MAX_MODEL_LEN, MAX_NAME_LEN)
 
 
 class DecodeError(Exception):
     """Bytes that are not a valid gossip message. Internal: count and drop, never raise
-    past the core."""
+    past the core. ``counter``: the :data:`~quorum.gossip.core.COUNTERS` key to count the
+    drop under (``dropped_decode`` unless a more precise one applies)."""
+
+    def __init__(self, what: str, counter: str = "dropped_decode") -> None:
+        super().__init__(what)
+        self.counter = counter
 
 
 # --- encoding -----------------------------------------------------------------------------
@@ -161,6 +191,45 @@ def encode_compound(parts: Sequence[bytes]) -> bytes:
     return b"\x92" + bytes((MessageType.COMPOUND,)) + header + b"".join(parts)
 
 
+def encode_envelope(header: Header, message: bytes) -> bytes:
+    """A packet's plaintext: ``header`` and the already-encoded ``message`` in an envelope."""
+    fields = (MessageType.ENVELOPE, header.source, header.epoch, header.sent_ms)
+    return b"\x95" + b"".join(msgpack.packb(f) for f in fields) + message
+
+
+def alive_overhead() -> int:
+    """The most bytes an alive message takes besides its meta (longest name and host, largest
+    incarnation and port)."""
+    fields = [MessageType.ALIVE, "n" * MAX_NAME_LEN, MAX_INCARNATION, ["f" * MAX_HOST_LEN, 65535]]
+    return len(msgpack.packb(fields))  # a fixarray header: one byte for 4 items or for 5
+
+
+def max_push_pull_size(members: int, max_meta_size: int) -> int:
+    """The most bytes the plaintext of a push-pull with ``members`` entries can take: each
+    entry at its largest (128-character name, 64-character host, a meta of
+    ``max_meta_size`` bytes, the largest numbers), in an envelope from a sender with the
+    longest name. A frame limit derived from this never refuses an honest push-pull."""
+    longest = "n" * MAX_NAME_LEN
+    big = [MAX_LOAD_FIGURE] * 3
+    entry = [
+        longest,
+        ["f" * MAX_HOST_LEN, 65535],
+        "suspect",
+        MAX_INCARNATION,
+        0,
+        big,
+        MAX_LOAD_VERSION,
+    ]
+    entry_size = len(msgpack.packb(entry)) - 1 + max_meta_size  # the 0 stands for the meta
+    head = len(msgpack.packb([MessageType.PUSH_PULL, longest, False])) + 5  # + members header
+    return envelope_overhead(longest) + head + members * entry_size
+
+
+def envelope_overhead(source: str) -> int:
+    """The most bytes an envelope from ``source`` adds around its message."""
+    return len(encode_envelope(Header(source, MAX_EPOCH, MAX_SENT_MS), b""))
+
+
 # --- decoding -----------------------------------------------------------------------------
 
 
@@ -174,8 +243,18 @@ def _int(v: object, lo: int, hi: int, what: str) -> int:
     return v
 
 
-def _str(v: object, max_len: int, what: str, *, allow_empty: bool = False) -> str:
-    if type(v) is not str or len(v) > max_len or (not v and not allow_empty):
+def _counter(v: object, limit: int, what: str) -> int:
+    """An incarnation or a load version: a non-negative int; above ``limit`` it is counted
+    apart (``dropped_incarnation``), as a forged attempt to run a member out of numbers."""
+    if type(v) is not int or v < 0:
+        _fail(f"{what}: expected a non-negative int, got {v!r:.40}")
+    if v > limit:
+        raise DecodeError(f"{what}: {v} is over the limit of {limit}", "dropped_incarnation")
+    return v
+
+
+def _str(v: object, max_len: int, what: str) -> str:
+    if type(v) is not str or not 0 < len(v) <= max_len:
         _fail(f"{what}: expected a string of 1..{max_len} characters")
     return v
 
@@ -194,16 +273,23 @@ def _list(v: object, min_len: int, what: str) -> list[Any]:
 
 def _addr(v: object) -> Addr:
     items = _list(v, 2, "addr")
-    return (_str(items[0], MAX_HOST_LEN, "addr.host"), _int(items[1], 1, 65535, "addr.port"))
+    try:
+        host = check_host(items[0])
+    except ValueError as exc:
+        _fail(f"addr.host: {exc}")
+    return (host, _int(items[1], 1, 65535, "addr.port"))
 
 
 def _name(v: object, what: str = "name") -> str:
-    return _str(v, MAX_NAME_LEN, what)
+    try:
+        return check_name(v)
+    except ValueError as exc:
+        _fail(f"{what}: {exc}")
 
 
-def _decode_meta(v: object) -> NodeMeta:
+def _decode_meta(v: object, max_meta: int | None) -> NodeMeta:
     items = _list(v, 3, "meta")
-    url = _str(items[0], MAX_URL_LEN, "meta.http_url", allow_empty=True)
+    url = _str(items[0], MAX_URL_LEN, "meta.http_url")
     models = _list(items[1], 0, "meta.models")
     if len(models) > MAX_MODELS:
         _fail("meta.models: too many models")
@@ -218,12 +304,15 @@ def _decode_meta(v: object) -> NodeMeta:
         ):
             _fail("meta.weights: one weight in (0, 1000] per model")
         weights = tuple(float(w) for w in raw)
-    return NodeMeta(
+    meta = NodeMeta(  # checks the URL's scheme and host, the model ids (ValueError)
         http_url=url,
         models=tuple(_str(m, MAX_MODEL_LEN, "meta.models[]") for m in models),
         state=state,
         weights=weights,
     )
+    if max_meta is not None and len(encode_meta(meta)) > max_meta:
+        _fail(f"meta: over {max_meta} bytes encoded")
+    return meta
 
 
 def _decode_load(v: object) -> Load:
@@ -236,25 +325,35 @@ def _decode_load(v: object) -> Load:
 
 
 _STATES = {s.value: s for s in MemberState}
+_MAX_ACCUSATION = MAX_INCARNATION - 1
+"""Suspect, dead and left stay below the cap, so the accused can always refute."""
 
 
-def _decode_member(v: object) -> MemberInfo:
+def _version(v: object) -> int:
+    version = _counter(v, MAX_LOAD_VERSION, "load-update.version")
+    if version < 1:
+        _fail("load-update.version: expected >= 1")
+    return version
+
+
+def _decode_member(v: object, max_meta: int | None) -> MemberInfo:
     items = _list(v, 7, "member")
     state = _STATES.get(items[2]) if type(items[2]) is str else None
     if state is None:
         _fail("member.state: unknown state")
+    limit = MAX_INCARNATION if state is MemberState.ALIVE else _MAX_ACCUSATION
     return MemberInfo(
         name=_name(items[0], "member.name"),
         addr=_addr(items[1]),
         state=state,
-        incarnation=_int(items[3], 0, MAX_COUNTER, "member.incarnation"),
-        meta=_decode_meta(items[4]),
+        incarnation=_counter(items[3], limit, "member.incarnation"),
+        meta=_decode_meta(items[4], max_meta),
         load=None if items[5] is None else _decode_load(items[5]),
-        load_version=_int(items[6], 0, MAX_COUNTER, "member.load_version"),
+        load_version=_counter(items[6], MAX_LOAD_VERSION, "member.load_version"),
     )
 
 
-def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
+def _decode_fields(v: object, *, max_members: int, max_meta: int | None, nested: bool) -> Message:
     items = _list(v, 1, "message")
     tag = items[0]
     if type(tag) is not int:
@@ -285,35 +384,35 @@ def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
         _list(items, 4, "suspect")
         return Suspect(
             node=_name(items[1], "suspect.node"),
-            incarnation=_int(items[2], 0, MAX_COUNTER, "suspect.incarnation"),
+            incarnation=_counter(items[2], _MAX_ACCUSATION, "suspect.incarnation"),
             source=_name(items[3], "suspect.source"),
         )
     if tag == MessageType.ALIVE:
         _list(items, 5, "alive")
         return Alive(
             node=_name(items[1], "alive.node"),
-            incarnation=_int(items[2], 0, MAX_COUNTER, "alive.incarnation"),
+            incarnation=_counter(items[2], MAX_INCARNATION, "alive.incarnation"),
             addr=_addr(items[3]),
-            meta=_decode_meta(items[4]),
+            meta=_decode_meta(items[4], max_meta),
         )
     if tag == MessageType.DEAD:
         _list(items, 4, "dead")
         return Dead(
             node=_name(items[1], "dead.node"),
-            incarnation=_int(items[2], 0, MAX_COUNTER, "dead.incarnation"),
+            incarnation=_counter(items[2], _MAX_ACCUSATION, "dead.incarnation"),
             source=_name(items[3], "dead.source"),
         )
     if tag == MessageType.LEFT:
         _list(items, 3, "left")
         return Left(
             node=_name(items[1], "left.node"),
-            incarnation=_int(items[2], 0, MAX_COUNTER, "left.incarnation"),
+            incarnation=_counter(items[2], _MAX_ACCUSATION, "left.incarnation"),
         )
     if tag == MessageType.LOAD:
         _list(items, 4, "load-update")
         return LoadUpdate(
             node=_name(items[1], "load-update.node"),
-            version=_int(items[2], 1, MAX_COUNTER, "load-update.version"),
+            version=_version(items[2]),
             load=_decode_load(items[3]),
         )
     if tag == MessageType.PUSH_PULL:
@@ -324,7 +423,7 @@ def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
         return PushPull(
             source=_name(items[1], "push-pull.source"),
             join=_bool(items[2], "push-pull.join"),
-            members=tuple(_decode_member(m) for m in members),
+            members=tuple(_decode_member(m, max_meta) for m in members),
         )
     if tag == MessageType.COMPOUND:
         if nested:
@@ -332,23 +431,50 @@ def _decode_fields(v: object, *, max_members: int, nested: bool) -> Message:
         _list(items, 2, "compound")
         parts = _list(items[1], 1, "compound.parts")
         return Compound(
-            parts=tuple(_decode_fields(p, max_members=0, nested=True) for p in parts),
+            parts=tuple(
+                _decode_fields(p, max_members=0, max_meta=max_meta, nested=True) for p in parts
+            ),
         )
     _fail(f"unknown message tag {tag}")
 
 
-def decode(data: bytes, *, max_size: int, max_members: int = 0) -> Message:
+def decode_packet(
+    data: bytes, *, max_size: int, max_members: int = 0, max_meta_size: int | None = None
+) -> tuple[Header, Message]:
+    """Decode and validate one packet's plaintext: an envelope (see the module docstring)
+    around a message. Limits and errors as for :func:`decode`; a bare message without an
+    envelope raises :class:`DecodeError` too."""
+    items = _list(_unpack(data, max_size, max_members), 5, "envelope")
+    if items[0] != MessageType.ENVELOPE or type(items[0]) is not int:
+        _fail("expected an envelope")
+    header = Header(
+        source=_name(items[1], "envelope.source"),
+        epoch=_int(items[2], 0, MAX_EPOCH, "envelope.epoch"),
+        sent_ms=_int(items[3], 0, MAX_SENT_MS, "envelope.sent_ms"),
+    )
+    return header, _decode_message(items[4], max_members, max_meta_size)
+
+
+def decode(
+    data: bytes, *, max_size: int, max_members: int = 0, max_meta_size: int | None = None
+) -> Message:
     """Decode and validate one message.
 
     ``max_size``: the largest acceptable input in bytes (a datagram: the datagram limit;
     a push-pull: its frame limit). ``max_members``: the most members a push-pull may carry
-    (0 refuses push-pulls, as in datagrams). Raises :class:`DecodeError` for anything
-    oversized, truncated, trailing, malformed or out of range, and never anything else.
+    (0 refuses push-pulls, as in datagrams). ``max_meta_size``: the most bytes one encoded
+    ``NodeMeta`` may take (None: no limit beyond the others). Raises :class:`DecodeError` for
+    anything oversized, truncated, trailing, malformed or out of range, and never anything
+    else.
     """
+    return _decode_message(_unpack(data, max_size, max_members), max_members, max_meta_size)
+
+
+def _unpack(data: bytes, max_size: int, max_members: int) -> object:
     if len(data) > max_size:
         raise DecodeError(f"{len(data)} bytes is over the limit of {max_size}")
     try:
-        obj = msgpack.unpackb(
+        return msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
@@ -361,7 +487,10 @@ def decode(data: bytes, *, max_size: int, max_members: int = 0) -> Message:
         )
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
         raise DecodeError(f"not msgpack: {exc}") from None
+
+
+def _decode_message(obj: object, max_members: int, max_meta_size: int | None) -> Message:
     try:
-        return _decode_fields(obj, max_members=max_members, nested=False)
+        return _decode_fields(obj, max_members=max_members, max_meta=max_meta_size, nested=False)
     except (ValueError, TypeError) as exc:  # a value type's own __post_init__ check
         raise DecodeError(str(exc)) from None

@@ -4,17 +4,29 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from .keyring import KEY_SIZES
+from . import codec
+from .keyring import KEY_SIZES, Keyring
+from .messages import MAX_NAME_LEN
 
-__all__ = ["GossipConfig"]
+__all__ = ["GossipConfig", "PlaintextGossipError", "check_encryption", "is_loopback"]
 
-_ALIVE_ROOM = 440
-"""Worst-case bytes of an alive message besides its meta: a 128-character name, a 253-byte
-host, numbers, msgpack framing, and 29 bytes of sealing."""
+_COMPOUND_SLACK = codec.compound_overhead(2**16 - 1)
+"""Bytes a compound header may need around its parts."""
+
+
+def _alive_room(config: GossipConfig) -> int:
+    """Worst-case bytes of a datagram that carries one alive, besides its meta: the longest
+    name and host and the largest numbers (``codec.alive_overhead``), the envelope of a
+    sender with the longest name, and the sealing (29 bytes with keys, the cluster name and
+    2 bytes without)."""
+    sealing = Keyring(config.keys).overhead(config.cluster_name.encode())
+    longest = "n" * MAX_NAME_LEN
+    return codec.alive_overhead() + codec.envelope_overhead(longest) + sealing + _COMPOUND_SLACK
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +54,31 @@ class GossipConfig:
     Anti-entropy:
       ``push_pull_interval``: full-state TCP exchange with one random member (scaled up
       beyond 32 members as memberlist does); 0 disables it.
-      ``max_push_pull_members``: a push-pull claiming more members is refused.
-      ``max_push_pull_bytes``: largest TCP frame. ``tcp_timeout``: connect/read/write bound.
+      ``max_push_pull_members``: the largest cluster: a push-pull claiming more members is
+      refused, and the member table (dead and left members included, until forgotten) holds
+      at most this many, so no number of push-pulls can introduce more. 512: Quorum
+      clusters are a handful of machines, the simulator's largest runs 200.
+      :attr:`max_push_pull_bytes` (derived): the largest frame read from a peer, before it
+      is decrypted.
+      ``max_push_pull_conns``: push-pull connections served at once; more are closed at
+      once and counted (``dropped_tcp_busy``). 16: a node starts one push-pull every
+      ``push_pull_interval`` and each takes milliseconds, so even 512 members rarely put two
+      on one peer at a time; joins refused in a burst retry with backoff.
+      ``tcp_timeout``: connect/read/write bound; a push-pull request not read within it is
+      cut (``dropped_tcp_slow``).
       ``join_retry_interval``/``join_retry_max``: retry the seeds, with backoff, while no
       other member is alive.
     Identity and security:
       ``cluster_name``: associated data of every packet (a packet for another cluster is
       dropped). ``keys``: AES-GCM keys, the first encrypts; empty means plaintext.
       ``max_meta_size``: encoded ``NodeMeta`` must fit in this many bytes.
+      ``freshness_window``: a packet older than this when it arrives is dropped (see
+      :mod:`quorum.gossip.freshness`). 30 s: well beyond any delivery delay or stall of a
+      live node (the failure detector gives up on a member long before), and at least
+      ``tcp_timeout``, the longest a push-pull may take. ``freshness_retention``: how long a
+      sender's life and clock offset are remembered after its last packet; 120 s outlives
+      ``gossip_to_the_dead_time`` plus the window, so by the time we would take a replayed
+      packet of a dead sender as new, its member record is long gone.
     """
 
     probe_interval: float = 1.0
@@ -64,14 +93,16 @@ class GossipConfig:
     gossip_to_the_dead_time: float = 30.0
     max_datagram: int = 1400
     push_pull_interval: float = 30.0
-    max_push_pull_members: int = 10_000
-    max_push_pull_bytes: int = 8 * 1024 * 1024
+    max_push_pull_members: int = 512
+    max_push_pull_conns: int = 16
     tcp_timeout: float = 10.0
     join_retry_interval: float = 1.0
     join_retry_max: float = 30.0
     cluster_name: str = "quorum"
     keys: tuple[bytes, ...] = ()
     max_meta_size: int = 960
+    freshness_window: float = 30.0
+    freshness_retention: float = 120.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -81,10 +112,15 @@ class GossipConfig:
             "tcp_timeout",
             "join_retry_interval",
             "join_retry_max",
+            "freshness_window",
         )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"GossipConfig.{name} must be > 0")
+        if not self.tcp_timeout <= self.freshness_window <= self.freshness_retention:
+            raise ValueError(
+                "GossipConfig needs tcp_timeout <= freshness_window <= freshness_retention"
+            )
         if self.probe_timeout >= self.probe_interval:
             raise ValueError("GossipConfig.probe_timeout must be shorter than probe_interval")
         at_least_one = (
@@ -94,6 +130,7 @@ class GossipConfig:
             "retransmit_mult",
             "gossip_nodes",
             "max_push_pull_members",
+            "max_push_pull_conns",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
@@ -102,17 +139,18 @@ class GossipConfig:
             raise ValueError("GossipConfig.indirect_checks and push_pull_interval must be >= 0")
         if not 256 <= self.max_datagram <= 65_000:
             raise ValueError("GossipConfig.max_datagram must be in [256, 65000]")
-        if self.max_meta_size > self.max_datagram - _ALIVE_ROOM:
-            raise ValueError(
-                f"GossipConfig.max_meta_size must leave {_ALIVE_ROOM} bytes of the datagram "
-                "for the rest of an alive message (name, address, sealing)"
-            )
         if not self.cluster_name or len(self.cluster_name.encode()) > 255:
             raise ValueError("GossipConfig.cluster_name must be 1..255 bytes of UTF-8")
         object.__setattr__(self, "keys", tuple(bytes(k) for k in self.keys))
         for key in self.keys:
             if len(key) not in KEY_SIZES:
                 raise ValueError("GossipConfig.keys must be 16, 24 or 32 bytes each")
+        room = _alive_room(self)
+        if self.max_meta_size > self.max_datagram - room:
+            raise ValueError(
+                f"GossipConfig.max_meta_size must leave {room} bytes of the datagram "
+                "for the rest of an alive message (name, address, envelope, sealing)"
+            )
 
     @classmethod
     def lan(cls, **overrides: Any) -> GossipConfig:
@@ -170,8 +208,57 @@ class GossipConfig:
         return self.push_pull_interval * multiplier
 
     @property
+    def max_push_pull_bytes(self) -> int:
+        """The largest push-pull frame in bytes, checked before anything is decrypted: what
+        a push-pull of ``max_push_pull_members`` members needs when every field is at its
+        largest (``codec.max_push_pull_size``: about 1.2 KB a member with the default
+        960-byte meta), sealed. 0.6 MB for the defaults; honest frames are far smaller
+        (about 100 bytes a member)."""
+        sealing = Keyring(self.keys).overhead(self.cluster_name.encode())
+        return codec.max_push_pull_size(self.max_push_pull_members, self.max_meta_size) + sealing
+
+    @property
     def nack_timeout(self) -> float:
         """Seconds a helper waits for the target before answering a ping-req with a nack:
         80% of the probe timeout, so the nack reaches the requester before its probe
         round ends."""
         return self.probe_timeout * 0.8
+
+
+class PlaintextGossipError(ValueError):
+    """Gossip without keys on an address other hosts can reach. Raised before anything is
+    bound; the message names the fix (set ``[gossip] keys``)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal, or ``"localhost"``) only reaches this machine:
+    127.0.0.0/8, ``::1`` or ``localhost``. Anything else, including the wildcards ``0.0.0.0``
+    and ``::`` and every other host name, is taken as reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_encryption(config: GossipConfig, host: str) -> bool:
+    """The plaintext rule: a node never gossips unencrypted where another host can reach it
+    (anyone who can send it a datagram could add a member with any URL, and entry nodes would
+    send prompts there).
+
+    ``host``: the address gossip binds to. Returns True when the gossip will be plaintext on
+    a loopback address (allowed, for tests and a cluster on one machine; the caller warns),
+    False when it is encrypted. Raises :class:`PlaintextGossipError` when ``config.keys`` is
+    empty and ``host`` is not loopback (see :func:`is_loopback`).
+    """
+    if config.keys:
+        return False
+    if not is_loopback(host):
+        raise PlaintextGossipError(
+            f"gossip would run unencrypted on {host}, which other hosts can reach: set "
+            "[gossip] keys (base64 AES keys of 16, 24 or 32 bytes, the same on every node; "
+            'e.g. python3 -c "import os,base64;print(base64.b64encode(os.urandom(32)).decode())"'
+            "), or bind gossip to 127.0.0.1 for a cluster on one machine"
+        )
+    return True

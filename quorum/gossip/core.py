@@ -27,6 +27,10 @@ Protocol (SWIM, Das et al. 2002; Lifeguard, Dadgar et al. 2018; memberlist ``sta
 * Anti-entropy: a full-state push-pull with a random member every ``push_pull_interval``
   (the runner carries it over TCP), and with the seeds while no other member is alive.
 
+* Freshness: every packet is sealed with a header (our name, our epoch, the time since it
+  began); a receiver drops packets that are too old or from a previous life of their sender
+  (:mod:`quorum.gossip.freshness`).
+
 The member-state rules live in :mod:`quorum.gossip.state`; this module carries them out.
 Nothing a peer sends can raise out of :meth:`receive`: bad packets are counted in
 :attr:`GossipCore.counters` and dropped.
@@ -53,14 +57,19 @@ from .events import (
     PushPullRequest,
     Send,
 )
+from .freshness import Freshness, FreshnessVerdict
 from .keyring import Keyring, OpenError
 from .lifeguard import Awareness, Suspicion
 from .messages import (
+    MAX_EPOCH,
+    MAX_INCARNATION,
+    MAX_LOAD_VERSION,
     Ack,
     Addr,
     Alive,
     Compound,
     Dead,
+    Header,
     Left,
     Load,
     LoadUpdate,
@@ -73,6 +82,8 @@ from .messages import (
     PingReq,
     PushPull,
     Suspect,
+    check_host,
+    check_name,
 )
 from .state import (
     Member,
@@ -96,6 +107,9 @@ COUNTERS = (
     "dropped_oversize",
     "dropped_decrypt",
     "dropped_decode",
+    "dropped_incarnation",
+    "dropped_stale",
+    "dropped_replay",
     "dropped_push_pull",
     "ping_wrong_target",
     "ack_unexpected",
@@ -105,13 +119,22 @@ COUNTERS = (
     "suspicions",
     "deaths_declared",
     "refutes",
+    "incarnation_capped",
+    "load_version_capped",
     "reminders",
     "conflicts",
+    "members_refused",
     "push_pulls",
 )
 """Every key of :attr:`GossipCore.counters` (all present from the start, at 0). Every
 datagram is ``received`` and then exactly one of ``accepted``, ``dropped_oversize``,
-``dropped_decrypt``, ``dropped_decode``."""
+``dropped_decrypt``, ``dropped_decode``, ``dropped_incarnation`` (an incarnation or load
+version above the cap, :data:`~quorum.gossip.messages.MAX_INCARNATION`), ``dropped_stale``
+(older than ``config.freshness_window``), ``dropped_replay`` (from a previous life of its
+sender, or our own packet sent back; see :mod:`quorum.gossip.freshness`).
+``incarnation_capped``/``load_version_capped``: times our own counter could not be raised
+because it sits at the cap. ``members_refused``: alive messages about a new member dropped
+because the member table already holds ``config.max_push_pull_members`` records."""
 
 _MAX_FORWARDS = 1024
 """Pending ping-req forwards we keep; more are refused (a flood cannot grow memory)."""
@@ -159,13 +182,19 @@ class _Forward:
 class GossipCore:
     """SWIM membership of one node, without I/O.
 
-    ``name``: this node's unique name (1..128 characters). ``addr``: the address peers reach
-    it at (UDP, and TCP on the same port). ``meta``: what it tells the cluster about itself.
-    ``config``: timings and limits. ``rng``: the only source of randomness (seed it in tests).
-    ``now``: the current time in seconds on any monotonic clock; every later call must pass
-    a time on the same clock. ``seeds``: addresses to push-pull with while no other member is
-    alive (join, and rejoin after a long partition). ``load``: initial load figures.
-    Raises ``ValueError`` when the encoded meta exceeds ``config.max_meta_size``.
+    ``name``: this node's unique name (1..128 printable characters). ``addr``: the address
+    peers reach it at (UDP, and TCP on the same port; the host an IP literal). ``meta``: what
+    it tells the cluster about itself. ``config``: timings and limits. ``rng``: the only
+    source of randomness (seed it in tests). ``now``: the current time in seconds on any
+    monotonic clock; every later call must pass a time on the same clock. ``seeds``:
+    addresses to push-pull with while no other member is alive (join, and rejoin after a long
+    partition). ``load``: initial load figures. ``epoch``: this life of the node, sealed
+    into every packet with the time since ``now`` (see :mod:`quorum.gossip.freshness`); each
+    start of a node must use a higher one than the last. Default: ``now`` in nanoseconds,
+    which does when every life shares one clock (the simulator); a process, whose monotonic
+    clock restarts with it, passes the wall clock (``time.time_ns()``), as the runner does.
+    Raises ``ValueError`` for a bad name or host, or when the encoded meta exceeds
+    ``config.max_meta_size``.
     """
 
     def __init__(
@@ -179,9 +208,10 @@ class GossipCore:
         now: float,
         seeds: Sequence[Addr] = (),
         load: Load | None = None,
+        epoch: int | None = None,
     ) -> None:
-        if not name or len(name) > codec.MAX_NAME_LEN:
-            raise ValueError(f"node name must be 1..{codec.MAX_NAME_LEN} characters")
+        check_name(name)
+        check_host(addr[0])
         check_meta(meta, config)
         self.name = name
         self.config = config
@@ -189,7 +219,22 @@ class GossipCore:
         self._now = now
         self._keyring = Keyring(config.keys)
         self._label = config.cluster_name.encode()
-        self._budget = config.max_datagram - self._keyring.overhead(self._label) - _COMPOUND_SLACK
+        self._budget = (
+            config.max_datagram
+            - self._keyring.overhead(self._label)
+            - codec.envelope_overhead(name)
+            - _COMPOUND_SLACK
+        )
+        self._epoch = epoch if epoch is not None else min(MAX_EPOCH, max(0, int(now * 1e9)))
+        if not 0 <= self._epoch <= MAX_EPOCH:
+            raise ValueError(f"epoch must be in [0, {MAX_EPOCH}]")
+        self._born = now
+        self._freshness = Freshness(
+            name,
+            window=config.freshness_window,
+            retention=config.freshness_retention,
+            max_senders=config.max_push_pull_members,
+        )
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         """Running totals, see :data:`COUNTERS`."""
 
@@ -237,7 +282,7 @@ class GossipCore:
         self._advance(now)
         self.counters["received"] += 1
         self.counters["bytes_received"] += len(data)
-        msg = self._open(data, max_size=self.config.max_datagram, max_members=0)
+        msg = self._open(now, data, max_size=self.config.max_datagram, max_members=0)
         if msg is None:
             return self._flush()
         if isinstance(msg, PushPull):  # full state travels over TCP only
@@ -281,11 +326,13 @@ class GossipCore:
 
     # --- push-pull (the runner carries these bytes over TCP) -------------------------------
 
-    def push_pull_payload(self, join: bool) -> bytes:
-        """Our full state, sealed: the request (or the answer) of a push-pull."""
+    def push_pull_payload(self, join: bool, now: float | None = None) -> bytes:
+        """Our full state, sealed: the request (or the answer) of a push-pull. ``now``: the
+        time to seal it at (default: the latest time given to the core)."""
+        if now is not None:
+            self._advance(now)
         members = tuple(m.info() for m in self._members.values())
-        payload = codec.encode(PushPull(source=self.name, join=join, members=members))
-        return self._keyring.seal(payload, self._label)
+        return self._seal(codec.encode(PushPull(source=self.name, join=join, members=members)))
 
     def answer_push_pull(
         self, now: float, addr: Addr, data: bytes
@@ -294,7 +341,7 @@ class GossipCore:
         to send back (taken before merging theirs, or None if theirs was refused) and the
         outputs of the merge. A refused push-pull is counted in ``dropped_push_pull``."""
         self._advance(now)
-        remote = self._open_push_pull(data)
+        remote = self._open_push_pull(now, data)
         if remote is None:
             return None, self._flush()
         answer = self.push_pull_payload(join=False)
@@ -305,7 +352,7 @@ class GossipCore:
         """Client side of a push-pull: merge the peer's sealed state ``data``. A refused
         push-pull is counted in ``dropped_push_pull``."""
         self._advance(now)
-        remote = self._open_push_pull(data)
+        remote = self._open_push_pull(now, data)
         if remote is not None:
             self._merge(remote)
         return self._flush()
@@ -338,6 +385,11 @@ class GossipCore:
         check_meta(meta, self.config)
         if meta == self._self.meta:
             return
+        if self._self.incarnation >= MAX_INCARNATION:
+            # Nothing can outbid the cap (only forged messages push a node there): keep the
+            # meta the cluster holds rather than disagree with it.
+            self.counters["incarnation_capped"] += 1
+            return
         self._self.meta = meta
         self._self.incarnation += 1
         self._announce()
@@ -348,7 +400,10 @@ class GossipCore:
         if load == self._self.load:
             return
         self._self.load = load
-        self._self.load_version += 1
+        if self._self.load_version >= MAX_LOAD_VERSION:
+            self.counters["load_version_capped"] += 1
+        else:
+            self._self.load_version += 1
         self._queue_load(self._self)
 
     def leave(self, now: float) -> list[Output]:
@@ -399,7 +454,9 @@ class GossipCore:
         if now > self._now:
             self._now = now
 
-    def _open(self, data: bytes, *, max_size: int, max_members: int) -> Message | None:
+    def _open(self, now: float, data: bytes, *, max_size: int, max_members: int) -> Message | None:
+        """Size, then seal, then envelope and message, then freshness: the first check that
+        fails counts the packet under its ``dropped_*`` counter and returns None."""
         if len(data) > max_size:
             self.counters["dropped_oversize"] += 1
             return None
@@ -409,14 +466,28 @@ class GossipCore:
             self.counters["dropped_decrypt"] += 1
             return None
         try:
-            return codec.decode(payload, max_size=max_size, max_members=max_members)
-        except DecodeError:
-            self.counters["dropped_decode"] += 1
+            header, msg = codec.decode_packet(
+                payload,
+                max_size=max_size,
+                max_members=max_members,
+                max_meta_size=self.config.max_meta_size,
+            )
+        except DecodeError as exc:
+            self.counters[exc.counter] += 1
             return None
+        verdict = self._freshness.check(now, header)
+        if verdict is FreshnessVerdict.STALE:
+            self.counters["dropped_stale"] += 1
+            return None
+        if verdict is FreshnessVerdict.REPLAY:
+            self.counters["dropped_replay"] += 1
+            return None
+        return msg
 
-    def _open_push_pull(self, data: bytes) -> PushPull | None:
+    def _open_push_pull(self, now: float, data: bytes) -> PushPull | None:
         self.counters["push_pulls"] += 1
         msg = self._open(
+            now,
             data,
             max_size=self.config.max_push_pull_bytes,
             max_members=self.config.max_push_pull_members,
@@ -501,6 +572,9 @@ class GossipCore:
             return
         event: Output | None
         if current is None:
+            if len(self._members) >= self.config.max_push_pull_members:
+                self.counters["members_refused"] += 1  # a flood of names cannot grow memory
+                return
             current = Member(
                 msg.node, msg.addr, MemberState.ALIVE, msg.incarnation, msg.meta, self._now
             )
@@ -586,7 +660,9 @@ class GossipCore:
         current = self._members.get(msg.node)
         verdict = judge_load(current, msg.version, msg.load, is_self=msg.node == self.name)
         if verdict is Verdict.REFUTE:  # an older run of ours published higher versions
-            self._self.load_version = msg.version + 1
+            if msg.version >= MAX_LOAD_VERSION:
+                self.counters["load_version_capped"] += 1
+            self._self.load_version = min(msg.version + 1, MAX_LOAD_VERSION)
             if self._self.load is not None:
                 self._queue_load(self._self)
         elif verdict is Verdict.APPLY:
@@ -620,7 +696,10 @@ class GossipCore:
     def _refute(self, claimed: int) -> None:
         """Only we raise our incarnation: take one above the claim and say we are alive
         (Lifeguard: being suspected hints that we are slow, so our health score rises)."""
-        self._self.incarnation = refuting_incarnation(self._self.incarnation, claimed)
+        own = self._self.incarnation
+        self._self.incarnation = refuting_incarnation(own, claimed)
+        if self._self.incarnation <= max(own, claimed):
+            self.counters["incarnation_capped"] += 1
         self._awareness.apply_delta(1)
         self.counters["refutes"] += 1
         self._announce()
@@ -814,9 +893,14 @@ class GossipCore:
         parts.extend(self._queue.take(budget, limit, target=target))
         self._emit(addr, parts)
 
+    def _seal(self, message: bytes) -> bytes:
+        """``message`` (encoded) in an envelope with our header, sealed."""
+        sent_ms = max(0, round((self._now - self._born) * 1000))
+        header = Header(self.name, self._epoch, sent_ms)
+        return self._keyring.seal(codec.encode_envelope(header, message), self._label)
+
     def _emit(self, addr: Addr, parts: list[bytes]) -> None:
-        payload = parts[0] if len(parts) == 1 else codec.encode_compound(parts)
-        packet = self._keyring.seal(payload, self._label)
+        packet = self._seal(parts[0] if len(parts) == 1 else codec.encode_compound(parts))
         self.counters["sent"] += 1
         self.counters["bytes_sent"] += len(packet)
         self._out.append(Send(addr, packet))

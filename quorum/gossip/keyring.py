@@ -9,9 +9,17 @@ authentication even when both clusters share a key. The first key of the ring en
 every key decrypts, which allows key rotation without downtime (memberlist ``keyring.go``,
 ``security.go``): add the new key everywhere, make it primary everywhere, then remove the old.
 
-An empty keyring seals nothing (for tests and local experiments): a plaintext packet is::
+An empty keyring seals nothing (for tests and local experiments on loopback only, see
+:func:`~quorum.gossip.config.check_encryption`): a plaintext packet is::
 
     0x00 | label length (1 byte) | label | payload
+
+The payload the core seals is always an envelope (:mod:`quorum.gossip.codec`): the sender's
+name, its epoch (life) and the time since that life began, then the message. Being inside the
+AES-GCM ciphertext, that header is encrypted and authenticated with the message, so it cannot
+be stripped or altered, and :mod:`quorum.gossip.freshness` can drop replayed packets by it
+(AES-GCM alone authenticates a packet, but says nothing about *when* it was made).
+A later format takes a new version byte; version 1 keeps its meaning.
 """
 
 from __future__ import annotations

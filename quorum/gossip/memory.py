@@ -19,7 +19,7 @@ import random
 import trio
 
 from .messages import Addr
-from .transport import ExchangeHandler, TransportError
+from .transport import TCP_COUNTERS, ExchangeHandler, TransportError
 
 __all__ = ["MemoryNetwork", "MemoryTransport"]
 
@@ -112,6 +112,11 @@ class MemoryTransport:
     @property
     def local_addr(self) -> Addr:
         return self._addr
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Always zero: the in-memory network has no connections to refuse."""
+        return dict.fromkeys(TCP_COUNTERS, 0)
 
     async def send(self, addr: Addr, data: bytes) -> None:
         self._network._send(self._addr, addr, data)

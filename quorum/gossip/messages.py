@@ -14,16 +14,31 @@ The value types carried inside messages (:class:`NodeMeta`, :class:`Load`,
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
+import math
+import re
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 __all__ = [
+    "MAX_EPOCH",
+    "MAX_HOST_LEN",
+    "MAX_INCARNATION",
+    "MAX_LOAD_VERSION",
+    "MAX_MODELS",
+    "MAX_MODEL_LEN",
+    "MAX_NAME_LEN",
+    "MAX_SENT_MS",
+    "MAX_URL_LEN",
     "META_STATES",
     "Ack",
     "Addr",
     "Alive",
     "Compound",
     "Dead",
+    "Header",
     "Left",
     "Load",
     "LoadUpdate",
@@ -37,6 +52,8 @@ __all__ = [
     "PingReq",
     "PushPull",
     "Suspect",
+    "check_host",
+    "check_name",
 ]
 
 Addr = tuple[str, int]
@@ -60,6 +77,9 @@ class MessageType(enum.IntEnum):
     PUSH_PULL = 9
     COMPOUND = 10
     LOAD = 11
+    ENVELOPE = 12
+    """Not a message: the frame around every packet's message (a :class:`Header`, then the
+    message), see :mod:`quorum.gossip.codec`."""
 
 
 class MemberState(enum.StrEnum):
@@ -83,18 +103,121 @@ META_STATES = ("warming", "ready", "draining")
 MAX_WEIGHT = 1000.0
 """The largest routing weight a model may have."""
 
+MAX_EPOCH = 2**63 - 1
+"""The largest epoch (a sender's life, see :class:`Header`). Epochs are compared, never
+incremented, so the whole signed 64-bit range is safe."""
+MAX_SENT_MS = 2**53 - 1
+"""The largest ``Header.sent_ms``: 285,000 years of one life."""
+MAX_NAME_LEN = 128
+"""Longest node name, in characters."""
+MAX_HOST_LEN = 64
+"""Longest host of a gossip address: an IP literal (an IPv6 one with a zone id is at most 61)."""
+MAX_URL_LEN = 2048
+"""Longest ``NodeMeta.http_url``, in characters."""
+MAX_MODELS = 256
+"""Most models one node may announce."""
+MAX_MODEL_LEN = 256
+"""Longest model id, in characters."""
+
+
+def _printable(value: object, max_len: int) -> bool:
+    return type(value) is str and 0 < len(value) <= max_len and value.isprintable()
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it can name a node: a string of 1..128 printable characters (no
+    control characters: names reach logs, terminals and JSON). Raises ``ValueError``."""
+    if not _printable(name, MAX_NAME_LEN):
+        raise ValueError(f"a node name must be 1..{MAX_NAME_LEN} printable characters")
+    assert isinstance(name, str)
+    return name
+
+
+@functools.lru_cache(maxsize=4096)  # every alive carries one; a cluster has few hosts
+def _ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def check_host(host: object) -> str:
+    """Return ``host`` if it can be a gossip address: an IPv4 or IPv6 literal of at most 64
+    characters. Host names are refused: a peer must not make us resolve names it chose, and
+    every node advertises an IP (``quorum.node`` resolves its own). Raises ``ValueError``."""
+    if type(host) is not str or not 0 < len(host) <= MAX_HOST_LEN:
+        raise ValueError(f"a gossip host must be an IP literal of 1..{MAX_HOST_LEN} characters")
+    if not _ip_literal(host):
+        raise ValueError(f"a gossip host must be an IP literal, not {host!r:.70}")
+    return host
+
+
+_SPACE = re.compile(r"\s")
+
+
+def _check_url(url: object) -> None:
+    """An absolute ``http://`` or ``https://`` URL with a host, at most 2048 printable
+    characters, no spaces, no user info, no query or fragment (it is a base URL)."""
+    if type(url) is not str or not _http_base_url(url):
+        raise ValueError(
+            f"NodeMeta.http_url must be an http(s) base URL of at most {MAX_URL_LEN} "
+            f"characters, not {url!r:.70}"
+        )
+
+
+@functools.lru_cache(maxsize=4096)  # every alive carries one; a cluster has few URLs
+def _http_base_url(url: str) -> bool:
+    if not _printable(url, MAX_URL_LEN) or _SPACE.search(url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+MAX_INCARNATION = 2**53 - 1
+"""The largest incarnation on the wire. An ``alive`` may carry it; an accusation (``suspect``,
+``dead``, ``left``) must stay below it, which leaves the accused the one step it needs to
+refute. Anything higher is dropped and counted (``dropped_incarnation``), and a node's own
+incarnation never passes it.
+
+Why 2**53 - 1, far below the 2**63 - 1 of a signed 64-bit integer: it is the largest integer
+that every decoder holds exactly (msgpack in any language, and JSON readers that parse numbers
+as doubles: ``/cluster/members`` shows incarnations), so ``claim + 1`` can never overflow
+anywhere. An honest node raises its incarnation once per refutation or meta change: at a
+thousand per second it would take 285,000 years to get there, so only a forged message can
+come near it (see :mod:`quorum.gossip.state` for what happens then)."""
+
+MAX_LOAD_VERSION = 2**53 - 1
+"""The largest load version on the wire, for the same reasons as :data:`MAX_INCARNATION`. A
+node that reaches it (only a forged load update can push it there) keeps publishing its load
+at that version; members that already hold that version keep the figures they have."""
+
 
 @dataclass(frozen=True, slots=True)
 class NodeMeta:
     """What a node tells the cluster about itself. Carried in every ``Alive``.
 
-    ``http_url``: the node's OpenAI-compatible base URL, e.g. ``"http://10.0.0.5:32768"``.
-    ``models``: model ids the node serves. ``state``: ``"warming"`` (booting, do not route),
+    ``http_url``: the node's OpenAI-compatible base URL, e.g. ``"http://10.0.0.5:32768"``:
+    ``http`` or ``https``, a host, at most 2048 printable characters, no user info, query or
+    fragment. ``models``: model ids the node serves (at most 256, each 1..256 printable
+    characters, no repeats). ``state``: ``"warming"`` (booting, do not route),
     ``"ready"`` or ``"draining"`` (finish what you have, take nothing new). ``weights``:
     routing weight of each model, in the order of ``models`` (empty: all 1.0); encoded as a
     trailing field, so nodes that predate it read the rest.
     A change of meta raises the owner's incarnation, so it wins over older alive messages.
-    Raises ``ValueError`` on an unknown state or a weight list that does not match.
+    Raises ``ValueError`` on a bad URL, model list or state, or a weight list that does not
+    match; a peer's meta that fails these checks is dropped (``codec`` turns it into a
+    ``DecodeError``).
     """
 
     http_url: str
@@ -105,13 +228,21 @@ class NodeMeta:
     def __post_init__(self) -> None:
         if self.state not in META_STATES:
             raise ValueError(f"NodeMeta.state must be one of {META_STATES}, not {self.state!r}")
+        _check_url(self.http_url)
         if not isinstance(self.models, tuple):
             object.__setattr__(self, "models", tuple(self.models))
         if not isinstance(self.weights, tuple):
             object.__setattr__(self, "weights", tuple(self.weights))
+        if len(self.models) > MAX_MODELS or len(set(self.models)) != len(self.models):
+            raise ValueError(f"NodeMeta.models must be at most {MAX_MODELS} distinct ids")
+        if not all(_printable(m, MAX_MODEL_LEN) for m in self.models):
+            raise ValueError(f"NodeMeta.models must be 1..{MAX_MODEL_LEN} printable characters")
         if self.weights and len(self.weights) != len(self.models):
             raise ValueError("NodeMeta.weights must have one weight per model")
-        if any(not 0 < w <= MAX_WEIGHT for w in self.weights):
+        if any(
+            not isinstance(w, float | int) or not math.isfinite(w) or not 0 < w <= MAX_WEIGHT
+            for w in self.weights
+        ):
             raise ValueError(f"NodeMeta.weights must be in (0, {MAX_WEIGHT}]")
 
     def weight(self, model: str) -> float:
@@ -156,6 +287,22 @@ class MemberInfo:
     meta: NodeMeta
     load: Load | None = None
     load_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Who sealed a packet, in which life, and when: the freshness header inside every sealed
+    payload (see :mod:`quorum.gossip.freshness` for how a receiver uses it).
+
+    ``source``: the sender's node name. ``epoch``: the sender's life, fixed when its gossip
+    starts and higher for each later start (the runner uses the wall clock in nanoseconds);
+    0..2**63-1. ``sent_ms``: milliseconds from the start of that life to the sealing, on the
+    sender's monotonic clock; 0..2**53-1.
+    """
+
+    source: str
+    epoch: int
+    sent_ms: int
 
 
 # --- failure detection (SWIM section 3.1, Lifeguard section 4.2) ---------------------------

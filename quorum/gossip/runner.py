@@ -15,19 +15,23 @@ an ``await``, so it needs no lock.
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 
 import trio
 
-from .config import GossipConfig
+from .config import GossipConfig, check_encryption
 from .core import COUNTERS, GossipCore, check_meta
 from .events import MemberEvent, Output, PushPullRequest, Send
 from .messages import Addr, Load, MemberInfo, MemberState, NodeMeta
 from .seeds import Resolver, resolve_seed
-from .transport import Transport, TransportError, TrioTransport
+from .transport import TCP_COUNTERS, Transport, TransportError, TrioTransport
 
 __all__ = ["GossipNode"]
+
+log = logging.getLogger(__name__)
 
 _RUNNER_COUNTERS = ("push_pull_failed", "event_callback_errors", "seed_resolve_failed")
 
@@ -47,6 +51,11 @@ class GossipNode:
     ``config.tcp_timeout`` seconds) on every join attempt, and every address found is tried
     (:mod:`~quorum.gossip.seeds`; failures counted in ``seed_resolve_failed``); without it,
     seeds are addresses.
+
+    Raises :class:`~quorum.gossip.config.PlaintextGossipError` (a ``ValueError``) when
+    ``config.keys`` is empty and ``bind`` is not a loopback address, before anything is
+    bound; on loopback without keys it logs one warning. Raises ``ValueError`` when the meta
+    does not fit ``config.max_meta_size``.
     """
 
     def __init__(
@@ -84,6 +93,14 @@ class GossipNode:
         self._pulling: set[Addr] = set()
         self._counters = dict.fromkeys(_RUNNER_COUNTERS, 0)
         check_meta(meta, config)  # fail fast, before run()
+        if check_encryption(config, bind[0]):
+            log.warning(
+                "gossip of %s on %s:%d is unencrypted (no [gossip] keys): acceptable on "
+                "loopback only",
+                name,
+                bind[0],
+                bind[1],
+            )
 
     # --- the public face -------------------------------------------------------------------
 
@@ -136,11 +153,14 @@ class GossipNode:
     @property
     def counters(self) -> dict[str, int]:
         """Totals: the core's (``received``, ``sent``, ``dropped_decrypt``,
-        ``dropped_decode``, ``dropped_oversize``, ...) and the runner's
-        (``push_pull_failed``, ``event_callback_errors``, ``seed_resolve_failed``)."""
-        base = dict.fromkeys(COUNTERS, 0)
+        ``dropped_decode``, ``dropped_oversize``, ...), the transport's
+        (``dropped_tcp_busy``, ``dropped_tcp_slow``, ``dropped_tcp_oversize``) and the
+        runner's (``push_pull_failed``, ``event_callback_errors``, ``seed_resolve_failed``)."""
+        base = dict.fromkeys(COUNTERS + TCP_COUNTERS, 0)
         if self._core is not None:
             base.update(self._core.counters)
+        if self._transport is not None:
+            base.update(self._transport.counters)
         base.update(self._counters)
         return base
 
@@ -169,6 +189,7 @@ class GossipNode:
                 max_datagram=self.config.max_datagram,
                 max_frame=self.config.max_push_pull_bytes,
                 exchange_timeout=self.config.tcp_timeout,
+                max_connections=self.config.max_push_pull_conns,
             )
         self._transport = transport
         try:
@@ -181,6 +202,7 @@ class GossipNode:
                 now=trio.current_time(),
                 seeds=self._seeds,
                 load=self._load,
+                epoch=time.time_ns(),  # this life: later than any earlier start of this node
             )
             self._core = core
             async with trio.open_nursery() as nursery:
@@ -223,7 +245,8 @@ class GossipNode:
             return
         self._pulling.add(request.addr)
         try:
-            answer = await transport.exchange(request.addr, core.push_pull_payload(request.join))
+            payload = core.push_pull_payload(request.join, trio.current_time())
+            answer = await transport.exchange(request.addr, payload)
         except TransportError:
             self._counters["push_pull_failed"] += 1
             return

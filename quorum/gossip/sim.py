@@ -305,7 +305,7 @@ class Simulation:
             or not self._connected(client.name, server.name)
         ):
             return
-        payload = client.core.push_pull_payload(request.join)
+        payload = client.core.push_pull_payload(request.join, self.now)
         answer, outputs = server.core.answer_push_pull(self.now, client.addr, payload)
         self._apply(server, outputs)
         if answer is not None:

@@ -21,15 +21,31 @@ member that is alive or suspect is a CONFLICT: the existing address is kept and 
 counted. Note that an alive at the same incarnation never overrides suspect, dead or left, so
 an old alive replayed later cannot resurrect a dead member.
 
+The incarnation cap (:data:`~quorum.gossip.messages.MAX_INCARNATION`, M; the codec drops
+anything above it): accusations (suspect, dead, left) carry at most M - 1 and alive messages
+at most M, so a member accused at any incarnation the codec lets through refutes, at M at
+most, and every peer accepts that refutation. Nothing is ever encoded that a peer's decoder
+refuses, so a forged number can no longer leave a member dead until it restarts.
+
+What the cap cannot do: an *alive* about a member at M itself, forged by a key holder with
+other meta, cannot be outbid (no order with a largest element can, and a key holder can
+impersonate any member). The member keeps answering probes, so it is never declared dead; it
+announces itself at M (``incarnation_capped`` counts it), and peers that took the forged alive
+keep its meta. The way out is a fresh start: stop the member until every peer has declared it
+dead and forgotten it (its suspicion timeout plus ``gossip_to_the_dead_time``), and it rejoins
+as a new member at incarnation 1. Honest nodes never come near M (see
+:data:`~quorum.gossip.messages.MAX_INCARNATION`); a forged alive *below* M is refuted as usual.
+
 About ourselves, only we may raise our incarnation. A suspect, dead or left message with
 ``j >= i`` (while we are not leaving), or an alive message that is newer than ours or that
 disagrees with us at our own incarnation, is answered by REFUTE: we take the incarnation
 ``max(i, j) + 1`` and announce ourselves alive. That is also how a node restarted under the
 same name rejoins: it starts at incarnation 1, hears that the cluster holds it at ``j`` (alive,
-suspect or dead), and refutes with ``j + 1``. A suspect or dead message about us with ``j < i``
-means its sender missed our refutation: REMIND sends our current alive to that sender only
-(memberlist ignores it; then a member whose few refutation broadcasts were all lost keeps
-suspecting us until its timeout declares us dead, seen at 10% loss).
+suspect or dead), and refutes with ``j + 1``, never more than M (see above). A suspect or dead
+message about us with ``j < i`` means its sender missed our refutation: REMIND sends our
+current alive to that sender only (memberlist ignores it; then a member whose few refutation
+broadcasts were all lost keeps suspecting us until its timeout declares us dead, seen at 10%
+loss).
 
 Load figures follow the same ownership rule with their own counter: a newer version
 replaces an older one; a load about ourselves at or above our own version makes us jump our
@@ -41,7 +57,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .messages import Addr, Alive, Dead, Left, Load, MemberInfo, MemberState, NodeMeta, Suspect
+from .messages import (
+    MAX_INCARNATION,
+    Addr,
+    Alive,
+    Dead,
+    Left,
+    Load,
+    MemberInfo,
+    MemberState,
+    NodeMeta,
+    Suspect,
+)
 
 __all__ = [
     "Member",
@@ -105,8 +132,10 @@ class Member:
 
 
 def refuting_incarnation(own: int, claimed: int) -> int:
-    """The incarnation we take to refute a claim made at ``claimed``."""
-    return max(own, claimed) + 1
+    """The incarnation we take to refute a claim made at ``claimed``: one above both, but
+    never above :data:`~quorum.gossip.messages.MAX_INCARNATION` (accusations stay below it,
+    so only a forged alive at the cap itself meets the ceiling)."""
+    return min(max(own, claimed) + 1, MAX_INCARNATION)
 
 
 def judge_alive(current: Member | None, msg: Alive, *, is_self: bool, leaving: bool) -> Verdict:

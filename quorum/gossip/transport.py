@@ -9,6 +9,13 @@ number. Errors are translated here, at the boundary, into one exception::
                           oversized frame, or took longer than the timeout
 
 Cancellation (``trio.Cancelled``) is never translated.
+
+Serving push-pulls is bounded, because anyone who reaches the port can connect before
+anything is authenticated: at most ``max_connections`` are served at once (more are closed at
+once, ``dropped_tcp_busy``), a request not read within the timeout is cut
+(``dropped_tcp_slow``), and a frame announcing more than ``max_frame`` bytes is refused
+before any of it is read (``dropped_tcp_oversize``). Memory held for unauthenticated bytes
+is thus at most ``max_connections x max_frame``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import trio
 from .messages import Addr
 
 __all__ = [
+    "TCP_COUNTERS",
     "ExchangeHandler",
+    "FrameTooLarge",
     "Transport",
     "TransportError",
     "TrioTransport",
@@ -39,8 +48,17 @@ ExchangeHandler = Callable[[Addr, bytes], Awaitable["bytes | None"]]
 without answering)."""
 
 
+TCP_COUNTERS = ("dropped_tcp_busy", "dropped_tcp_slow", "dropped_tcp_oversize")
+"""Push-pull connections a transport closed unanswered: over the concurrency bound, not read
+within the timeout, announcing a frame over the limit."""
+
+
 class TransportError(Exception):
     """An exchange with a peer failed (unreachable, broken, oversized, or too slow)."""
+
+
+class FrameTooLarge(TransportError):
+    """A frame announced more bytes than the limit; nothing of it was read."""
 
 
 class Transport(Protocol):
@@ -49,6 +67,11 @@ class Transport(Protocol):
     @property
     def local_addr(self) -> Addr:
         """The address bound (the real port when port 0 was asked for)."""
+        ...
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Connections closed unanswered, by the keys of :data:`TCP_COUNTERS`."""
         ...
 
     async def send(self, addr: Addr, data: bytes) -> None:
@@ -89,7 +112,7 @@ async def read_frame(stream: trio.abc.ReceiveStream, max_size: int) -> bytes:
     header = await _read_exactly(stream, _LEN.size)
     (size,) = _LEN.unpack(header)
     if size > max_size:
-        raise TransportError(f"frame of {size} bytes is over the limit of {max_size}")
+        raise FrameTooLarge(f"frame of {size} bytes is over the limit of {max_size}")
     return await _read_exactly(stream, size)
 
 
@@ -108,7 +131,8 @@ class TrioTransport:
 
     Build it with :meth:`bind`. ``max_datagram``: larger datagrams are truncated by the
     kernel and then dropped by the core. ``max_frame``: largest push-pull frame in bytes.
-    ``timeout``: seconds allowed for a whole exchange (connect, send, answer).
+    ``timeout``: seconds allowed for a whole exchange (connect, send, answer), and for
+    reading a peer's request. ``max_connections``: push-pull requests served at once.
     """
 
     def __init__(
@@ -119,12 +143,16 @@ class TrioTransport:
         max_datagram: int,
         max_frame: int,
         timeout: float,
+        max_connections: int = 16,
     ) -> None:
         self._udp = udp
         self._listener = listener
         self._max_datagram = max_datagram
         self._max_frame = max_frame
         self._timeout = timeout
+        self._max_connections = max_connections
+        self._serving = 0
+        self._counters = dict.fromkeys(TCP_COUNTERS, 0)
         host, port = udp.getsockname()[:2]
         self._local: Addr = (host, port)
 
@@ -135,8 +163,9 @@ class TrioTransport:
         port: int,
         *,
         max_datagram: int = 1400,
-        max_frame: int = 8 * 1024 * 1024,
+        max_frame: int = 1024 * 1024,
         exchange_timeout: float = 10.0,
+        max_connections: int = 16,
     ) -> TrioTransport:
         """Bind UDP and TCP on ``host:port`` (port 0: any free port, the same for both).
         Raises ``OSError`` when the port is taken."""
@@ -169,12 +198,17 @@ class TrioTransport:
                 max_datagram=max_datagram,
                 max_frame=max_frame,
                 timeout=exchange_timeout,
+                max_connections=max_connections,
             )
         raise AssertionError("unreachable")
 
     @property
     def local_addr(self) -> Addr:
         return self._local
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self._counters
 
     async def send(self, addr: Addr, data: bytes) -> None:
         try:
@@ -216,19 +250,36 @@ class TrioTransport:
                 except OSError:  # EMFILE and friends: back off a little
                     await trio.sleep(0.05)
                     continue
+                if self._serving >= self._max_connections:
+                    self._counters["dropped_tcp_busy"] += 1
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self._serving += 1
                 nursery.start_soon(self._answer, stream, handler)
 
     async def _answer(self, stream: trio.SocketStream, handler: ExchangeHandler) -> None:
-        async with stream:
-            try:
-                peer = stream.socket.getpeername()
+        try:
+            await self._answer_one(stream, handler)
+        finally:
+            self._serving -= 1  # counted and freed before the peer can see the close
+            await trio.aclose_forcefully(stream)
+
+    async def _answer_one(self, stream: trio.SocketStream, handler: ExchangeHandler) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            with trio.move_on_after(self._timeout) as reading:
+                request = await read_frame(stream, self._max_frame)
+            if reading.cancelled_caught:
+                self._counters["dropped_tcp_slow"] += 1
+                return
+            answer = await handler((peer[0], peer[1]), request)
+            if answer is not None:
                 with trio.move_on_after(self._timeout):
-                    request = await read_frame(stream, self._max_frame)
-                    answer = await handler((peer[0], peer[1]), request)
-                    if answer is not None:
-                        await write_frame(stream, answer)
-            except (OSError, TransportError, trio.BrokenResourceError):
-                pass  # the peer hung up or misbehaved; the core counts what it received
+                    await write_frame(stream, answer)
+        except FrameTooLarge:
+            self._counters["dropped_tcp_oversize"] += 1
+        except (OSError, TransportError, trio.BrokenResourceError):
+            pass  # the peer hung up or misbehaved; the core counts what it received
 
     def close(self) -> None:
         self._udp.close()

@@ -8,11 +8,13 @@ router only reads ``members()``; it does not care where the view came from.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -26,6 +28,7 @@ __all__ = [
     "Membership",
     "StaticMembership",
     "gossip_meta",
+    "routable_meta",
 ]
 
 log = logging.getLogger(__name__)
@@ -216,11 +219,13 @@ class GossipMembership:
         self._load: Load | None = None
 
     def members(self) -> list[Member]:
+        """This node, then every member gossip knows whose meta can be routed to (see
+        :func:`routable_meta`); any other is left out of the view."""
         me = self._local()
         own = self.gossip.member(me.name)
         out = [replace(me, incarnation=own.incarnation) if own else me]
         for info in self.gossip.members():
-            if info.name == me.name:
+            if info.name == me.name or not routable_meta(info.meta):
                 continue
             load = info.load
             out.append(
@@ -268,6 +273,51 @@ class GossipMembership:
         while True:
             await trio.sleep(self._interval)
             self.publish()
+
+
+def routable_meta(meta: NodeMeta) -> bool:
+    """Whether a peer's gossip ``meta`` may enter the routing view: an ``http``/``https`` URL
+    with a host and no user info, query or fragment, at most 2048 printable characters; at
+    most 256 distinct model ids of 1..256 printable characters; a known node state; one
+    finite weight in (0, 1000] per model, or none. The gossip codec refuses such meta
+    already; this is the routing side's own check on the URL it will send prompts to, so a
+    value that got past the codec another way is never routed to. Cached per ``NodeMeta``
+    (frozen, hashable): the view is rebuilt for every request."""
+    try:
+        return _routable_meta(meta)
+    except TypeError:  # unhashable: no NodeMeta constructor made it
+        return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _routable_meta(meta: NodeMeta) -> bool:
+    try:
+        url, models, state, weights = meta.http_url, meta.models, meta.state, meta.weights
+        if type(url) is not str or not 0 < len(url) <= 2048 or not url.isprintable():
+            return False
+        if any(c.isspace() for c in url):
+            return False
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or "@" in parts.netloc
+            or parts.query
+            or parts.fragment
+        ):
+            return False
+        if type(models) is not tuple or len(models) > 256 or len(set(models)) != len(models):
+            return False
+        if not all(type(m) is str and 0 < len(m) <= 256 and m.isprintable() for m in models):
+            return False
+        if state not in ("warming", "ready", "draining"):
+            return False
+        if type(weights) is not tuple or (weights and len(weights) != len(models)):
+            return False
+        return all(type(w) in (int, float) and math.isfinite(w) and 0 < w <= 1000 for w in weights)
+    except (ValueError, TypeError, AttributeError):
+        return False
 
 
 def gossip_meta(member: Member) -> NodeMeta:

@@ -11,6 +11,7 @@ from quorum.gossip import codec
 from quorum.gossip.codec import DecodeError
 from quorum.gossip.keyring import Keyring, OpenError
 from quorum.gossip.messages import (
+    MAX_INCARNATION,
     Ack,
     Alive,
     Compound,
@@ -38,7 +39,7 @@ MESSAGES: list[Message] = [
     Nack(5),
     Suspect("b", 3, "a"),
     Alive("b", 4, ("::1", 7946), META),
-    Dead("b", 2**63 - 1, "a"),
+    Dead("b", MAX_INCARNATION - 1, "a"),
     Left("b", 9),
     LoadUpdate("b", 12, Load(3, 0, 7)),
     Compound((Ping(1, "b", "a"), Alive("a", 1, ("10.0.0.1", 1), META), Left("z", 1))),

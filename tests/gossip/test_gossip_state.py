@@ -14,15 +14,14 @@ from gossip_helpers import (
     join,
     make_core,
     opened,
+    seal,
     sent,
     state_of,
 )
 
-from quorum.gossip import codec
 from quorum.gossip.broadcast import BroadcastQueue
 from quorum.gossip.core import GossipCore
 from quorum.gossip.events import MemberDied, MemberJoined, MemberSuspected, MemberUpdated
-from quorum.gossip.keyring import Keyring
 from quorum.gossip.lifeguard import suspicion_timeout
 from quorum.gossip.messages import (
     Ack,
@@ -401,8 +400,7 @@ def test_oversized_push_pull_rejected() -> None:
     config = CONFIG.replace(max_push_pull_members=10)
     core = make_core(config=config)
     members = tuple(MemberInfo(f"n{i}", addr_of(f"n{i}"), ALIVE, 1, META) for i in range(11))
-    payload = codec.encode(PushPull("n0", False, members))
-    data = Keyring(config.keys).seal(payload, config.cluster_name.encode())
+    data = seal(PushPull("n0", False, members), config=config, src="n0")
     answer, out = core.answer_push_pull(0.0, addr_of("n0"), data)
     assert answer is None and out == []
     assert core.counters["dropped_push_pull"] == 1
