@@ -45,9 +45,11 @@ def test_encrypted_gossip_binds_anywhere_without_a_warning(
 
 
 def node_config(bind: str, keys: list[str]) -> NodeConfig:
+    # [cluster] secret signs the hop, so that the node itself starts and gossip decides
     return NodeConfig.from_mapping(
         {
             "node": {"name": "n1", "listen": "127.0.0.1:0"},
+            "cluster": {"secret": "sixteen+ characters"},
             "gossip": {"bind": bind, "preset": "local", "keys": keys},
             "backends": [{"model": "m", "kind": "mock"}],
         },
@@ -59,6 +61,15 @@ async def test_node_turns_plaintext_on_a_reachable_bind_into_a_config_error() ->
     node = Node(node_config("0.0.0.0:0", []))
     with pytest.raises(ConfigError, match=r"n1\.toml: \[gossip\].*set \[gossip\] keys"):
         await node._gossip_node()
+
+
+def test_a_node_without_any_key_refuses_to_listen_beyond_loopback() -> None:
+    config = NodeConfig.from_mapping(
+        {"node": {"name": "n1", "listen": "0.0.0.0:0"}, "backends": [{"model": "m"}]},
+        source="n1.toml",
+    )
+    with pytest.raises(ConfigError, match=r"n1\.toml: the node listens on 0\.0\.0\.0"):
+        Node(config)
 
 
 async def test_shipped_node_configs_start_their_gossip() -> None:
