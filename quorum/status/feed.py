@@ -184,9 +184,9 @@ class StatusFeed:
         self._publish("members", {"type": "members", "members": self._member_list})
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything a new subscriber needs to draw the page (module docstring)."""
-        if not self._member_list:
-            self._member_list = [m.as_json() for m in self._members()]
+        """Everything a new subscriber needs to draw the page (module docstring). Takes a
+        fresh look at the members first, so that the log goes on from what it shows."""
+        self.tick_members()
         return {
             "type": "snapshot",
             "self": self.name,
@@ -215,10 +215,12 @@ class StatusFeed:
         never take a node down."""
         with self._cancel:
             self._totals = read_totals(self._metrics)
+            # The members there at the start are the baseline, not news.
+            members = list(self._members())
+            self._view = {m.name: m for m in members}
+            self._member_list = [m.as_json() for m in members]
             task_status.started()
             last = trio.current_time()
-            # The first look is one interval in: at startup the node has not bound its port
-            # yet, and its first view would log it under port 0.
             next_members = last + self.member_interval_s
             next_summary = last + self.interval_s
             while True:
