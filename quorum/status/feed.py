@@ -12,8 +12,8 @@ same name in the JSON ``type``):
                 (summaries of the last ``history`` intervals, the last ``max_log`` log entries)
 ``members``     the whole member list (``Member.as_json()``), on any change of state, node
                 state, incarnation, URL or models, and every interval (the loads move)
-``summary``     one interval's requests, errors, TTFT p50/p99 by model, failovers, resumes
-                (``quorum.status.sample.summarize``)
+``summary``     one interval's requests, errors, failovers, resumes, and TTFT p50/p99 by
+                model over the last ``ttft_window`` intervals (``sample.summarize``)
 ``log``         one entry: a member change, a failover, a resume
 ==============  ==============================================================================
 
@@ -112,6 +112,7 @@ class StatusFeed:
     first). ``metrics``: the node's ``Metrics``. ``wall``: unix time in seconds, for the
     timestamps clients show (sleeps use trio's clock). ``history``: summaries kept for a new
     subscriber's charts (300 at 1 s: five minutes); ``max_log``: log entries kept.
+    ``ttft_window``: TTFT quantiles are over the last this many intervals (10 s).
     """
 
     def __init__(
@@ -126,10 +127,13 @@ class StatusFeed:
         max_log: int = 100,
         max_subscribers: int = 32,
         max_pending: int = 64,
+        ttft_window: int = 10,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        if interval_s <= 0 or member_interval_s <= 0 or max_subscribers < 1 or max_pending < 1:
-            raise ValueError("intervals must be > 0, max_subscribers and max_pending >= 1")
+        if interval_s <= 0 or member_interval_s <= 0:
+            raise ValueError("intervals must be > 0")
+        if min(max_subscribers, max_pending, ttft_window) < 1:
+            raise ValueError("max_subscribers, max_pending and ttft_window must be >= 1")
         self.name = name
         self._members = members
         self._metrics = metrics
@@ -144,6 +148,7 @@ class StatusFeed:
         self._view: dict[str, Member] = {}
         self._member_list: list[dict[str, Any]] = []
         self._totals = Totals()
+        self._window: deque[Totals] = deque([Totals()], maxlen=ttft_window)
         self._snapshot: bytes | None = None
         self._cancel = trio.CancelScope()
 
@@ -174,8 +179,11 @@ class StatusFeed:
         """Summarize the ``dt`` seconds since the last call and publish it with the members
         (their loads change without a membership change)."""
         totals = read_totals(self._metrics)
-        summary, entries = summarize(self._totals, totals, dt=dt, t=self._wall())
+        summary, entries = summarize(
+            self._totals, totals, dt=dt, t=self._wall(), ttft_since=self._window[0]
+        )
         self._totals = totals
+        self._window.append(totals)
         self.summaries.append(summary)
         for entry in entries:
             self.log.append(entry)
@@ -215,6 +223,8 @@ class StatusFeed:
         never take a node down."""
         with self._cancel:
             self._totals = read_totals(self._metrics)
+            self._window.clear()
+            self._window.append(self._totals)
             # The members there at the start are the baseline, not news.
             members = list(self._members())
             self._view = {m.name: m for m in members}

@@ -129,17 +129,24 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def summarize(
-    before: Totals, after: Totals, *, dt: float, t: float
+    before: Totals,
+    after: Totals,
+    *,
+    dt: float,
+    t: float,
+    ttft_since: Totals | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The summary of what happened between two totals ``dt`` seconds apart, ending at unix
     time ``t``, and the log entries it implies (failovers, resumes).
 
     Summary: ``{"type": "summary", "t", "dt", "requests", "errors", "models": {model:
     {"rps", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms"}}, "failovers", "resumed",
-    "resume_failed"}``; ``errors`` are answers with status >= 500; TTFT quantiles are None for a
-    model with no first token in the interval. Log entries: ``{"type": "failover", "t",
-    "node", "count"}`` and ``{"type": "resume", "t", "outcome", "count"}``.
+    "resume_failed"}``; ``errors`` are answers with status >= 500. TTFT quantiles are over the
+    first tokens since ``ttft_since`` (default ``before``: a longer window gives a steadier
+    line at a few requests a second), None for a model with none. Log entries: ``{"type":
+    "failover", "t", "node", "count"}`` and ``{"type": "resume", "t", "outcome", "count"}``.
     """
+    since = ttft_since or before
     dt = max(dt, 1e-9)
     models: dict[str, dict[str, Any]] = {}
     for (model, status), n in _delta(after.requests, before.requests).items():
@@ -148,7 +155,7 @@ def summarize(
         if status.isdigit() and int(status) >= 500:
             entry["errors"] += int(n)
     for model, buckets in after.ttft.items():
-        old = dict(before.ttft.get(model, ()))
+        old = dict(since.ttft.get(model, ()))
         grown = tuple((le, max(0.0, count - old.get(le, 0.0))) for le, count in buckets)
         if grown and grown[-1][1] > 0:
             entry = models.setdefault(model, {"requests": 0, "errors": 0})

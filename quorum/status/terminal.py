@@ -157,7 +157,8 @@ def _ms(value: Any) -> str:
 
 def traffic_table(view: ClusterView, console: Console) -> Table:
     """Requests through this node by model: req/s over the last 10 intervals, errors over the
-    kept history, the latest TTFT p50/p99, and a sparkline of req/s."""
+    kept history, TTFT p50/p99 of the latest summary (over the feed's TTFT window, 10 s), and
+    a sparkline of req/s."""
     summaries = list(view.summaries)
     models = sorted({m for s in summaries for m in s.get("models", {})})
     spark_width = max(8, min(60, console.width - 60))
@@ -171,14 +172,7 @@ def traffic_table(view: ClusterView, console: Console) -> Table:
     for model in models:
         rates = [float(s.get("models", {}).get(model, {}).get("rps", 0.0)) for s in summaries]
         recent = rates[-10:]
-        latest = next(
-            (
-                s["models"][model]
-                for s in reversed(summaries)
-                if s.get("models", {}).get(model, {}).get("ttft_p50_ms") is not None
-            ),
-            {},
-        )
+        latest: dict[str, Any] = summaries[-1].get("models", {}).get(model, {})
         errors = sum(int(s.get("models", {}).get(model, {}).get("errors", 0)) for s in summaries)
         table.add_row(
             model,

@@ -182,3 +182,16 @@ async def test_a_failing_read_is_logged_and_sampling_goes_on(
         feed.stop()
     assert calls >= 8 and len(feed.summaries) == 2
     assert "sampling failed" in caplog.text
+
+
+def test_ttft_quantiles_cover_the_last_ttft_window_intervals() -> None:
+    metrics = Metrics()
+    feed = make_feed(View("a"), metrics, ttft_window=3)
+    metrics.ttft.labels("m").observe(0.04)
+    metrics.requests.labels("/v1/chat/completions", "m", "200").inc()
+    for _ in range(4):
+        feed.tick_summary(1.0)
+    p50 = [s["models"].get("m", {}).get("ttft_p50_ms") for s in feed.summaries]
+    # the first token counts in three summaries, its request in the first only
+    assert p50[:3] == [37.5, 37.5, 37.5] and p50[3] is None
+    assert [s["requests"] for s in feed.summaries] == [1, 0, 0, 0]
