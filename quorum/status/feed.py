@@ -64,7 +64,7 @@ class Subscription:
     marked, so its first event is a snapshot.
     """
 
-    __slots__ = ("_frames", "_max", "_wake", "dropped", "resync")
+    __slots__ = ("_frames", "_max", "_wake", "closed", "dropped", "resync")
 
     def __init__(self, max_pending: int) -> None:
         self._frames: deque[bytes] = deque()
@@ -72,6 +72,7 @@ class Subscription:
         self._wake = trio.Event()
         self.resync = True
         self.dropped = 0
+        self.closed = False
         self._wake.set()
 
     @property
@@ -101,8 +102,13 @@ class Subscription:
         return resync, frames
 
     async def wait(self) -> None:
-        """Until something is queued (or a snapshot is due)."""
+        """Until something is queued (or a snapshot is due, or ``close`` was called)."""
         await self._wake.wait()
+
+    def close(self) -> None:
+        """End this subscriber's stream at its next wake-up, which is now."""
+        self.closed = True
+        self._wake.set()
 
 
 class StatusFeed:
@@ -113,6 +119,8 @@ class StatusFeed:
     timestamps clients show (sleeps use trio's clock). ``history``: summaries kept for a new
     subscriber's charts (300 at 1 s: five minutes); ``max_log``: log entries kept.
     ``ttft_window``: TTFT quantiles are over the last this many intervals (10 s).
+    ``closing``: true once the node is about to stop (draining with nothing left in flight):
+    the streams then end, so that the server's graceful shutdown does not wait for viewers.
     """
 
     def __init__(
@@ -128,6 +136,7 @@ class StatusFeed:
         max_subscribers: int = 32,
         max_pending: int = 64,
         ttft_window: int = 10,
+        closing: Callable[[], bool] = lambda: False,
         wall: Callable[[], float] = time.time,
     ) -> None:
         if interval_s <= 0 or member_interval_s <= 0:
@@ -142,6 +151,8 @@ class StatusFeed:
         self.max_subscribers = max_subscribers
         self.max_pending = max_pending
         self._wall = wall
+        self._closing = closing
+        self.closed = False
         self.summaries: deque[dict[str, Any]] = deque(maxlen=history)
         self.log: deque[dict[str, Any]] = deque(maxlen=max_log)
         self.subscribers: set[Subscription] = set()
@@ -154,8 +165,15 @@ class StatusFeed:
 
     @classmethod
     def for_dispatcher(cls, dispatcher: Dispatcher, **options: Any) -> StatusFeed:
-        """The feed of the node ``dispatcher`` routes for (``options``: as ``__init__``)."""
-        return cls(dispatcher.name, dispatcher.members, dispatcher.metrics, **options)
+        """The feed of the node ``dispatcher`` routes for (``options``: as ``__init__``); it
+        is closing once the dispatcher drains with nothing in flight."""
+        return cls(
+            dispatcher.name,
+            dispatcher.members,
+            dispatcher.metrics,
+            closing=lambda: dispatcher.draining and dispatcher.in_flight == 0,
+            **options,
+        )
 
     # --- sampling (sync, so tests drive it step by step) ------------------------------------
 
@@ -240,6 +258,8 @@ class StatusFeed:
                     if now >= next_members:
                         next_members = now + self.member_interval_s
                         self.tick_members()
+                        if self._closing():
+                            self.close()
                     if now >= next_summary:
                         next_summary = max(next_summary + self.interval_s, now)
                         self.tick_summary(now - last)
@@ -248,8 +268,15 @@ class StatusFeed:
                     log.exception("status feed of %s: sampling failed", self.name)
 
     def stop(self) -> None:
-        """End ``run`` (the app calls this when it stops serving)."""
+        """End ``run`` and every stream (the app calls this when it stops serving)."""
         self._cancel.cancel()
+        self.close()
+
+    def close(self) -> None:
+        """End every stream now and refuse new ones (``closed``)."""
+        self.closed = True
+        for sub in self.subscribers:
+            sub.close()
 
     # --- subscribers ------------------------------------------------------------------------
 
@@ -261,8 +288,10 @@ class StatusFeed:
     async def stream(self, keepalive_s: float = 15.0) -> AsyncIterator[bytes]:
         """One subscriber's response body: a snapshot, then every event as it is published,
         with an SSE comment after ``keepalive_s`` of silence. Ends when the client goes away
-        (the request is cancelled); the subscription is removed then. Over
+        (the request is cancelled; the subscription is removed then) or the feed closes. Over
         ``max_subscribers``: one ``error`` event and the end."""
+        if self.closed:
+            return
         if self.full:
             yield frame(
                 "error",
@@ -276,6 +305,8 @@ class StatusFeed:
             while True:
                 with trio.move_on_after(keepalive_s):
                     await sub.wait()
+                if sub.closed:
+                    return
                 resync, frames = sub.take()
                 if resync:
                     yield self.snapshot_frame()

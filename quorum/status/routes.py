@@ -101,6 +101,12 @@ def add_status_routes(
     async def cluster_events() -> Response:
         """The status feed: server-sent events (``quorum.status.feed``)."""
         authorize({k.lower(): v for k, v in request.headers.items()})
+        if feed.closed:
+            raise Unavailable(
+                f"Node {feed.name} is stopping: watch another node of the cluster.",
+                code="node_stopping",
+                retry_after=1,
+            )
         if feed.full:
             raise Unavailable(
                 f"This node already serves {feed.max_subscribers} status streams; close one "

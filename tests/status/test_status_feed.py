@@ -195,3 +195,26 @@ def test_ttft_quantiles_cover_the_last_ttft_window_intervals() -> None:
     # the first token counts in three summaries, its request in the first only
     assert p50[:3] == [37.5, 37.5, 37.5] and p50[3] is None
     assert [s["requests"] for s in feed.summaries] == [1, 0, 0, 0]
+
+
+async def test_streams_end_once_the_node_is_closing_and_new_ones_get_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stopping = False
+    feed = StatusFeed("a", View("a"), Metrics(), closing=lambda: stopping)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(feed.run)
+        async with aclosing(feed.stream(keepalive_s=60.0)) as body:
+            await body.__anext__()
+            await body.__anext__()  # the snapshot
+            stopping = True
+            start = trio.current_time()
+            with pytest.raises(StopAsyncIteration):
+                while True:  # summaries may come first; then the end
+                    await body.__anext__()
+            assert trio.current_time() - start <= feed.member_interval_s
+        assert feed.closed and not feed.subscribers
+        async with aclosing(feed.stream()) as late:
+            with pytest.raises(StopAsyncIteration):
+                await late.__anext__()
+        feed.stop()

@@ -156,3 +156,29 @@ async def test_status_routes_refuse_other_methods_in_the_openai_envelope(
     response = await http.post(cluster.url("node-a") + path, content=b"{}")
     assert response.status_code == 405
     assert "error" in response.json()
+
+
+async def test_an_open_feed_does_not_hold_up_a_stopping_node(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    node = cluster["node-c"]
+    feed = feed_of(cluster, "node-c")
+    async with http.stream("GET", node.url + "/cluster/events") as response:
+        chunks = response.aiter_bytes()
+        await chunks.__anext__()
+        node.stop()
+        # hypercorn's graceful shutdown would wait 5 s for a stream that never ends
+        with trio.fail_after(3):
+            async for _ in chunks:
+                pass
+    assert feed.closed and not feed.subscribers
+    assert not feed_of(cluster, "node-a").closed  # only the stopping node's feed
+
+
+async def test_feed_of_a_stopping_node_answers_503(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    feed_of(cluster, "node-b").close()
+    refused = await http.get(cluster.url("node-b") + "/cluster/events")
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "node_stopping"
