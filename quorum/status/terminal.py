@@ -295,12 +295,14 @@ def watch(
     console: Console | None = None,
     read_timeout_s: float = 10.0,
     max_backoff_s: float = 10.0,
+    frames: int | None = None,
 ) -> int:
     """Follow ``url``'s feed and draw it; returns the exit status. ``once``: print the first
     complete frame (after the snapshot) and return 0, or 1 if the node cannot be followed.
-    Live: redraw on every event, reconnect with backoff (up to ``max_backoff_s``) when the
-    feed breaks, until Ctrl-C (``KeyboardInterrupt`` reaches the caller). A refusal (4xx)
-    ends it with status 1."""
+    Live: redraw on every change the feed sends (the member list comes each second, after the
+    summary), reconnect with backoff (up to ``max_backoff_s``) when the feed breaks, until
+    Ctrl-C (``KeyboardInterrupt`` reaches the caller) or, if given, ``frames`` redraws. A
+    refusal (4xx) ends it with status 1."""
     console = console or Console(highlight=False)
     view = ClusterView()
     with httpx.Client() as client:
@@ -318,14 +320,19 @@ def watch(
             console.print(f"[red]quorum status: {url} closed the feed before its snapshot")
             return 1
         backoff = 0.5
+        drawn = 0
         with Live(render(view, console), console=console, auto_refresh=False) as live:
-            while True:
+            while frames is None or drawn < frames:
                 try:
                     for kind, data in _events(client, url, read_timeout_s=read_timeout_s):
                         view.apply(kind, data)
                         view.connection = f"live from {url}"
                         backoff = 0.5
-                        live.update(render(view, console), refresh=True)
+                        if kind != "summary":  # its members event follows at once
+                            live.update(render(view, console), refresh=True)
+                            drawn += 1
+                            if frames is not None and drawn >= frames:
+                                return 0
                     why = "the node closed the feed"
                 except FeedError as exc:
                     if exc.status is not None and 400 <= exc.status < 500:
@@ -337,5 +344,7 @@ def watch(
                     why = str(exc) or type(exc).__name__
                 view.connection = f"disconnected from {url} ({why}); retrying in {backoff:g} s"
                 live.update(render(view, console), refresh=True)
+                drawn += 1
                 time.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff_s)
+        return 0

@@ -13,7 +13,7 @@ import trio
 from rich.console import Console
 
 from quorum import cli
-from quorum.status.terminal import ClusterView, describe, members_table, render
+from quorum.status.terminal import ClusterView, describe, members_table, render, watch
 from tests.conftest import Cluster
 
 
@@ -145,3 +145,32 @@ def test_view_follows_the_feed_and_the_frame_shows_changes_and_failures() -> Non
         "node-b failed before the first token"
         in describe({"type": "failover", "node": "node-b", "count": 3})[0]
     )
+
+
+async def test_live_view_redraws_as_the_cluster_changes_and_survives_its_node_leaving(
+    cluster: Cluster,
+) -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=True, color_system=None)
+    url = cluster.url("node-c")
+    done = trio.Event()
+    status: list[int] = []
+
+    def run() -> None:
+        try:
+            status.append(watch(url, console=console, frames=6, max_backoff_s=0.5))
+        finally:
+            trio.from_thread.run_sync(done.set)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, run)
+        with trio.fail_after(10):
+            while out.getvalue().count("members as seen by node-c") < 2:
+                await trio.sleep(0.05)
+        cluster["node-c"].stop()
+        with trio.fail_after(20):
+            await done.wait()
+    text = out.getvalue()
+    assert status == [0]
+    assert "live from " + url in text
+    assert f"disconnected from {url}" in text  # the node left: the view says so and retries
