@@ -35,6 +35,7 @@ from quorum.errors import (
 from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.routing.headers import REQUEST_ID
+from quorum.status import StatusFeed, add_status_routes
 from quorum.wire import Request, parse_chat_request, parse_completion_request, parse_json_body
 
 __all__ = ["FastPath", "answer", "create_app"]
@@ -315,6 +316,8 @@ def create_app(
             200,
             {"self": dispatcher.name, "members": [m.as_json() for m in dispatcher.members()]},
         )
+
+    add_status_routes(app, StatusFeed.for_dispatcher(dispatcher))  # GET /, /status, /cluster/events
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:

@@ -6,6 +6,7 @@
     quorum up [CONFIG ...]                    run a local cluster, one process per node
                                               (default: every nodes/*.toml)
     quorum members [URL]                      the cluster as one node sees it
+    quorum status [URL] [--once]              the same, live: members, traffic, events
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_members = sub.add_parser("members", help="list the cluster's members")
     p_members.add_argument("url", nargs="?", default="http://127.0.0.1:32768")
 
+    p_status = sub.add_parser("status", help="watch the cluster live, as one node sees it")
+    p_status.add_argument("url", nargs="?", default="http://127.0.0.1:32768")
+    p_status.add_argument("--once", action="store_true", help="print one frame and exit")
+
     from quorum import bench
 
     bench.add_arguments(sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint"))
@@ -77,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(_up, configs, args.startup_timeout)
     if args.command == "members":
         return _members(args.url)
+    if args.command == "status":
+        return _status(args.url, args.once)
     if args.command == "drain":
         return _drain(args.node, args.via, args.timeout)
     if args.command == "bench":
@@ -267,39 +274,24 @@ async def _print_cluster(client: httpx.AsyncClient, url: str) -> None:
 
 
 def _members(url: str) -> int:
+    from quorum.status.terminal import members_table
+
     try:
         data = httpx.get(url.rstrip("/") + "/cluster/members", timeout=5.0).json()
     except (httpx.HTTPError, ValueError) as exc:
         console.print(f"[red]quorum members: {url} did not answer: {exc}")
         return 1
-    table = Table(title=f"members as seen by {data['self']}")
-    for col in (
-        "name",
-        "state",
-        "node",
-        "incarnation",
-        "in flight",
-        "free slots",
-        "queue",
-        "url",
-        "models",
-    ):
-        table.add_column(col)
-    for m in data["members"]:
-        load = m.get("load", {})
-        table.add_row(
-            m["name"],
-            m["state"],
-            m["node_state"],
-            str(m.get("incarnation", 0)),
-            str(load.get("in_flight", "")),
-            str(load.get("free_slots", "")),
-            str(load.get("queue_depth", "")),
-            m["url"],
-            ", ".join(m["models"]),
-        )
-    console.print(table)
+    console.print(members_table(data["members"], data["self"], console))
     return 0
+
+
+def _status(url: str, once: bool) -> int:
+    from quorum.status.terminal import watch
+
+    try:
+        return watch(url, once=once, console=console)
+    except KeyboardInterrupt:
+        return 0
 
 
 # --- quorum drain -------------------------------------------------------------------------
