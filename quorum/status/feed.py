@@ -171,7 +171,7 @@ class StatusFeed:
             dispatcher.name,
             dispatcher.members,
             dispatcher.metrics,
-            closing=lambda: dispatcher.draining and dispatcher.in_flight == 0,
+            closing=lambda: dispatcher.draining and dispatcher.busy == 0,
             **options,
         )
 
