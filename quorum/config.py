@@ -26,7 +26,9 @@
     itl_ms = 15
     slots = 8
 
-Every problem raises ``ConfigError`` naming the file and the key to fix.
+The schema is typed (pydantic models, strict: no string for a number, no boolean for an
+integer, no unknown key); every problem raises one ``ConfigError`` that names the file and
+the path of the field to fix.
 
 In a file read with ``NodeConfig.from_toml``, any string value may name environment
 variables as ``$(NAME)`` (Kubernetes' syntax) or ``${NAME}``; ``$$`` is a literal ``$``. So one
@@ -45,8 +47,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from quorum.backends.mock import MockBackend
+from quorum.backends.upstream import UpstreamOptions
 from quorum.routing.config import RoutingConfig
 
 __all__ = [
@@ -57,8 +64,6 @@ __all__ = [
     "expand_env",
     "parse_hostport",
 ]
-
-BACKEND_KINDS = ("mock", "upstream")
 
 
 class ConfigError(ValueError):
@@ -190,127 +195,176 @@ class NodeConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str = "<config>") -> NodeConfig:
-        """Build from parsed TOML; raises ``ConfigError``."""
-
-        def fail(msg: str) -> ConfigError:
-            return ConfigError(f"{source}: {msg}")
-
-        unknown = set(data) - {"node", "cluster", "backends", "gossip", "routing", "debug"}
-        if unknown:
-            raise fail(
-                f"unknown table(s) {sorted(unknown)}; expected [node], [cluster], "
-                "[gossip], [routing], [debug], [[backends]]"
-            )
-        node = data.get("node")
-        if not isinstance(node, Mapping):
-            raise fail("missing [node] table")
-        name = node.get("name")
-        if not isinstance(name, str) or not name:
-            raise fail("[node].name must be a non-empty string")
+        """Build from parsed TOML; raises ``ConfigError`` with one line that names the file
+        and the path of the first bad field: ``nodes/node-a.toml: backends[1].slots:
+        expected a valid integer, got 'x'``."""
         try:
-            host, port = parse_hostport(str(node.get("listen", "127.0.0.1:32768")))
-        except ValueError as exc:
-            raise fail(f"[node].listen: {exc}") from None
-        url = node.get("url")
-        if url is not None and not (isinstance(url, str) and url.startswith("http")):
-            raise fail("[node].url must be an http(s) URL")
-        max_body = node.get("max_body_bytes", 4 << 20)
-        if not isinstance(max_body, int) or max_body < 1024:
-            raise fail("[node].max_body_bytes must be an integer >= 1024")
-        max_connections = node.get("max_connections", 10000)
-        if (
-            not isinstance(max_connections, int)
-            or isinstance(max_connections, bool)
-            or (max_connections < 1)
-        ):
-            raise fail("[node].max_connections must be an integer >= 1")
-        timeouts = {}
-        for key in ("body_timeout_s", "send_timeout_s"):
-            value = node.get(key, 30.0)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-                raise fail(f"[node].{key} must be a number of seconds > 0")
-            timeouts[key] = float(value)
-        cluster = data.get("cluster", {})
-        peers = cluster.get("peers", [])
-        if not isinstance(peers, list) or not all(
-            isinstance(p, str) and p.startswith("http") for p in peers
-        ):
-            raise fail("[cluster].peers must be a list of http URLs")
-        secret = cluster.get("secret")
-        if secret is not None and not (isinstance(secret, str) and len(secret) >= 16):
-            raise fail("[cluster].secret must be a string of at least 16 characters")
-        debug = data.get("debug", {})
-        if not isinstance(debug, Mapping) or set(debug) - {"faults"}:
-            raise fail("[debug] takes one key, faults = true | false")
-        faults = debug.get("faults", False)
-        if not isinstance(faults, bool):
-            raise fail("[debug].faults must be true or false")
+            file = ConfigFile.model_validate(data)
+        except ValidationError as exc:
+            raise _config_error(source, exc) from None
         backends = []
         seen: set[str] = set()
-        for i, table in enumerate(data.get("backends", [])):
-            model, kind = table.get("model"), table.get("kind", "mock")
-            if not isinstance(model, str) or not model:
-                raise fail(f"backends[{i}].model must be a non-empty string")
-            if kind not in BACKEND_KINDS:
-                raise fail(f"backends[{i}].kind is {kind!r}; it must be one of {BACKEND_KINDS}")
-            if model in seen:
-                raise fail(f"backends[{i}]: model {model!r} is configured twice")
-            seen.add(model)
-            options = {k: v for k, v in table.items() if k not in ("model", "kind")}
-            backends.append(BackendConfig(model=model, kind=kind, options=options))
-        gossip = None
-        if "gossip" in data:
-            g = data["gossip"]
+        for i, table in enumerate(file.backends):
+            if table.model in seen:
+                raise ConfigError(
+                    f"{source}: backends[{i}].model: {table.model!r} is configured twice"
+                )
+            seen.add(table.model)
+            options = {k: v for k, v in (table.model_extra or {}).items()}
             try:
-                bind = parse_hostport(str(g.get("bind", "127.0.0.1:7946")))
-                seeds = tuple(parse_hostport(str(s)) for s in g.get("seeds", []))
-                advertise = parse_hostport(str(g["advertise"])) if "advertise" in g else None
+                validate_backend_options(table.kind, options)
+            except ValidationError as exc:
+                raise _config_error(source, exc, ("backends", i)) from None
             except ValueError as exc:
-                raise fail(f"[gossip]: {exc}") from None
-            keys = g.get("keys", [])
-            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-                raise fail("[gossip].keys must be a list of base64 strings")
-            for i, key in enumerate(keys):
-                try:
-                    raw = base64.b64decode(key, validate=True)
-                except binascii.Error:
-                    raise fail(f"[gossip].keys[{i}] is not base64") from None
-                if len(raw) not in (16, 24, 32):
-                    raise fail(f"[gossip].keys[{i}] must decode to 16, 24 or 32 bytes")
-            preset = g.get("preset", "lan")
-            if preset not in ("lan", "local"):
-                raise fail("[gossip].preset must be 'lan' or 'local'")
+                raise ConfigError(f"{source}: backends[{i}]: {exc}") from None
+            backends.append(BackendConfig(model=table.model, kind=table.kind, options=options))
+        gossip = None
+        if file.gossip is not None:
+            g = file.gossip
             gossip = GossipSettings(
-                bind=bind,
-                seeds=seeds,
-                cluster=str(g.get("cluster", "quorum")),
-                keys=tuple(keys),
-                preset=preset,
-                advertise=advertise,
+                bind=parse_hostport(g.bind),
+                seeds=tuple(parse_hostport(s) for s in g.seeds),
+                cluster=g.cluster,
+                keys=tuple(g.keys),
+                preset=g.preset,
+                advertise=parse_hostport(g.advertise) if g.advertise is not None else None,
             )
-        table = data.get("routing", {})
-        defaults = RoutingConfig()
-        for key, value in table.items():
-            if key not in RoutingConfig.__dataclass_fields__:
-                raise fail(f"[routing].{key} is not a routing option")
-            if isinstance(getattr(defaults, key), int):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise fail(f"[routing].{key} must be an integer >= 1")
-            elif not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise fail(f"[routing].{key} must be a number >= 0 (seconds)")
+        host, port = parse_hostport(file.node.listen)
         return cls(
-            name=name,
-            routing=RoutingConfig(**table),
+            name=file.node.name,
+            routing=file.routing,
             host=host,
             port=port,
-            url=url,
-            peers=tuple(p.rstrip("/") for p in peers),
-            max_body_bytes=max_body,
-            max_connections=max_connections,
-            **timeouts,
+            url=file.node.url,
+            peers=tuple(p.rstrip("/") for p in file.cluster.peers),
+            max_body_bytes=file.node.max_body_bytes,
+            max_connections=file.node.max_connections,
+            body_timeout_s=file.node.body_timeout_s,
+            send_timeout_s=file.node.send_timeout_s,
             backends=tuple(backends),
             gossip=gossip,
-            secret=secret,
-            debug_faults=faults,
+            secret=file.cluster.secret,
+            debug_faults=file.debug.faults,
             source=source,
         )
+
+
+# --- the schema ----------------------------------------------------------------------------------
+
+
+def _hostport(text: str) -> str:
+    parse_hostport(text)  # raises ValueError, which pydantic reports with the field's path
+    return text
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http(s) URL with a host, e.g. http://10.0.0.5:32768")
+    return text
+
+
+def _aes_key(text: str) -> str:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError("expected a base64 AES key") from None
+    if len(raw) not in (16, 24, 32):
+        raise ValueError(f"expected a key of 16, 24 or 32 bytes, this one has {len(raw)}")
+    return text
+
+
+HostPort = Annotated[str, AfterValidator(_hostport)]
+HttpBase = Annotated[str, AfterValidator(_http_url)]
+AesKey = Annotated[str, AfterValidator(_aes_key)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class NodeTable(_Table):
+    """``[node]``: see ``NodeConfig`` for what each key means."""
+
+    name: str = Field(min_length=1)
+    listen: HostPort = "127.0.0.1:32768"
+    url: HttpBase | None = None
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)
+    max_connections: int = Field(default=10000, ge=1)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    send_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class ClusterTable(_Table):
+    """``[cluster]``: static ``peers`` (base URLs) and the hop's ``secret``."""
+
+    peers: list[HttpBase] = []
+    secret: str | None = Field(default=None, min_length=16)
+
+
+class GossipTable(_Table):
+    """``[gossip]``: see ``GossipSettings``."""
+
+    bind: HostPort = "127.0.0.1:7946"
+    seeds: list[HostPort] = []
+    cluster: str = Field(default="quorum", min_length=1)
+    keys: list[AesKey] = []
+    preset: Literal["lan", "local"] = "lan"
+    advertise: HostPort | None = None
+
+
+class DebugTable(_Table):
+    """``[debug]``: ``faults`` obeys ``x-quorum-fault`` from clients."""
+
+    faults: bool = False
+
+
+class BackendTable(BaseModel):
+    """``[[backends]]``: ``model``, ``kind``; the kind's own options are checked by its
+    ``Options`` (``validate_backend_options``)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    model: str = Field(min_length=1)
+    kind: Literal["mock", "upstream"] = "mock"
+
+
+class ConfigFile(_Table):
+    """A node config file, the whole of it."""
+
+    node: NodeTable
+    cluster: ClusterTable = ClusterTable()
+    gossip: GossipTable | None = None
+    routing: RoutingConfig = RoutingConfig()
+    debug: DebugTable = DebugTable()
+    backends: list[BackendTable] = []
+
+
+def validate_backend_options(kind: str, options: Mapping[str, Any]) -> None:
+    """Check one backend's own options; raises ``pydantic.ValidationError`` (paths relative
+    to the backend's table) or ``ValueError``."""
+    if kind == "upstream":
+        UpstreamOptions.model_validate(options)
+    else:
+        MockBackend.from_config("-", options)
+
+
+def _config_error(
+    source: str, exc: ValidationError, prefix: tuple[str | int, ...] = ()
+) -> ConfigError:
+    error = exc.errors()[0]
+    path = ""
+    for part in (*prefix, *error["loc"]):
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    kind = error["type"]
+    message = error["msg"]
+    if kind == "missing":
+        return ConfigError(f"{source}: {path}: missing (required)")
+    if kind == "extra_forbidden":
+        return ConfigError(f"{source}: {path}: unknown key")
+    message = message.removeprefix("Value error, ")
+    if message.startswith("Input should be "):
+        message = "expected " + message.removeprefix("Input should be ")
+    got = error.get("input")
+    shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
+    return ConfigError(f"{source}: {path}: {message}, got {shown}")

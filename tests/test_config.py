@@ -3,13 +3,15 @@ which key to fix."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from quorum.config import ConfigError, NodeConfig, parse_hostport
 from quorum.node import Node
-from tests.helpers import NODES
+from tests.helpers import NODES, ROOT
 
 
 def test_shipped_cluster_covers_shared_single_and_both_reasoning_styles() -> None:
@@ -32,36 +34,87 @@ def test_shipped_cluster_covers_shared_single_and_both_reasoning_styles() -> Non
     assert fields == {"reasoning_content", "reasoning"}
 
 
+UPSTREAM = '[node]\nname = "a"\n[[backends]]\nmodel = "m"\nkind = "upstream"\nurl = "http://h/v1"\n'
+
+
 @pytest.mark.parametrize(
-    ("text", "complaint"),
+    ("text", "line"),
     [
-        ("[node]\n", "[node].name"),
-        ('[node]\nname = "a"\nlisten = "nowhere"\n', "[node].listen"),
-        ('[node]\nname = "a"\n[cluster]\npeers = ["ftp://x"]\n', "[cluster].peers"),
-        ('[node]\nname = "a"\n[[backends]]\nkind = "mock"\n', "backends[0].model"),
-        ('[node]\nname = "a"\n[[backends]]\nmodel = "m"\nkind = "tpu"\n', "backends[0].kind"),
+        ("[node]\n", "node.name: missing (required)"),
+        ('[node]\nname = "a"\nlisten = "nowhere"\n', "node.listen: 'nowhere' is not host:port"),
+        (
+            '[node]\nname = "a"\nmax_connections = true\n',
+            "node.max_connections: expected a valid integer, got True",
+        ),
+        (
+            '[node]\nname = "a"\n[cluster]\npeers = ["ftp://x"]\n',
+            "cluster.peers[0]: expected an http(s) URL",
+        ),
+        (
+            '[node]\nname = "a"\n[[backends]]\nkind = "mock"\n',
+            "backends[0].model: missing (required)",
+        ),
+        (
+            '[node]\nname = "a"\n[[backends]]\nmodel = "m"\nkind = "tpu"\n',
+            "backends[0].kind: expected 'mock' or 'upstream', got 'tpu'",
+        ),
         (
             '[node]\nname = "a"\n[[backends]]\nmodel = "m"\n[[backends]]\nmodel = "m"\n',
-            "configured twice",
+            "backends[1].model: 'm' is configured twice",
         ),
-        ('[node]\nname = "a"\n[nodes]\n', "unknown table"),
+        (
+            UPSTREAM + 'slots = "x"\n',
+            "backends[0].slots: expected a valid integer, got 'x'",
+        ),
+        (
+            UPSTREAM + "slots = 0\n",
+            "backends[0].slots: expected greater than or equal to 1, got 0",
+        ),
+        (
+            '[node]\nname = "a"\n[routing]\nttft_timeout_s = nan\n',
+            "routing.ttft_timeout_s: expected a finite number",
+        ),
+        ('[node]\nname = "a"\n[routing]\nretries = 2\n', "routing.retries: unknown key"),
+        (
+            '[node]\nname = "a"\n[gossip]\nkeys = ["c2hvcnQ="]\n',
+            "gossip.keys[0]: expected a key of 16, 24 or 32 bytes",
+        ),
+        ('[node]\nname = "a"\n[nodes]\n', "nodes: unknown key"),
         ("[node\n", "not valid TOML"),
     ],
 )
-def test_bad_config_names_the_key_to_fix(tmp_path: Path, text: str, complaint: str) -> None:
+def test_bad_config_is_one_line_naming_file_and_field(tmp_path: Path, text: str, line: str) -> None:
     path = tmp_path / "n.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         NodeConfig.from_toml(path)
-    assert complaint in str(info.value) and str(path) in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and line in message
+    assert "\n" not in message
 
 
 def test_bad_backend_option_is_a_config_error() -> None:
-    config = NodeConfig.from_mapping(
-        {"node": {"name": "a"}, "backends": [{"model": "m", "kind": "mock", "slots": "many"}]}
+    with pytest.raises(ConfigError, match=r"backends\[0\]: .*slots"):
+        NodeConfig.from_mapping(
+            {"node": {"name": "a"}, "backends": [{"model": "m", "kind": "mock", "slots": "many"}]}
+        )
+
+
+def test_quorum_node_with_a_bad_config_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[node]\nname = "a"\nlisten = "127.0.0.1:1"\n[[backends]]\nmodel = "m"\n'
+                    'kind = "upstream"\nurl = "http://h/v1"\nslots = "x"\n')  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "quorum", "node", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
-    with pytest.raises(ConfigError, match="'m'"):
-        Node(config)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"quorum node: {path}: backends[0].slots: expected a valid integer, got 'x'"
+    ]
 
 
 def test_parse_hostport() -> None:

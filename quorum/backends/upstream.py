@@ -72,30 +72,49 @@ import os
 import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import trio
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from quorum.backends.base import Backend, BackendLoad, BackendState, Generation, Resume
 from quorum.errors import BackendBroken, BackendSaturated, BackendUnavailable, InvalidRequest
 from quorum.sse import DONE, SSEParser, SSEProtocolError, encode
 
-__all__ = ["UpstreamBackend"]
+__all__ = ["UpstreamBackend", "UpstreamOptions"]
 
 log = logging.getLogger(__name__)
 
-_OPTIONS = {
-    "url",
-    "upstream_model",
-    "api_key_env",
-    "slots",
-    "queue",
-    "connect_timeout_s",
-    "read_timeout_s",
-    "weight",
-    "health_interval_s",
-}
+
+def _upstream_url(text: str) -> str:
+    example = "e.g. http://127.0.0.1:8000/v1"
+    try:
+        parsed = httpx.URL(text)
+    except httpx.InvalidURL:
+        raise ValueError(f"not a valid URL; give the upstream's base URL, {example}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"expected an http(s) URL with a host, {example}")
+    return text
+
+
+class UpstreamOptions(BaseModel):
+    """The options of a ``kind = "upstream"`` backend (see the module docstring), typed:
+    ``url`` required, counts and seconds positive and finite, no unknown key. Raises
+    ``pydantic.ValidationError``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+    url: Annotated[str, AfterValidator(_upstream_url)]
+    upstream_model: str | None = Field(default=None, min_length=1)
+    api_key_env: str | None = Field(default=None, min_length=1)
+    slots: int = Field(default=64, ge=1)
+    queue: int = Field(default=256, ge=0)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    health_interval_s: float = Field(default=5.0, gt=0)
+    weight: float = Field(default=1.0, gt=0)
+
 
 ERROR_BODY_BYTES = 64 << 10
 """The most bytes read of an upstream's error answer (or of its ``/models`` answer)."""
@@ -165,48 +184,21 @@ class UpstreamBackend(Backend):
 
     @classmethod
     def from_config(cls, model: str, table: Mapping[str, Any]) -> UpstreamBackend:
-        """Build from a ``[[backends]]`` table; raises ``ValueError`` naming the bad key."""
-        unknown = set(table) - _OPTIONS
-        if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for an upstream backend")
-        url = table.get("url")
-        example = "e.g. http://127.0.0.1:8000/v1"
-        if not isinstance(url, str):
-            raise ValueError(f"'url' must be the upstream's base URL, {example}")
-        try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL:
-            raise ValueError(
-                f"'url' is not a valid URL; give the upstream's base URL, {example}"
-            ) from None
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"'url' must be an http(s) URL with a host, {example}")
-        api_key = None
-        if "api_key_env" in table:
-            api_key = os.environ.get(str(table["api_key_env"]))
-        kwargs: dict[str, Any] = {}
-        for key in ("slots", "queue"):
-            if key in table:
-                value = table[key]
-                if (
-                    not isinstance(value, int)
-                    or isinstance(value, bool)
-                    or value < (1 if key == "slots" else 0)
-                ):
-                    raise ValueError(f"'{key}' must be a positive integer")
-                kwargs[key] = value
-        for key in ("connect_timeout_s", "read_timeout_s", "health_interval_s", "weight"):
-            if key in table:
-                value = table[key]
-                if (
-                    not isinstance(value, int | float)
-                    or isinstance(value, bool)
-                    or not 0 < value < math.inf
-                ):
-                    raise ValueError(f"'{key}' must be a positive number")
-                kwargs[key] = float(value)
+        """Build from a ``[[backends]]`` table's options (``UpstreamOptions``); raises
+        ``pydantic.ValidationError`` (a ``ValueError``) naming the bad key."""
+        options = UpstreamOptions.model_validate(dict(table))
+        api_key = os.environ.get(options.api_key_env) if options.api_key_env else None
         return cls(
-            model, url=url, upstream_model=table.get("upstream_model"), api_key=api_key, **kwargs
+            model,
+            url=options.url,
+            upstream_model=options.upstream_model,
+            api_key=api_key,
+            slots=options.slots,
+            queue=options.queue,
+            connect_timeout_s=options.connect_timeout_s,
+            read_timeout_s=options.read_timeout_s,
+            health_interval_s=options.health_interval_s,
+            weight=options.weight,
         )
 
     @property

@@ -1,15 +1,15 @@
-"""The ``[routing]`` table of a node config."""
+"""The ``[routing]`` table of a node config, typed (pydantic): every field checked where it is
+read, with the path of a bad one in the error (``quorum.config``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["RoutingConfig"]
 
 
-@dataclass(frozen=True, slots=True)
-class RoutingConfig:
-    """The ``[routing]`` table. Times in seconds.
+class RoutingConfig(BaseModel):
+    """The ``[routing]`` table. Times in seconds; every one finite and positive.
 
     ``max_attempts``: nodes tried before the first token, and again for each resume.
     ``ttft_timeout_s``: no first token by then moves the request on. ``inter_token_timeout_s``:
@@ -20,16 +20,18 @@ class RoutingConfig:
     timed out). ``connect_timeout_s``: to open a hop connection. ``max_answer_bytes``: the
     largest non-streamed answer accepted from another node (a larger one fails the attempt).
     ``hop_max_idle``: idle keep-alive connections kept per peer; ``hop_idle_timeout_s``: one
-    idle longer is closed.
+    idle longer is closed. Raises ``pydantic.ValidationError`` for a value out of range.
     """
 
-    max_attempts: int = 3
-    ttft_timeout_s: float = 30.0
-    inter_token_timeout_s: float = 10.0
-    backoff_s: float = 0.02
-    cold_start_wait_s: float = 30.0
-    connect_timeout_s: float = 2.0
-    unary_timeout_s: float = 300.0
-    max_answer_bytes: int = 16 << 20
-    hop_max_idle: int = 64
-    hop_idle_timeout_s: float = 30.0
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_attempts: int = Field(default=3, ge=1)
+    ttft_timeout_s: float = Field(default=30.0, gt=0)
+    inter_token_timeout_s: float = Field(default=10.0, gt=0)
+    backoff_s: float = Field(default=0.02, ge=0)
+    cold_start_wait_s: float = Field(default=30.0, ge=0)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    unary_timeout_s: float = Field(default=300.0, gt=0)
+    max_answer_bytes: int = Field(default=16 << 20, ge=1024)
+    hop_max_idle: int = Field(default=64, ge=0)
+    hop_idle_timeout_s: float = Field(default=30.0, gt=0)

@@ -256,7 +256,7 @@ async def test_an_error_answer_trickled_forever_is_read_within_the_read_timeout(
 @pytest.mark.parametrize("value", [0, -1, True, "5", float("inf"), float("nan")])
 def test_read_timeout_must_be_a_positive_number(value: Any) -> None:
     table = {"url": "http://127.0.0.1:8000/v1", "read_timeout_s": value}
-    with pytest.raises(ValueError, match="'read_timeout_s' must be a positive number"):
+    with pytest.raises(ValueError, match="read_timeout_s"):
         UpstreamBackend.from_config("llama", table)
 
 
