@@ -35,6 +35,7 @@ from quorum.errors import (
 from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.routing.headers import REQUEST_ID
+from quorum.routing.membership import MemberState
 from quorum.status import StatusFeed, add_status_routes
 from quorum.wire import Request, parse_chat_request, parse_completion_request, parse_json_body
 
@@ -254,7 +255,7 @@ def create_app(
     async def models() -> Response:
         names: dict[str, list[str]] = {}
         for member in dispatcher.members():
-            if member.state in ("dead", "left"):
+            if member.state in (MemberState.DEAD, MemberState.LEFT):
                 continue
             for model in member.models:
                 names.setdefault(model, []).append(member.name)

@@ -57,7 +57,7 @@ class _Live(Collector):
             "quorum_members", "Members as this node sees them, by state", labels=["state"]
         )
         tally = Tally(self._states())
-        for state in ("alive", "suspect", "dead", "left"):
+        for state in ("alive", "suspect", "dead", "left"):  # MemberState's values
             members.add_metric([state], tally.get(state, 0))
         yield members
         counters = self._gossip()

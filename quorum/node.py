@@ -30,11 +30,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from quorum.api import create_app
-from quorum.backends.base import Backend
+from quorum.backends.base import Backend, NodeState
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
-from quorum.gossip import GossipConfig, GossipNode
+from quorum.gossip import GossipConfig, GossipNode, MemberState
 from quorum.gossip.seeds import Resolver, system_resolver
 from quorum.routing.dispatch import Dispatcher
 from quorum.routing.headers import ClusterSigner
@@ -188,13 +188,13 @@ class Node:
         )
 
     @property
-    def node_state(self) -> str:
-        """ "draining" once stopping, "warming" while any backend warms, else "ready"."""
+    def node_state(self) -> NodeState:
+        """Draining once stopping, warming while any backend warms, else ready."""
         if self.draining:
-            return "draining"
-        if any(b.state == "warming" for b in self.backends.values()):
-            return "warming"
-        return "ready"
+            return NodeState.DRAINING
+        if any(b.state == "warming" for b in self.backends.values()):  # a BackendState
+            return NodeState.WARMING
+        return NodeState.READY
 
     def load(self) -> MemberLoad:
         """What this node gossips: ``in_flight`` is what its backends are serving (busy
@@ -211,7 +211,7 @@ class Node:
         return Member(
             name=self.name,
             url=self.url,
-            state="alive",
+            state=MemberState.ALIVE,
             node_state=self.node_state,
             models=tuple(self.backends),
             load=self.load(),
@@ -273,7 +273,7 @@ class Node:
         """Begin ``drain`` in the background (``POST /admin/drain``); returns the state."""
         if self._nursery is not None and not self.draining:
             self._nursery.start_soon(self.drain)
-        return {"node": self.name, "state": "draining", "in_flight": self.dispatcher.busy}
+        return {"node": self.name, "state": NodeState.DRAINING, "in_flight": self.dispatcher.busy}
 
     def stop(self) -> None:
         """Begin a graceful stop: the server stops accepting and ``run`` returns."""

@@ -19,6 +19,7 @@ away) stops the work and frees the slot before ``__aexit__`` returns.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -40,6 +41,16 @@ __all__ = [
 ]
 
 BackendState = Literal["warming", "ready"]
+
+
+class NodeState(enum.StrEnum):
+    """What a node says of itself (gossiped in its meta, shown in ``/health``): ``warming``
+    (a backend is not ready: do not route to it), ``ready``, ``draining`` (finishing what it
+    has, taking nothing new). A backend is only ever warming or ready."""
+
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,7 @@ from quorum.routing.headers import (
     ClusterSigner,
 )
 from quorum.routing.hop import HopError, HopPool, HopResponse
-from quorum.routing.membership import Member, Membership
+from quorum.routing.membership import Member, Membership, MemberState, NodeState
 from quorum.routing.relay import Event, Reply, StreamRelay, local_events, remote_events
 from quorum.routing.select import RoutingPolicy, Selector, prefix_key
 from quorum.routing.serve import JSON_HEADERS, STREAM_HEADERS, LocalServer
@@ -334,7 +334,9 @@ class Dispatcher:
                 return self.order(request, pin)
             except Unavailable:
                 warming = any(
-                    request.model in m.models and m.state == "alive" and m.node_state == "warming"
+                    request.model in m.models
+                    and m.state == MemberState.ALIVE
+                    and m.node_state == NodeState.WARMING
                     for m in self.members()
                 )
                 if not warming or trio.current_time() >= deadline:

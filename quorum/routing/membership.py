@@ -19,13 +19,16 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from quorum.gossip import GossipNode, Load, NodeMeta
+from quorum.backends.base import NodeState
+from quorum.gossip import GossipNode, Load, MemberState, NodeMeta
 
 __all__ = [
     "GossipMembership",
     "Member",
     "MemberLoad",
+    "MemberState",
     "Membership",
+    "NodeState",
     "StaticMembership",
     "gossip_meta",
     "routable_meta",
@@ -47,16 +50,16 @@ class MemberLoad:
 class Member:
     """One node as seen from here.
 
-    ``state``: membership state, "alive" | "suspect" | "dead" | "left". ``node_state``: what the
-    node says of itself, "warming" | "ready" | "draining". ``url``: its HTTP base URL
-    (``http://127.0.0.1:32769``). ``models``: the models its backends serve. ``incarnation``:
-    SWIM incarnation (0 for static peers).
+    ``state``: membership state (``MemberState``: alive, suspect, dead, left). ``node_state``:
+    what the node says of itself (``NodeState``: warming, ready, draining). ``url``: its HTTP
+    base URL (``http://127.0.0.1:32769``). ``models``: the models its backends serve.
+    ``incarnation``: SWIM incarnation (0 for static peers).
     """
 
     name: str
     url: str
-    state: str
-    node_state: str
+    state: MemberState
+    node_state: NodeState
     models: tuple[str, ...]
     load: MemberLoad = field(default_factory=MemberLoad)
     incarnation: int = 0
@@ -72,7 +75,7 @@ class Member:
     @property
     def routable(self) -> bool:
         """Alive and ready: may be sent new requests."""
-        return self.state == "alive" and self.node_state == "ready"
+        return self.state == MemberState.ALIVE and self.node_state == NodeState.READY
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -124,7 +127,13 @@ class StaticMembership:
         self._local = local
         self._peers = [p.rstrip("/") for p in peers]
         self._known: dict[str, Member] = {
-            url: Member(name=url, url=url, state="suspect", node_state="warming", models=())
+            url: Member(
+                name=url,
+                url=url,
+                state=MemberState.SUSPECT,
+                node_state=NodeState.WARMING,
+                models=(),
+            )
             for url in self._peers
         }
         self._misses: dict[str, int] = {url: 0 for url in self._peers}
@@ -139,7 +148,13 @@ class StaticMembership:
         urls = [p.rstrip("/") for p in peers]
         self._known = {
             url: self._known.get(url)
-            or Member(name=url, url=url, state="suspect", node_state="warming", models=())
+            or Member(
+                name=url,
+                url=url,
+                state=MemberState.SUSPECT,
+                node_state=NodeState.WARMING,
+                models=(),
+            )
             for url in urls
         }
         self._misses = {url: self._misses.get(url, 0) for url in urls}
@@ -167,13 +182,18 @@ class StaticMembership:
         try:
             response = await client.get(url + "/health")
             info = response.json()
+            load = info.get("load", {})
             member = Member(
                 name=str(info["node"]),
                 url=str(info.get("url", url)),
-                state="alive",
-                node_state=str(info.get("state", "ready")),
+                state=MemberState.ALIVE,
+                node_state=NodeState(info.get("state", "ready")),
                 models=tuple(str(m) for m in info.get("models", ())),
-                load=MemberLoad(**info.get("load", {})),
+                load=MemberLoad(
+                    in_flight=int(load.get("in_flight", 0)),
+                    free_slots=int(load.get("free_slots", 0)),
+                    queue_depth=int(load.get("queue_depth", 0)),
+                ),
                 weights=tuple((str(m), float(w)) for m, w in info.get("weights", {}).items()),
             )
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
@@ -181,7 +201,9 @@ class StaticMembership:
                 return
             self._misses[url] += 1
             old = self._known[url]
-            state = "dead" if self._misses[url] >= self._dead_after else "suspect"
+            state = (
+                MemberState.DEAD if self._misses[url] >= self._dead_after else MemberState.SUSPECT
+            )
             if old.state != state:
                 log.info("peer %s (%s) is %s: %s", old.name, url, state, exc)
             self._known[url] = replace(old, state=state)
@@ -232,8 +254,8 @@ class GossipMembership:
                 Member(
                     name=info.name,
                     url=info.meta.http_url,
-                    state=info.state.value,
-                    node_state=info.meta.state,
+                    state=info.state,
+                    node_state=NodeState(info.meta.state),
                     models=tuple(info.meta.models),
                     load=MemberLoad(load.in_flight, load.free_slots, load.queue_depth)
                     if load
@@ -311,7 +333,7 @@ def _routable_meta(meta: NodeMeta) -> bool:
             return False
         if not all(type(m) is str and 0 < len(m) <= 256 and m.isprintable() for m in models):
             return False
-        if state not in ("warming", "ready", "draining"):
+        if state not in NodeState.__members__.values():
             return False
         if type(weights) is not tuple or (weights and len(weights) != len(models)):
             return False

@@ -46,7 +46,7 @@ from types import MappingProxyType
 
 from quorum.errors import InvalidRequest, ModelNotFound, Unavailable
 from quorum.routing.breaker import BreakerBoard
-from quorum.routing.membership import Member
+from quorum.routing.membership import Member, MemberState
 from quorum.wire import ChatRequest, CompletionRequest
 
 __all__ = [
@@ -320,7 +320,8 @@ def _ready(
     Raises ``ModelNotFound`` when no member lists the model, ``InvalidRequest`` for a pin that
     names no member, and ``Unavailable`` when members list the model but none can take it now.
     """
-    serving = [m for m in members if model in m.models and m.state not in ("dead", "left")]
+    gone = (MemberState.DEAD, MemberState.LEFT)
+    serving = [m for m in members if model in m.models and m.state not in gone]
     if pin is not None:
         by_name = {m.name: m for m in members}
         if pin not in by_name:
