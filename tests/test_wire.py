@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 from unittest.mock import patch
 
 import pytest
@@ -316,3 +317,106 @@ def test_valid_optional_fields_still_parse() -> None:
         {"model": "m", "prompt": "x", "echo": False, "best_of": 1, "logprobs": 2, "suffix": "s"}
     )
     assert completion.prompt == "x"
+
+
+# Each field's accepted JSON types (None: the field may be null or absent). A value of any
+# other type must be a 400 whose param names the field (or a part of it).
+_NUMBER = (int, float)
+CHAT_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "messages": (list,),
+    "messages.0": (dict,),
+    "messages.0.role": (str,),
+    "messages.0.content": (str, list),
+    "messages.0.name": (str, type(None)),
+    "messages.0.tool_calls": (list, type(None)),
+    "stream": (bool, type(None)),
+    "stream_options": (dict, type(None)),
+    "temperature": (*_NUMBER, type(None)),
+    "top_p": (*_NUMBER, type(None)),
+    "presence_penalty": (*_NUMBER, type(None)),
+    "frequency_penalty": (*_NUMBER, type(None)),
+    "n": (int, type(None)),
+    "max_tokens": (int, type(None)),
+    "max_completion_tokens": (int, type(None)),
+    "seed": (int, type(None)),
+    "top_k": (int, type(None)),
+    "top_logprobs": (int, type(None)),
+    "logprobs": (bool, type(None)),
+    "echo": (bool, type(None)),
+    "parallel_tool_calls": (bool, type(None)),
+    "store": (bool, type(None)),
+    "user": (str, type(None)),
+    "reasoning_effort": (str, type(None)),
+    "logit_bias": (dict, type(None)),
+    "metadata": (dict, type(None)),
+    "stop": (str, list, type(None)),
+    "tools": (list, type(None)),
+    "tool_choice": (str, dict, type(None)),
+    "response_format": (dict, type(None)),
+}
+WRONG_TYPES = (None, True, 0, -1, 2.5, "x", "", [], {}, [1], {"a": 1})
+
+
+def _with(body: dict, path: str, value: object) -> dict:
+    out = json.loads(json.dumps(body))
+    node = out
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    node[int(last) if last.isdigit() else last] = value
+    return out
+
+
+def _param_root(param: str) -> str:
+    return param.replace("[", ".").replace("]", "")
+
+
+COMPLETION_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "prompt": (str, list),
+    "stream": (bool, type(None)),
+    "stream_options": (dict, type(None)),
+    "temperature": (*_NUMBER, type(None)),
+    "top_p": (*_NUMBER, type(None)),
+    "presence_penalty": (*_NUMBER, type(None)),
+    "n": (int, type(None)),
+    "max_tokens": (int, type(None)),
+    "seed": (int, type(None)),
+    "top_k": (int, type(None)),
+    "logprobs": (int, type(None)),
+    "best_of": (int, type(None)),
+    "echo": (bool, type(None)),
+    "suffix": (str, type(None)),
+    "user": (str, type(None)),
+    "logit_bias": (dict, type(None)),
+    "stop": (str, list, type(None)),
+}
+
+
+@pytest.mark.parametrize(
+    ("parse", "base", "fields"),
+    [
+        (parse_chat_request, OK, CHAT_FIELD_TYPES),
+        (parse_completion_request, {"model": "m", "prompt": "x"}, COMPLETION_FIELD_TYPES),
+    ],
+    ids=["chat", "completion"],
+)
+def test_every_field_of_the_wrong_type_is_a_400_naming_it(
+    parse: Any, base: dict, fields: dict[str, tuple[type, ...]]
+) -> None:
+    for path, accepted in fields.items():
+        for value in WRONG_TYPES:
+            body = _with(base, path, value)
+            wrong = not isinstance(value, accepted) or (
+                isinstance(value, bool) and bool not in accepted
+            )
+            try:
+                parse(body)
+            except InvalidRequest as exc:
+                assert exc.param is not None, (path, value, exc.message)
+                root = path.split(".")[0]
+                assert _param_root(exc.param).split(".")[0] == root, (path, value, exc.param)
+                validate("ErrorResponse", exc.body())
+                continue
+            assert not wrong, f"{path} = {value!r} was accepted"
