@@ -418,7 +418,7 @@ def _seed(body: Json) -> int | None:
             f"got {_brief(seed)}.",
             param="seed",
         )
-    return seed
+    return None if seed is None else int(seed)
 
 
 def _echo(body: Json, *, chat: bool) -> None:
