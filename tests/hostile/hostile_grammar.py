@@ -575,6 +575,15 @@ BAD_BODIES: list[bytes] = [
     b'{"\\ud800": 1, "model": "mock-chat", "messages": [{"role": "user", "content": "x"}]}',
 ]
 
+# ``quorum_resume`` is for nodes only: a client's must be refused, whatever it holds.
+RESUMES: list[Any] = [
+    {"events": 2, "text": {"content": "Hello"}},
+    {"events": 10**9, "text": {}},
+    {"events": -1},
+    {"events": 1, "text": {"content": 5}},
+    "resume",
+]
+
 INTERNAL_HEADERS: dict[str, list[str]] = {
     "x-quorum-forwarded": ["hostile-a", "hostile-b", "evil", ""],
     "x-quorum-pin": ["hostile-a", "hostile-b", "nobody", ""],
@@ -709,19 +718,7 @@ def hostile_cases(draw: st.DrawFn, models: tuple[str, ...], targets: tuple[str, 
             body[draw(st.sampled_from(["\ud800", "a\udfffb", "\udbff"]))] = 1
             notes.append("surrogate-key")
         elif op == "resume":
-            body["quorum_resume"] = copy.deepcopy(
-                draw(
-                    st.sampled_from(
-                        [
-                            {"events": 2, "text": {"content": "Hello"}},
-                            {"events": 10**9, "text": {}},
-                            {"events": -1},
-                            {"events": 1, "text": {"content": 5}},
-                            "resume",
-                        ]
-                    )
-                )
-            )
+            body["quorum_resume"] = copy.deepcopy(draw(st.sampled_from(RESUMES)))
             notes.append("quorum_resume")
         elif op == "bytes":
             raw_body = draw(st.sampled_from(BAD_BODIES))
