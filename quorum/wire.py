@@ -4,6 +4,17 @@ Requests are parsed once, at the node that receives them, into frozen dataclasse
 the original body (``raw``) so a forward sends exactly what the client sent. Validation
 raises ``InvalidRequest`` with ``param`` set to the offending field (``messages[1].role``).
 
+``parse_json_body`` is the first line of defence against hostile bodies, and everything it
+lets through can be re-encoded as strict JSON and UTF-8 by any later layer (the upstream
+client, the mock's digest, a resume body): the body must be UTF-8 (RFC 8259 section 8.1; a
+leading byte order mark is ignored); ``NaN``, ``Infinity`` and numbers that overflow a float
+are refused (RFC 8259 section 6 has no such numbers); so are integers over Python's
+int-string limit (4,300 digits); arrays and objects nest at most ``MAX_JSON_DEPTH`` levels,
+checked before decoding so that no body can drive the decoder into ``RecursionError``; and no
+string, key or value, may hold a lone UTF-16 surrogate (``"\\ud800"``: valid JSON escape
+syntax, but not Unicode, so no UTF-8 encoder accepts it). Each is a 400
+``invalid_request_error`` that says what to fix.
+
 Chunks are encoded by ``ChatChunkEncoder`` / ``CompletionChunkEncoder``: the constant part of
 every chunk (id, object, created, model) is serialized once per stream, so one chunk costs one
 ``json.dumps`` of its delta. ``aggregate_chat`` / ``aggregate_completion`` fold a stream of
@@ -17,14 +28,19 @@ Shapes follow OpenAI's published spec (``shared/openai/openapi.json``):
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from itertools import accumulate
+from typing import Any, Final, Literal
 
 from quorum.errors import InvalidRequest
 from quorum.sse import encode
 
 __all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_MODEL_CHARS",
     "ChatChunkEncoder",
     "ChatRequest",
     "CompletionChunkEncoder",
@@ -43,6 +59,17 @@ __all__ = [
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_STOP = 4
 SYSTEM_FINGERPRINT = "fp_quorum"
+
+MAX_JSON_DEPTH: Final = 64
+"""The deepest nesting of arrays and objects a request body may have; the body object itself
+is level 1. A chat body with tools whose JSON schemas nest 20 levels needs about 45. Deeper
+bodies get a 400 before they are decoded."""
+
+MAX_MODEL_CHARS: Final = 256
+"""The longest model name accepted (Hugging Face repository ids are at most 96 characters)."""
+
+INT64: Final = (-(2**63), 2**63 - 1)
+"""``seed``'s range: OpenAI's spec gives it as int64, and upstream servers parse it so."""
 
 Json = dict[str, Any]
 
@@ -112,18 +139,199 @@ Request = ChatRequest | CompletionRequest
 # --- parsing -----------------------------------------------------------------------------
 
 
+_DECODER_SAFE_DEPTH: Final = 512
+"""``json.loads`` recurses once per level (in C, counted against the interpreter's recursion
+limit of 1,000 with the request's own frames): a body with at most this many openers is
+decoded first and measured after; one with more is measured before it is decoded."""
+
+# A JSON string token, unrolled-loop form (Friedl): no backtracking.
+_STRING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Brackets as parentheses, every other byte deleted (bytes.translate: C speed).
+_TO_PARENS = bytes.maketrans(b"[]{}", b"()()")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = tuple(1 if b == 0x28 else -1 if b == 0x29 else 0 for b in range(256))  # "(" +1, ")" -1
+_PEEL_PASSES = 4
+# Only a body holding one of these escapes can decode to a string with a surrogate in it.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_HIGH_HEX = frozenset("89abcdefABCDEF")
+_CONTAINERS = (dict, list)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+_TOO_DEEP = (
+    f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
+    "Quorum accepts at most that many. Flatten the deepest part (a JSON schema can use $defs "
+    "and $ref instead of inlining)."
+)
+
+
 def parse_json_body(body: bytes) -> Json:
-    """Decode a request body that must be a JSON object; raises ``InvalidRequest``."""
+    """Decode a request body that must be a JSON object (UTF-8, finite numbers, at most
+    ``MAX_JSON_DEPTH`` levels, no lone surrogates: see the module docstring).
+
+    Raises ``InvalidRequest`` (400) saying what is wrong and, for a lone surrogate, with
+    ``param`` naming where it is (``messages[0].content``).
+
+    Cost beyond ``json.loads``: a UTF-8 decode and ``memchr`` scans for ``[``, ``{`` and
+    ``\\``; a walk of the decoded tree's containers when the body has more than
+    ``MAX_JSON_DEPTH`` openers, and of its strings when it has a surrogate escape; and, for a
+    body of more than ``_DECODER_SAFE_DEPTH`` openers, a measure of its depth with the
+    strings cut out before it is decoded.
+    """
     try:
-        data: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid UTF-8 (byte {exc.start}: {exc.reason}). Send "
+            "JSON encoded as UTF-8 with content-type: application/json."
+        ) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    openers = _count_upto(text, "[{", _DECODER_SAFE_DEPTH)  # a bound on the depth
+    if openers > _DECODER_SAFE_DEPTH and _too_deep(text):  # measured before decoding
+        raise InvalidRequest(_TOO_DEEP)
+    try:
+        data: Any = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"The request body is not valid JSON ({exc}). Send a JSON object with "
             "content-type: application/json."
         ) from None
+    except ValueError as exc:  # an integer over Python's int-string limit (4,300 digits)
+        raise InvalidRequest(
+            f"The request body has a number Quorum cannot read: {exc.args[0].split(';')[0]}. "
+            "Send integers of at most 4300 digits."
+        ) from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"The request body must be a JSON object, not {_type_name(data)}.")
-    return dict(data)
+    if MAX_JSON_DEPTH < openers <= _DECODER_SAFE_DEPTH:  # measured after: <= 512 containers
+        _check_depth(data)
+    if _may_hold_surrogate(text):
+        _check_surrogates(data)
+    return data
+
+
+def _count_upto(text: str, chars: str, limit: int) -> int:
+    """How many of ``chars`` ``text`` holds, counting no further than ``limit + 1``.
+    ``str.find`` of one character is a ``memchr``: 30 times faster than ``str.count`` on a
+    1 MB body, and the count stops early."""
+    n = 0
+    for char in chars:
+        pos = text.find(char)
+        while pos >= 0:
+            n += 1
+            if n > limit:
+                return n
+            pos = text.find(char, pos + 1)
+    return n
+
+
+def _may_hold_surrogate(text: str) -> bool:
+    """Whether ``text`` may hold a ``\\ud800``-``\\udfff`` escape (True may be wrong,
+    False is not): the first backslashes are looked at one by one (``find``), past 32 of
+    them a regex search takes over."""
+    pos = text.find("\\")
+    for _ in range(32):
+        if pos < 0:
+            return False
+        if text[pos + 1 : pos + 3] in ("ud", "uD") and text[pos + 3 : pos + 4] in _HIGH_HEX:
+            return True
+        pos = text.find("\\", pos + 2)  # past "\\\\" too: an escaped backslash
+    return _SURROGATE_ESCAPE.search(text, pos) is not None
+
+
+def _too_deep(text: str) -> bool:
+    """Whether ``text`` nests arrays/objects more than ``MAX_JSON_DEPTH`` levels, brackets in
+    strings ignored, without recursion. On the brackets alone, as parentheses: a run of more
+    than ``MAX_JSON_DEPTH`` openers is too deep at once; otherwise matched pairs are peeled
+    (``"()"`` removed: each pass lowers the depth by one) up to ``_PEEL_PASSES`` times, which
+    settles any shallow body, and what is left is measured by a running sum. Unmatched
+    openers (invalid JSON, into which the decoder would still descend) count as depth. Cost:
+    O(length), about 0.1 microsecond a bracket at worst."""
+    shape = _STRING_TOKEN.sub("", text).encode().translate(_TO_PARENS, _NOT_BRACKETS)
+    limit = MAX_JSON_DEPTH
+    if b"(" * (limit + 1) in shape:
+        return True
+    for _ in range(_PEEL_PASSES):
+        peeled = shape.replace(b"()", b"")
+        if len(peeled) == len(shape):  # no pair left: unmatched brackets only
+            return shape.count(b"(") > limit
+        shape, limit = peeled, limit - 1
+    return max(accumulate(map(_STEP.__getitem__, shape)), default=0) > limit
+
+
+def _check_depth(data: Json) -> None:
+    """Raise ``InvalidRequest`` if ``data`` nests deeper than ``MAX_JSON_DEPTH``: one level of
+    containers at a time, no recursion."""
+    level: list[Any] = [data]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            value
+            for node in level
+            for value in (node.values() if type(node) is dict else node)
+            if isinstance(value, _CONTAINERS)
+        ]
+        if not level:
+            return
+    raise InvalidRequest(_TOO_DEEP)
+
+
+def _check_surrogates(data: Json) -> None:
+    """Raise ``InvalidRequest`` naming the first string (key or value) of ``data`` that holds
+    a lone surrogate. ``json`` joins escaped pairs into one code point, so any surrogate left
+    in a decoded string is a lone one; an ASCII string (``isascii`` is O(1)) holds none."""
+    # (node, its path): a path is (parent path, key or index), linked from the leaf.
+    stack: list[tuple[Any, tuple[Any, ...] | None]] = [(data, None)]
+    while stack:
+        node, path = stack.pop()
+        items = node.items() if type(node) is dict else enumerate(node)
+        for key, value in items:
+            if type(key) is str and not key.isascii() and _SURROGATE.search(key):
+                _lone_surrogate((path, key))
+            if type(value) is str:
+                if not value.isascii() and _SURROGATE.search(value):
+                    _lone_surrogate((path, key))
+            elif type(value) is dict or type(value) is list:
+                stack.append((value, (path, key)))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidRequest(
+        f"The request body contains {name}, which is not a JSON number (RFC 8259). Send a "
+        "finite number, or leave the field out."
+    )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidRequest(
+            f"The request body contains the number {text[:40]}, which is too large to be a "
+            "finite double. Send a finite number."
+        )
+    return value
+
+
+# One decoder for every body: ``json.loads`` with hooks would build a new one (and its C
+# scanner) per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _lone_surrogate(path: tuple[Any, ...]) -> None:
+    keys: list[Any] = []
+    link: tuple[Any, ...] | None = path
+    while link is not None:
+        link, key = link
+        keys.append(key)
+    where = ""
+    for key in reversed(keys):
+        where += f"[{key}]" if isinstance(key, int) else (f".{key}" if where else key)
+    shown = where.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    raise InvalidRequest(
+        f"'{shown}' holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair), "
+        "which is not Unicode text. Escape characters outside the Basic Multilingual Plane as a "
+        "surrogate pair (\\ud83d\\ude00) or send them as UTF-8.",
+        param=shown,
+    )
 
 
 def _type_name(value: Any) -> str:
@@ -150,6 +358,12 @@ def _expect(value: Any, types: type | tuple[type, ...], param: str, what: str) -
         raise InvalidRequest(f"'{param}' must be {what}, not {_type_name(value)}.", param=param)
 
 
+def _brief(value: Any) -> str:
+    """``value`` for an error message: its repr, cut to 40 characters."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else "a huge integer"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _opt_int(body: Json, key: str, *, minimum: int, maximum: int | None = None) -> int | None:
     value = body.get(key)
     if value is None:
@@ -157,7 +371,7 @@ def _opt_int(body: Json, key: str, *, minimum: int, maximum: int | None = None) 
     _expect(value, int, key, "an integer")
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise InvalidRequest(f"'{key}' must be {bound}; got {value}.", param=key)
+        raise InvalidRequest(f"'{key}' must be {bound}; got {_brief(value)}.", param=key)
     return int(value)
 
 
@@ -166,8 +380,19 @@ def _opt_number(body: Json, key: str, low: float, high: float) -> None:
     if value is None:
         return
     _expect(value, (int, float), key, "a number")
-    if not low <= value <= high:
-        raise InvalidRequest(f"'{key}' must be between {low} and {high}; got {value}.", param=key)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequest(
+            f"'{key}' must be a finite number between {low} and {high}; got {_brief(value)}.",
+            param=key,
+        )
+
+
+def _opt(body: Json, key: str, types: type | tuple[type, ...], what: str) -> Any:
+    """``body[key]``, None if absent or null; raises ``InvalidRequest`` unless ``types``."""
+    value = body.get(key)
+    if value is not None:
+        _expect(value, types, key, what)
+    return value
 
 
 def _model(body: Json) -> str:
@@ -177,7 +402,59 @@ def _model(body: Json) -> str:
     _expect(model, str, "model", "a string")
     if not model:
         raise InvalidRequest("'model' must not be empty.", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidRequest(
+            f"'model' is {len(model)} characters long; model names have at most {MAX_MODEL_CHARS}.",
+            param="model",
+        )
     return str(model)
+
+
+def _seed(body: Json) -> int | None:
+    seed = _opt(body, "seed", int, "an integer")
+    if seed is not None and not INT64[0] <= seed <= INT64[1]:
+        raise InvalidRequest(
+            f"'seed' must be a 64-bit signed integer (between {INT64[0]} and {INT64[1]}); "
+            f"got {_brief(seed)}.",
+            param="seed",
+        )
+    return None if seed is None else int(seed)
+
+
+def _echo(body: Json, *, chat: bool) -> None:
+    echo = _opt(body, "echo", bool, "a boolean")
+    if echo and chat:
+        raise InvalidRequest(
+            "'echo' is a /v1/completions parameter; /v1/chat/completions does not take it. "
+            "Remove it.",
+            param="echo",
+        )
+    if echo:
+        raise InvalidRequest("'echo' is not supported: remove it.", param="echo")
+
+
+def _logit_bias(body: Json) -> None:
+    bias = _opt(body, "logit_bias", dict, "an object mapping token ids to numbers")
+    for token, value in (bias or {}).items():
+        where = f"logit_bias.{token}"
+        _expect(value, (int, float), where, "a number")
+        if not -100 <= value <= 100:
+            raise InvalidRequest(
+                f"'{where}' must be between -100 and 100; got {_brief(value)}.", param=where
+            )
+
+
+def _metadata(body: Json) -> None:
+    metadata = _opt(body, "metadata", dict, "an object of strings")
+    for key, value in (metadata or {}).items():
+        _expect(value, str, f"metadata.{key}", "a string")
+
+
+def _extra_fields(body: Json) -> None:
+    """Optional fields Quorum does not act on but upstream servers read: their types."""
+    _opt(body, "user", str, "a string")
+    _opt(body, "top_k", int, "an integer (vLLM: -1 disables it)")
+    _logit_bias(body)
 
 
 def _stream(body: Json) -> tuple[bool, bool]:
@@ -241,7 +518,8 @@ def _message(i: int, message: Any) -> Json:
     if role not in ROLES:
         allowed = ", ".join(sorted(ROLES))
         raise InvalidRequest(
-            f"'{where}.role' is '{role}'; it must be one of: {allowed}.", param=f"{where}.role"
+            f"'{where}.role' is {_brief(role)}; it must be one of: {allowed}.",
+            param=f"{where}.role",
         )
     content = message.get("content")
     if content is None:
@@ -259,11 +537,35 @@ def _message(i: int, message: Any) -> Json:
             _expect(kind, str, f"{p}.type", "a string")
             if kind == "text":
                 _expect(part.get("text"), str, f"{p}.text", "a string")
+            elif kind == "image_url":
+                image = part.get("image_url")
+                _expect(image, dict, f"{p}.image_url", "an object with a 'url'")
+                _expect(image.get("url"), str, f"{p}.image_url.url", "a string")
     else:
         _expect(content, str, f"{where}.content", "a string or an array of content parts")
     if role == "tool":
         _expect(message.get("tool_call_id"), str, f"{where}.tool_call_id", "a string")
+    if message.get("name") is not None:
+        _expect(message["name"], str, f"{where}.name", "a string")
+    calls = message.get("tool_calls")
+    if calls is not None:
+        _expect(calls, list, f"{where}.tool_calls", "an array of tool calls")
+        for j, call in enumerate(calls):
+            _tool_call(f"{where}.tool_calls[{j}]", call)
     return dict(message)
+
+
+def _tool_call(where: str, call: Any) -> None:
+    """An assistant message's earlier tool call: ``{"id", "type", "function": {"name",
+    "arguments"}}`` (``arguments``: the JSON text the model produced, a string)."""
+    _expect(call, dict, where, "an object")
+    _expect(call.get("id"), str, f"{where}.id", "a string")
+    if call.get("type", "function") != "function":
+        raise InvalidRequest(f"'{where}.type' must be 'function'.", param=f"{where}.type")
+    fn = call.get("function")
+    _expect(fn, dict, f"{where}.function", "an object")
+    _expect(fn.get("name"), str, f"{where}.function.name", "a string")
+    _expect(fn.get("arguments"), str, f"{where}.function.arguments", "a string of JSON")
 
 
 def _tools(body: Json) -> tuple[Tool, ...]:
@@ -289,6 +591,9 @@ def _tools(body: Json) -> tuple[Tool, ...]:
         if params is None:
             params = {}
         _expect(params, dict, f"{where}.function.parameters", "a JSON Schema object")
+        for key, kind, what in (("description", str, "a string"), ("strict", bool, "a boolean")):
+            if fn.get(key) is not None:
+                _expect(fn[key], kind, f"{where}.function.{key}", what)
         out.append(Tool(name=name, parameters=params))
     return tuple(out)
 
@@ -300,7 +605,7 @@ def _tool_choice(body: Json, tools: tuple[Tool, ...]) -> str:
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise InvalidRequest(
-                f"'tool_choice' is '{choice}'; it must be 'none', 'auto', 'required' or "
+                f"'tool_choice' is {_brief(choice)}; it must be 'none', 'auto', 'required' or "
                 "an object naming a function.",
                 param="tool_choice",
             )
@@ -310,13 +615,15 @@ def _tool_choice(body: Json, tools: tuple[Tool, ...]) -> str:
             )
         return choice
     _expect(choice, dict, "tool_choice", "a string or an object")
+    if choice.get("type", "function") != "function":
+        raise InvalidRequest("'tool_choice.type' must be 'function'.", param="tool_choice.type")
     fn = choice.get("function")
     _expect(fn, dict, "tool_choice.function", "an object")
     name = fn.get("name")
     _expect(name, str, "tool_choice.function.name", "a string")
     if name not in {t.name for t in tools}:
         raise InvalidRequest(
-            f"'tool_choice' names function '{name}', which is not in 'tools'.",
+            f"'tool_choice' names function {_brief(name)}, which is not in 'tools'.",
             param="tool_choice.function.name",
         )
     return str(name)
@@ -341,6 +648,9 @@ def _response_format(body: Json) -> ResponseFormat | None:
     _expect(name, str, "response_format.json_schema.name", "a string")
     schema = js.get("schema", {})
     _expect(schema, dict, "response_format.json_schema.schema", "a JSON Schema object")
+    for key, kind, what in (("description", str, "a string"), ("strict", bool, "a boolean")):
+        if js.get(key) is not None:
+            _expect(js[key], kind, f"response_format.json_schema.{key}", what)
     return ResponseFormat(type="json_schema", schema=schema, name=name)
 
 
@@ -359,9 +669,15 @@ def parse_chat_request(body: Json) -> ChatRequest:
     max_tokens = _opt_int(body, "max_completion_tokens", minimum=1)
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens", minimum=1)
-    seed = body.get("seed")
-    if seed is not None:
-        _expect(seed, int, "seed", "an integer")
+    seed = _seed(body)
+    _echo(body, chat=True)
+    _extra_fields(body)
+    _opt(body, "logprobs", bool, "a boolean")
+    _opt_int(body, "top_logprobs", minimum=0, maximum=20)
+    _opt(body, "parallel_tool_calls", bool, "a boolean")
+    _opt(body, "store", bool, "a boolean")
+    _opt(body, "reasoning_effort", str, "a string")
+    _metadata(body)
     tools = _tools(body)
     return ChatRequest(
         model=model,
@@ -397,14 +713,15 @@ def parse_completion_request(body: Json) -> CompletionRequest:
                     param="prompt",
                 )
     _expect(prompt, str, "prompt", "a string or an array of token ids")
-    if body.get("echo"):
-        raise InvalidRequest("'echo' is not supported.", param="echo")
+    _echo(body, chat=False)
     stream, include_usage = _stream(body)
     _common_sampling(body)
     max_tokens = _opt_int(body, "max_tokens", minimum=0)
-    seed = body.get("seed")
-    if seed is not None:
-        _expect(seed, int, "seed", "an integer")
+    seed = _seed(body)
+    _extra_fields(body)
+    _opt_int(body, "logprobs", minimum=0, maximum=5)
+    _opt_int(body, "best_of", minimum=1)
+    _opt(body, "suffix", str, "a string")
     return CompletionRequest(
         model=model,
         prompt=prompt,
