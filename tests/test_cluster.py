@@ -337,8 +337,9 @@ async def test_pin_selects_a_node_and_rejects_unknown_or_unable_nodes(
     unable = await http.post(
         url, json={"model": "mock-coder", "messages": MESSAGES}, headers={"x-quorum-pin": "node-b"}
     )
-    assert unable.status_code == 503
+    assert unable.status_code == 400  # the client's mistake: the pinned node lacks the model
     assert "does not serve" in unable.json()["error"]["message"]
+    assert unable.json()["error"]["param"] == "x-quorum-pin"
     for response in (unknown, unable):
         validate("ErrorResponse", response.json())
 

@@ -331,10 +331,11 @@ def _ready(
                 f"(members: {names})."
             )
         node = by_name[pin]
-        if model not in node.models:
-            raise Unavailable(
+        if model not in node.models:  # the client's mistake, not a passing state: 400
+            raise InvalidRequest(
                 f"x-quorum-pin: node '{pin}' does not serve model '{model}' "
-                f"(it serves: {', '.join(node.models) or 'nothing'})."
+                f"(it serves: {', '.join(node.models) or 'nothing'}).",
+                param="x-quorum-pin",
             )
         if not node.routable:
             raise Unavailable(

@@ -15,7 +15,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-import tomli_w
 from hostile_cluster import (
     NAMES,
     ROOT,
@@ -26,6 +25,8 @@ from hostile_cluster import (
     node_table,
     stop,
 )
+
+from quorum.launch import write_config
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def hostile_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostil
     for name in NAMES:
         seeds = [f"127.0.0.1:{ports[other][1]}" for other in NAMES if other != name]
         table = node_table(name, *ports[name], seeds, key)
-        (workdir / f"{name}.toml").write_text(tomli_w.dumps(table))
+        write_config(workdir / f"{name}.toml", table)
 
     def start(name: str) -> NodeProcess:
         log_path = workdir / f"{name}.log"

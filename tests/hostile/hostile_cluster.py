@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from quorum.scenarios.cluster import free_port
+from quorum.launch import free_port, proc_status_kb
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +32,7 @@ SLOTS = 2
 LONG_TOKENS = 40_000  # about 9 MB of events: more than any socket buffer holds
 QUEUE = 4
 START_DEADLINE_S = 30.0
+NODE_DEADLINE_S = 10.0  # the nodes' body_timeout_s and send_timeout_s (test_hostile's deadlines)
 STOP_DEADLINE_S = 10.0
 
 # Short routing deadlines, so a hostile case that stalls a backend costs seconds, not minutes.
@@ -63,10 +64,10 @@ class NodeProcess:
 
     def rss_kib(self) -> int:
         """Resident set size in KiB, from ``/proc/PID/status`` (``VmRSS``)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no VmRSS for pid {self.pid}")
+        rss = proc_status_kb(self.pid, "VmRSS")
+        if rss is None:
+            raise RuntimeError(f"no VmRSS for pid {self.pid}")
+        return rss
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -151,7 +152,12 @@ def node_table(name: str, http: int, gossip: int, seeds: list[str], key: str) ->
         )
         backends.append({"model": HOP_LONG_MODEL, **long})
     return {
-        "node": {"name": name, "listen": f"127.0.0.1:{http}"},
+        "node": {
+            "name": name,
+            "listen": f"127.0.0.1:{http}",
+            "body_timeout_s": NODE_DEADLINE_S,
+            "send_timeout_s": NODE_DEADLINE_S,
+        },
         "gossip": {
             "bind": f"127.0.0.1:{gossip}",
             "seeds": seeds,

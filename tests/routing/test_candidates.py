@@ -79,7 +79,7 @@ def test_pin_names_a_member_that_can_serve() -> None:
     assert order(VIEW, "code", pin="b") == ["b"]
     with pytest.raises(InvalidRequest):
         order(VIEW, "code", pin="zz")
-    with pytest.raises(Unavailable):
+    with pytest.raises(InvalidRequest):  # a does not serve "code": the pin is wrong
         order(VIEW, "code", pin="a")
     with pytest.raises(Unavailable):
         order(VIEW, "code", pin="d")

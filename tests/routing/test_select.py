@@ -132,7 +132,7 @@ ROUTER_VIEW = [
     [
         ("nope", "a", None, False, ModelNotFound, "does not exist on any node"),
         ("code", "a", "zz", False, InvalidRequest, "not a member"),
-        ("code", "a", "a", False, Unavailable, "does not serve"),  # pinned node lacks the model
+        ("code", "a", "a", False, InvalidRequest, "does not serve"),  # pinned node lacks it
         ("code", "a", "d", False, Unavailable, "cannot take requests"),  # pinned node is dead
         ("code", "a", "b", True, Unavailable, "does not forward twice"),  # forwarded, pin elsewhere
         ("code", "a", None, True, Unavailable, "No node can serve"),  # forwarded, cannot serve
