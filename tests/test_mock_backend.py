@@ -18,7 +18,8 @@ import trio
 import trio.testing
 
 from quorum.backends.base import BackendLoad, Fault, Generation
-from quorum.backends.mock import MockBackend, count_prompt_tokens, generate_json
+from quorum.backends.mock import MockBackend, count_prompt_tokens
+from quorum.backends.schema_values import generate_json
 from quorum.errors import BackendBroken, BackendSaturated, BackendUnavailable
 from quorum.sse import DONE, SSEParser
 from quorum.wire import (

@@ -9,8 +9,13 @@ Tests, scenarios and benchmarks run on it, so it behaves like a real server wher
   only cut that sequence; they never change it.
 - **Planned, then streamed.** ``MockBackend.plan`` decides every token piece up front
   (reasoning, then content or tool-call argument fragments), applies ``stop`` and
-  ``max_tokens``, and the stream only encodes and paces the pieces: per token, one encoder call
-  and one sleep.
+  ``max_tokens``; ``MockPlan.events`` lists the stream's events in order, and the stream only
+  encodes and paces them: per token, one encoder call and one sleep. A resumed stream skips
+  the first ``Resume.events`` of those same events.
+- **Safe on any request.** Planning is bounded (``schema_values`` bounds the JSON work) and
+  runs in ``open()`` before a slot is taken; whatever in the request cannot be planned (a
+  schema with no finite value, over a limit, a tool name that is not valid Unicode, a resume
+  point past the end) is refused there with ``InvalidRequest`` (400), naming the field.
 - **Timed.** The role chunk goes out as soon as a slot is acquired, the first token
   ``ttft_ms`` later, then one token every ``itl_ms``. Deadlines are absolute (measured from the
   slot's acquisition), like a server that keeps generating while its client reads slowly.
@@ -29,21 +34,31 @@ Usage::
 
 from __future__ import annotations
 
+import enum
 import hashlib
+import itertools
 import json
+import logging
 import math
 import random
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, TypeGuard, TypeVar
+from typing import Any, Final, TypeGuard
 
 import trio
 
 from quorum.backends.base import Backend, BackendLoad, BackendState, Fault, Generation
-from quorum.errors import BackendBroken, BackendSaturated, BackendUnavailable
+from quorum.backends.schema_values import WORDS, SchemaError, generate_json, infer_type
+from quorum.errors import (
+    ApiError,
+    BackendBroken,
+    BackendSaturated,
+    BackendUnavailable,
+    InvalidRequest,
+)
 from quorum.sse import DONE
 from quorum.wire import (
     ChatChunkEncoder,
@@ -51,31 +66,14 @@ from quorum.wire import (
     CompletionChunkEncoder,
     CompletionRequest,
     Request,
-    Tool,
 )
 
-__all__ = ["MockBackend", "MockPlan", "count_prompt_tokens", "generate_json"]
+__all__ = ["MockBackend", "MockEvent", "MockPlan", "count_prompt_tokens"]
+
+log = logging.getLogger(__name__)
 
 
 # --- vocabulary ---------------------------------------------------------------------------
-
-WORDS: Final = tuple(
-    """
-    the a model answer cluster node request token stream reply system question data result
-    value simple clear quick careful small large first second next last every some many few
-    each and or but so because while when then if also still just is are was will can should
-    might does has makes takes gives runs sends reads keeps finds shows needs uses builds
-    checks moves holds starts stops returns follows explains means to of in on for with from
-    by at over under through between after before about into across this that these those it
-    we you they one two three more most less other same new old good better fast slow steady
-    quiet bright plain river mountain garden window morning evening light road city story
-    idea reason step path part way time place point case number list table letter word line
-    page book note plan problem solution example detail summary method pattern signal
-    balance change choice effect level measure order record source probably clearly simply
-    really often usually almost exactly together already again here there now today perhaps
-    indeed
-    """.split()
-)
 
 # The pieces themselves, built once and shared by every plan: [capitalized][leading space].
 _WORD_PIECES: Final = tuple(
@@ -92,12 +90,30 @@ _FRAGMENT_CHARS: Final = (2, 5)
 _STANDARD_DELTA_FIELDS: Final = frozenset(
     {"role", "content", "refusal", "tool_calls", "function_call"}
 )
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _canonical(value: Any) -> bytes:
+    # surrogatepass: a lone surrogate in a request still hashes (the same on every node);
+    # text without one gives the same bytes as strict UTF-8.
     return json.dumps(
         value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
-    ).encode()
+    ).encode("utf-8", "surrogatepass")
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as JSON text that always encodes as UTF-8: non-ASCII characters as they are,
+    lone surrogates (which UTF-8 cannot carry) as ``\\udXXX`` escapes, which JSON parsers
+    read back to the same string."""
+    text = json.dumps(value, ensure_ascii=False)
+    if not text.isascii():
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates)."""
+    return text.isascii() or _SURROGATE.search(text) is None
 
 
 def _rng(digest: bytes, label: bytes) -> random.Random:
@@ -147,398 +163,6 @@ def _fragments(rng: random.Random, text: str) -> list[str]:
     return out
 
 
-# --- JSON values for a schema -------------------------------------------------------------
-
-_N = TypeVar("_N", int, float)
-_MAX_DEPTH: Final = 24
-_SHALLOW: Final = 4  # below this depth, optional parts are left out to keep values small
-
-
-def generate_json(schema: Mapping[str, Any] | bool, rng: random.Random) -> Any:
-    """A JSON value (Python ``dict``/``list``/``str``/``int``/``float``/``bool``/``None``)
-    valid for the JSON Schema ``schema``, drawn from ``rng`` (deterministic for a seeded one).
-
-    Understands ``type`` (a name or a list), ``properties``/``required``/
-    ``additionalProperties``/``minProperties``, ``items``/``prefixItems``/``minItems``/
-    ``maxItems``/``uniqueItems``, ``minLength``/``maxLength``/``format`` (date, date-time,
-    time, email, uri, uuid), ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum``/
-    ``multipleOf``, ``enum``, ``const``, ``anyOf``/``oneOf``/``allOf`` and local ``$ref``
-    (``#/$defs/...``). Other keywords (``pattern``, ``not``, ``if``) are ignored, so a
-    schema relying on them may get a value that does not validate. A schema with no type keyword
-    at all gives a short string.
-    """
-    return _JsonGenerator(rng, schema).value(schema, 0)
-
-
-class _JsonGenerator:
-    __slots__ = ("_rng", "_root")
-
-    def __init__(self, rng: random.Random, root: Mapping[str, Any] | bool) -> None:
-        self._rng = rng
-        self._root = root
-
-    def value(self, schema: Mapping[str, Any] | bool, depth: int) -> Any:
-        if schema is True or schema is False or not isinstance(schema, Mapping):
-            return self._word() if schema is not False else None
-        if depth > _MAX_DEPTH:
-            return None
-        if "$ref" in schema:
-            target = self._resolve(schema["$ref"])
-            rest = {k: v for k, v in schema.items() if k != "$ref"}
-            merged = _merge(target, rest) if rest else target
-            return self.value(merged, depth + 1)
-        if "const" in schema:
-            return _copy(schema["const"])
-        if schema.get("enum"):
-            return _copy(self._rng.choice(list(schema["enum"])))
-        if "allOf" in schema:
-            merged = {k: v for k, v in schema.items() if k != "allOf"}
-            for sub in schema["allOf"]:
-                if isinstance(sub, Mapping):
-                    merged = _merge(merged, self._deref(sub))
-            return self.value(merged, depth)
-        for key in ("anyOf", "oneOf"):
-            if schema.get(key):
-                options = [s for s in schema[key] if s is not False]
-                if not options:
-                    return None
-                branch = self._pick_branch(options, depth)
-                rest = {k: v for k, v in schema.items() if k != key}
-                if isinstance(branch, Mapping):
-                    return self.value(_merge(rest, self._deref(branch)), depth)
-                return self.value(rest or branch, depth)
-        kind = schema.get("type")
-        if isinstance(kind, list):
-            kind = self._pick_type([t for t in kind if isinstance(t, str)], depth)
-        if kind is None:
-            kind = _infer_type(schema)
-        if kind == "object":
-            return self._object(schema, depth)
-        if kind == "array":
-            return self._array(schema, depth)
-        if kind == "string":
-            return self._string(schema)
-        if kind == "integer":
-            return self._integer(schema)
-        if kind == "number":
-            return self._number(schema)
-        if kind == "boolean":
-            return self._rng.random() < 0.5
-        if kind == "null":
-            return None
-        return self._word()
-
-    # -- helpers ----------------------------------------------------------------------------
-
-    def _resolve(self, ref: Any) -> Mapping[str, Any]:
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            return {}
-        node: Any = self._root
-        for raw in ref[1:].split("/"):
-            if not raw:
-                continue
-            part = raw.replace("~1", "/").replace("~0", "~")
-            if isinstance(node, Mapping) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                return {}
-        return node if isinstance(node, Mapping) else {}
-
-    def _deref(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
-        seen = 0
-        while "$ref" in schema and seen < 8:
-            rest = {k: v for k, v in schema.items() if k != "$ref"}
-            target = self._resolve(schema["$ref"])
-            schema = _merge(target, rest) if rest else target
-            seen += 1
-        return schema
-
-    def _pick_branch(self, options: list[Any], depth: int) -> Any:
-        if depth >= _SHALLOW:
-            # Deep inside a (possibly recursive) schema: prefer a branch that ends the value.
-            for option in options:
-                o = self._deref(option) if isinstance(option, Mapping) else option
-                if isinstance(o, Mapping) and _infer_type(o) not in ("object", "array"):
-                    return option
-        return self._rng.choice(options)
-
-    def _pick_type(self, kinds: list[str], depth: int) -> str | None:
-        if not kinds:
-            return None
-        if depth >= _SHALLOW and "null" in kinds:
-            return "null"
-        concrete = [k for k in kinds if k != "null"]
-        if concrete and self._rng.random() < 0.85:
-            return self._rng.choice(concrete)
-        return self._rng.choice(kinds)
-
-    def _word(self) -> str:
-        return self._rng.choice(WORDS)
-
-    def _object(self, schema: Mapping[str, Any], depth: int) -> dict[str, Any]:
-        rng = self._rng
-        props = schema.get("properties")
-        props = props if isinstance(props, Mapping) else {}
-        required = [r for r in schema.get("required") or () if isinstance(r, str)]
-        required_set = set(required)
-        extra = schema.get("additionalProperties", True)
-        may_add = (
-            extra is not False
-            and "patternProperties" not in schema
-            and "propertyNames" not in schema
-            and schema.get("unevaluatedProperties", True) is not False
-        )
-        max_props = schema.get("maxProperties")
-        min_props = schema.get("minProperties") or 0
-        out: dict[str, Any] = {}
-        for name, sub in props.items():
-            if name in required_set or (depth < _SHALLOW and rng.random() < 0.6):
-                out[name] = self.value(sub, depth + 1)
-        for name in required:
-            if name not in out:
-                out[name] = self.value(extra if isinstance(extra, Mapping) else {}, depth + 1)
-        # Optional properties to reach minProperties, then free keys if allowed.
-        for name, sub in props.items():
-            if len(out) >= min_props:
-                break
-            if name not in out:
-                out[name] = self.value(sub, depth + 1)
-        want = min_props
-        if not props and may_add and depth < _SHALLOW - 1:
-            want = max(want, rng.randint(1, 3))
-        if isinstance(max_props, int):
-            want = min(want, max_props)
-        if may_add:
-            sub_schema: Mapping[str, Any] | bool = extra if isinstance(extra, Mapping) else {}
-            tries = 0
-            while len(out) < want and tries < 64:
-                tries += 1
-                key = rng.choice(WORDS) if tries < 32 else f"{rng.choice(WORDS)}_{tries}"
-                if key not in out and key not in props:
-                    out[key] = self.value(sub_schema, depth + 1) if sub_schema else self._scalar()
-        return out
-
-    def _scalar(self) -> Any:
-        pick = self._rng.randrange(4)
-        if pick == 0:
-            return self._rng.randint(0, 100)
-        if pick == 1:
-            return self._rng.random() < 0.5
-        return " ".join(self._rng.choice(WORDS) for _ in range(self._rng.randint(1, 3)))
-
-    def _array(self, schema: Mapping[str, Any], depth: int) -> list[Any]:
-        rng = self._rng
-        prefix = schema.get("prefixItems")
-        prefix = list(prefix) if isinstance(prefix, list) else []
-        items = schema.get("items", {})
-        lo = _int_or(schema.get("minItems"), 0)
-        hi = _int_or(schema.get("maxItems"), max(lo, 3))
-        if items is False:
-            hi = min(hi, max(lo, len(prefix)))
-        hi = max(lo, hi)
-        if depth >= _SHALLOW:
-            n = lo
-        else:
-            n = rng.randint(max(lo, min(1, hi)), min(hi, lo + 3))
-        unique = schema.get("uniqueItems") is True
-        out: list[Any] = []
-        seen: set[bytes] = set()
-        for i in range(n):
-            sub = prefix[i] if i < len(prefix) else items
-            value = self.value(sub, depth + 1)
-            if unique:
-                key = _canonical(value)
-                tries = 0
-                while key in seen and tries < 8:
-                    value = self.value(sub, depth + 1)
-                    key = _canonical(value)
-                    tries += 1
-                if key in seen:
-                    if len(out) >= lo:
-                        break
-                    continue
-                seen.add(key)
-            out.append(value)
-        return out
-
-    def _string(self, schema: Mapping[str, Any]) -> str:
-        rng = self._rng
-        fmt = schema.get("format")
-        if fmt == "date":
-            year, month, day = rng.randint(2000, 2030), rng.randint(1, 12), rng.randint(1, 28)
-            text = f"{year:04d}-{month:02d}-{day:02d}"
-        elif fmt == "date-time":
-            text = (
-                f"{rng.randint(2000, 2030):04d}-{rng.randint(1, 12):02d}-"
-                f"{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:"
-                f"{rng.randint(0, 59):02d}Z"
-            )
-        elif fmt == "time":
-            text = f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}Z"
-        elif fmt == "email":
-            text = f"{rng.choice(WORDS)}.{rng.choice(WORDS)}@example.com"
-        elif fmt in ("uri", "url", "iri"):
-            text = f"https://example.com/{rng.choice(WORDS)}/{rng.choice(WORDS)}"
-        elif fmt == "uuid":
-            h = f"{rng.getrandbits(128):032x}"
-            text = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:32]}"
-        else:
-            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
-        lo = _int_or(schema.get("minLength"), 0)
-        hi = _int_or(schema.get("maxLength"), -1)
-        while len(text) < lo:
-            text += " " + rng.choice(WORDS)
-        if 0 <= hi < len(text):
-            text = text[:hi].rstrip() if len(text[:hi].rstrip()) >= lo else text[:hi]
-        return text
-
-    def _bounds(self, schema: Mapping[str, Any]) -> tuple[float | None, bool, float | None, bool]:
-        lo, lo_open, hi, hi_open = None, False, None, False
-        minimum, maximum = schema.get("minimum"), schema.get("maximum")
-        ex_lo, ex_hi = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
-        if _is_number(minimum):
-            lo = float(minimum)
-            lo_open = ex_lo is True  # draft 4: exclusiveMinimum is a flag
-        if _is_number(ex_lo) and (lo is None or ex_lo >= lo):
-            lo, lo_open = float(ex_lo), True
-        if _is_number(maximum):
-            hi = float(maximum)
-            hi_open = ex_hi is True
-        if _is_number(ex_hi) and (hi is None or ex_hi <= hi):
-            hi, hi_open = float(ex_hi), True
-        return lo, lo_open, hi, hi_open
-
-    def _integer(self, schema: Mapping[str, Any]) -> int:
-        lo_f, lo_open, hi_f, hi_open = self._bounds(schema)
-        lo = None if lo_f is None else (math.floor(lo_f) + 1 if lo_open else math.ceil(lo_f))
-        hi = None if hi_f is None else (math.ceil(hi_f) - 1 if hi_open else math.floor(hi_f))
-        lo, hi = _window(lo, hi, 0, 100)
-        step = schema.get("multipleOf")
-        if _is_number(step) and step > 0 and float(step).is_integer():
-            m = int(step)
-            k_lo, k_hi = -(-lo // m), hi // m
-            if k_lo <= k_hi:
-                return self._rng.randint(k_lo, k_hi) * m
-        return self._rng.randint(lo, hi) if lo <= hi else lo
-
-    def _number(self, schema: Mapping[str, Any]) -> float | int:
-        lo, lo_open, hi, hi_open = self._bounds(schema)
-        step = schema.get("multipleOf")
-        a, b = _window(lo, hi, 0.0, 100.0)
-        if _is_number(step) and step > 0:
-            k_lo = math.floor(a / step) + 1 if lo_open else math.ceil(a / step)
-            k_hi = math.ceil(b / step) - 1 if hi_open else math.floor(b / step)
-            for _ in range(8 if k_lo <= k_hi else 0):
-                k = self._rng.randint(k_lo, k_hi)
-                if isinstance(step, int):
-                    return k * step
-                v = round(k * step, 12)
-                if (v / step).is_integer():  # float division, as validators check it
-                    return v
-            return 0 if a <= 0 <= b else a
-        x = round(a + (b - a) * self._rng.random(), 2)
-        if x < a or x > b or (lo_open and x <= a) or (hi_open and x >= b):
-            x = (a + b) / 2
-        return x
-
-
-def _window(lo: _N | None, hi: _N | None, default_lo: _N, default_hi: _N) -> tuple[_N, _N]:
-    """Finite bounds for a number: the schema's, else a window of 100 beside the one given."""
-    if lo is None:
-        if hi is None:
-            return default_lo, default_hi
-        return hi - (default_hi - default_lo), hi
-    if hi is None:
-        return lo, lo + (default_hi - default_lo)
-    return lo, hi
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int_or(value: Any, default: int) -> int:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict | list):
-        return json.loads(json.dumps(value))
-    return value
-
-
-def _infer_type(schema: Mapping[str, Any]) -> str | None:
-    kind = schema.get("type")
-    if isinstance(kind, str):
-        return kind
-    if any(
-        k in schema
-        for k in (
-            "properties",
-            "required",
-            "additionalProperties",
-            "minProperties",
-            "maxProperties",
-            "patternProperties",
-        )
-    ):
-        return "object"
-    if any(k in schema for k in ("items", "prefixItems", "minItems", "maxItems")):
-        return "array"
-    if any(k in schema for k in ("minLength", "maxLength", "format", "pattern")):
-        return "string"
-    if any(
-        k in schema
-        for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
-    ):
-        return "number"
-    return None
-
-
-_MAX_KEYS: Final = ("maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties")
-_MIN_KEYS: Final = ("minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties")
-
-
-def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Both schemas' constraints in one (for ``allOf`` and branch siblings), best effort."""
-    out = dict(a)
-    for key, value in b.items():
-        if key not in out:
-            out[key] = value
-            continue
-        old = out[key]
-        if key == "properties" and isinstance(old, Mapping) and isinstance(value, Mapping):
-            props = dict(old)
-            for name, sub in value.items():
-                props[name] = {"allOf": [props[name], sub]} if name in props else sub
-            out[key] = props
-        elif key == "required" and isinstance(old, list) and isinstance(value, list):
-            out[key] = list(dict.fromkeys([*old, *value]))
-        elif key in _MIN_KEYS and _is_number(old) and _is_number(value):
-            out[key] = max(old, value)
-        elif key in _MAX_KEYS and _is_number(old) and _is_number(value):
-            out[key] = min(old, value)
-        elif key == "type":
-            olds = set(old) if isinstance(old, list) else {old}
-            news = set(value) if isinstance(value, list) else {value}
-            if "number" in olds and "integer" in news:
-                olds.add("integer")
-            if "number" in news and "integer" in olds:
-                news.add("integer")
-            both = [t for t in (value if isinstance(value, list) else [value]) if t in olds]
-            out[key] = both[0] if len(both) == 1 else (both or value)
-        elif key == "enum" and isinstance(old, list) and isinstance(value, list):
-            common = [v for v in value if v in old]
-            out[key] = common or value
-        elif key == "additionalProperties" and (old is False or value is False):
-            out[key] = False
-        else:
-            out[key] = value
-    return out
-
-
 # --- prompt size --------------------------------------------------------------------------
 
 
@@ -570,6 +194,33 @@ def count_prompt_tokens(request: Request) -> int:
 # --- the plan -----------------------------------------------------------------------------
 
 
+class MockEvent(enum.IntEnum):
+    """One event of a mock stream. ``REASONING`` ... ``TEXT`` carry a token piece and are
+    paced (due ``ttft_ms`` + index x ``itl_ms`` after the slot was taken); ``TOOL_START`` is
+    due with the first argument fragment; the others go out as soon as they are reached."""
+
+    ROLE = 0
+    REASONING = 1
+    CONTENT = 2
+    TOOL_START = 3
+    ARGUMENTS = 4
+    TEXT = 5
+    FINISH = 6
+    USAGE = 7
+    DONE = 8
+
+
+# Module aliases: looking a member up on the enum class costs ~50 ns, per event.
+_ROLE, _REASONING, _CONTENT, _TOOL_START, _ARGUMENTS, _TEXT, _FINISH, _USAGE, _DONE_EVENT = (
+    MockEvent
+)
+# Indexed by MockEvent (tuple indexing is cheaper than hashing an enum member, per event).
+_PACED: Final = tuple(
+    k in (_REASONING, _CONTENT, _TOOL_START, _ARGUMENTS, _TEXT) for k in MockEvent
+)
+_TOKEN: Final = tuple(k in (_REASONING, _CONTENT, _ARGUMENTS, _TEXT) for k in MockEvent)
+
+
 @dataclass(frozen=True, slots=True)
 class MockPlan:
     """Everything one generation will emit, decided before the first byte.
@@ -584,6 +235,40 @@ class MockPlan:
     reasoning_count: int
     tool: tuple[str, str] | None
     finish_reason: str
+
+    def events(self, *, chat: bool, include_usage: bool) -> Iterator[tuple[MockEvent, int]]:
+        """The stream's events in order, each with its position: the index of its token
+        piece (``TOOL_START``: of the first argument fragment; ``FINISH``: ``len(pieces)``),
+        -1 for the role, usage and ``[DONE]`` events. ``chat``: a chat stream (role first,
+        reasoning, content or a tool call), else a text completion. ``include_usage``: a
+        usage event before ``[DONE]``. This is the one order of events: a fresh stream
+        emits all of them, a resumed one skips those the client has."""
+        n, reasoning = len(self.pieces), self.reasoning_count
+        if chat:
+            yield _ROLE, -1
+            for i in range(reasoning):
+                yield _REASONING, i
+            if self.tool is None:
+                for i in range(reasoning, n):
+                    yield _CONTENT, i
+            else:
+                yield _TOOL_START, reasoning
+                for i in range(reasoning, n):
+                    yield _ARGUMENTS, i
+        else:
+            for i in range(n):
+                yield _TEXT, i
+        yield _FINISH, n
+        if include_usage:
+            yield _USAGE, -1
+        yield _DONE_EVENT, -1
+
+    def event_count(self, *, chat: bool, include_usage: bool) -> int:
+        """How many events ``events`` yields, ``[DONE]`` included."""
+        n = len(self.pieces)
+        if chat:
+            return 1 + n + (self.tool is not None) + 1 + include_usage + 1
+        return n + 1 + include_usage + 1
 
     @property
     def reasoning(self) -> str:
@@ -756,9 +441,14 @@ class MockBackend(Backend):
         """Start ``generation``: entering waits for a slot (FIFO behind the queue) and yields
         the event iterator; leaving frees the slot.
 
-        Raises, on entering and before anything starts: ``BackendUnavailable`` for a fault
-        ``status`` (with that status) or while warming (503); ``BackendSaturated`` when every
-        slot is busy and the queue is full, with ``retry_after`` in seconds.
+        Raises, on entering and before a slot is taken: ``BackendUnavailable`` for a fault
+        ``status`` (with that status) or while warming (503); ``InvalidRequest`` (400, with
+        ``param``) for a request that cannot be planned (see ``plan``; any other failure of
+        planning becomes one too) or a ``resume`` point at or past the plan's end
+        (``param`` "quorum_resume.events"); ``BackendSaturated`` when every slot is busy and
+        the queue is full, with ``retry_after`` in seconds. A resumed stream skips the first
+        ``resume.events`` events of ``MockPlan.events`` and paces the next token ``ttft_ms``
+        after the slot is taken.
         """
         return _Session(self, generation)
 
@@ -800,7 +490,20 @@ class MockBackend(Backend):
         (``response_format`` json_object / json_schema), or text. Completions: text only.
         ``stop`` cuts the content only (never reasoning or tool arguments); ``max_tokens``
         counts reasoning, content and argument fragments alike.
+
+        Bounded work whatever the request (it runs on the event loop). Raises
+        ``InvalidRequest`` (400) naming the field: the schema used (``response_format``, or
+        the called tool's ``tools[i].function.parameters``) has no value ``generate_json``
+        can produce or is over its limits; a tool name is not valid Unicode (a lone
+        surrogate, which no stream could carry). Only the schema the plan uses is examined.
         """
+        for i, t in enumerate(request.tools if isinstance(request, ChatRequest) else ()):
+            if not _encodable(t.name):
+                raise InvalidRequest(
+                    f"'tools[{i}].function.name' contains a lone surrogate (an unpaired "
+                    "\\ud800-\\udfff escape), which is not valid Unicode; send a valid name.",
+                    param=f"tools[{i}].function.name",
+                )
         digest = self.digest(request)
         reasoning: list[str] = []
         tool: tuple[str, str] | None = None
@@ -814,15 +517,16 @@ class MockBackend(Backend):
                 reasoning = _text_pieces(
                     r_rng, r_rng.randint(*self.reasoning_tokens), leading_space=False
                 )
-            called = _tool_to_call(request, rng)
+            index = _tool_to_call(request, rng)
             rf = request.response_format
-            if called is not None:
+            if index is not None:
+                called = request.tools[index]
                 params = dict(called.parameters)
                 if not params:
                     params = {"type": "object", "properties": {}, "additionalProperties": False}
-                elif "type" not in params and _infer_type(params) is None:
+                elif "type" not in params and infer_type(params) is None:
                     params["type"] = "object"
-                args = json.dumps(generate_json(params, rng), ensure_ascii=False)
+                args = _schema_value(params, rng, f"tools[{index}].function.parameters")
                 body = _fragments(rng, args)
                 tool = ("call_" + digest.hex()[:24], called.name)
                 natural = "tool_calls"
@@ -832,13 +536,13 @@ class MockBackend(Backend):
                 )
                 if (
                     "type" not in schema
-                    and _infer_type(schema) is None
+                    and infer_type(schema) is None
                     and not any(
                         k in schema for k in ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")
                     )
                 ):
                     schema = {**schema, "type": "object"}
-                text = json.dumps(generate_json(schema, rng), ensure_ascii=False)
+                text = _schema_value(schema, rng, "response_format")
                 body = _fragments(rng, text)
                 natural = "stop"
             else:
@@ -869,7 +573,8 @@ class MockBackend(Backend):
         return round(max(0.1, duration * rounds), 3)
 
 
-def _tool_to_call(request: ChatRequest, rng: random.Random) -> Tool | None:
+def _tool_to_call(request: ChatRequest, rng: random.Random) -> int | None:
+    """The index in ``request.tools`` of the tool to call, or None to answer in content."""
     tools = request.tools
     choice = request.tool_choice
     if not tools or choice == "none":
@@ -878,13 +583,26 @@ def _tool_to_call(request: ChatRequest, rng: random.Random) -> Tool | None:
         last = request.messages[-1] if request.messages else {}
         if last.get("role") == "tool":
             return None
-        return tools[rng.randrange(len(tools))]
+        return rng.randrange(len(tools))
     if choice == "required":
-        return tools[rng.randrange(len(tools))]
-    for tool in tools:
+        return rng.randrange(len(tools))
+    for i, tool in enumerate(tools):
         if tool.name == choice:
-            return tool
+            return i
     return None
+
+
+def _schema_value(schema: Mapping[str, Any], rng: random.Random, param: str) -> str:
+    """JSON text of a value for ``schema`` (see ``_json_text``); ``InvalidRequest`` naming
+    ``param`` when the schema has none the generator can produce."""
+    try:
+        return _json_text(generate_json(schema, rng))
+    except SchemaError as exc:
+        raise InvalidRequest(f"'{param}': {exc.message}.", param=param) from None
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -969,7 +687,8 @@ _CONFIG_KEYS: Final = {
 
 
 class _Session(AbstractAsyncContextManager[AsyncIterator[bytes]]):
-    """``MockBackend.open``'s context manager: takes a slot on enter, frees it on exit."""
+    """``MockBackend.open``'s context manager: plans and takes a slot on enter, frees it on
+    exit."""
 
     __slots__ = ("_backend", "_generation", "_stream")
 
@@ -988,6 +707,7 @@ class _Session(AbstractAsyncContextManager[AsyncIterator[bytes]]):
             )
         if not backend._ready:
             raise BackendUnavailable(f"mock backend {backend.model!r} is warming up", status=503)
+        plan = _plan(backend, generation)
         slots = backend._slot_sem
         if slots.value == 0 and slots.statistics().tasks_waiting >= backend.queue:
             raise BackendSaturated(
@@ -995,7 +715,6 @@ class _Session(AbstractAsyncContextManager[AsyncIterator[bytes]]):
                 f"{backend.queue} queued",
                 retry_after=backend._retry_after(),
             )
-        plan = backend.plan(generation.request)
         await slots.acquire()  # FIFO; a cancelled waiter leaves the queue
         self._stream = _Stream(backend, generation, plan, fault, trio.current_time())
         return self._stream
@@ -1012,32 +731,54 @@ class _Session(AbstractAsyncContextManager[AsyncIterator[bytes]]):
             self._backend._slot_sem.release()
 
 
-_ROLE, _TOKENS, _FINISH, _USAGE, _DONE, _END = range(6)
+def _plan(backend: MockBackend, generation: Generation) -> MockPlan:
+    """``generation``'s plan, its resume point checked against it. Whatever goes wrong is an
+    ``ApiError``: a request that cannot be planned is refused before it takes a slot."""
+    request = generation.request
+    try:
+        plan = backend.plan(request)
+    except ApiError:
+        raise
+    except Exception as exc:  # a bug, but one that request triggered: refuse it, keep serving
+        log.exception("mock backend %r could not plan a request", backend.model)
+        raise InvalidRequest(
+            f"The mock backend could not plan this request ({type(exc).__name__}: {exc})."
+        ) from None
+    resume = generation.resume
+    if resume is not None:
+        total = plan.event_count(
+            chat=isinstance(request, ChatRequest), include_usage=generation.include_usage
+        )
+        if resume.events >= total:
+            raise InvalidRequest(
+                f"'quorum_resume.events' is {resume.events}, but this generation has only "
+                f"{total - 1} events before [DONE]; a resume point runs from 0 to {total - 1}.",
+                param="quorum_resume.events",
+            )
+    return plan
+
+
 _BATCH = 32  # events written together at most
 
 
 class _Stream(AsyncIterator[bytes]):
-    """The events of one generation, paced on trio's clock. One ``__anext__`` per event."""
+    """The events of one generation (``MockPlan.events``), encoded and paced on trio's clock.
+    One ``__anext__`` per event, or a batch of those already due."""
 
     __slots__ = (
         "_chat",
         "_closed",
+        "_events",
         "_fail",
         "_fault_at",
         "_field",
-        "_i",
-        "_include_usage",
         "_itl",
-        "_n",
-        "_phase",
+        "_next",
         "_pieces",
         "_plan",
-        "_reasoning_count",
         "_request",
         "_t_first",
         "_text",
-        "_tool",
-        "_tool_started",
     )
 
     def __init__(
@@ -1052,67 +793,38 @@ class _Stream(AsyncIterator[bytes]):
         self._request = request
         self._plan = plan
         self._pieces = plan.pieces
-        self._n = len(plan.pieces)
-        self._reasoning_count = plan.reasoning_count
-        self._tool = plan.tool
-        self._tool_started = False
         self._field = backend.reasoning_field or "reasoning_content"
-        self._include_usage = generation.include_usage
         self._itl = backend.itl_ms / 1000
-        self._i = 0
         self._closed = False
         # Exactly one of the two encoders is set: chat, or (legacy) text completion.
         self._chat: ChatChunkEncoder | None = None
         self._text: CompletionChunkEncoder | None = None
         if isinstance(request, ChatRequest):
             self._chat = ChatChunkEncoder(generation.stream_id, backend.model, generation.created)
-            self._phase = _ROLE
         else:
             self._text = CompletionChunkEncoder(
                 generation.stream_id, backend.model, generation.created
             )
-            self._phase = _TOKENS
-        # The fault that strikes first: before token ``_fault_at`` (past the end: never);
-        # ``_fail``: it breaks the stream (else it stalls).
-        self._fault_at = self._n + 1
+        # The fault that strikes first: before the event at position ``_fault_at`` (past the
+        # end: never); ``_fail``: it breaks the stream (else it stalls).
+        n = len(plan.pieces)
+        self._fault_at = n + 1
         self._fail = False
         if fault is not None:
             if fault.fail_after is not None and fault.fail_after < self._fault_at:
                 self._fault_at, self._fail = max(0, fault.fail_after), True
             if fault.stall_after is not None and fault.stall_after < self._fault_at:
                 self._fault_at, self._fail = max(0, fault.stall_after), False
+        events = plan.events(chat=self._chat is not None, include_usage=generation.include_usage)
+        skipped = 0  # token pieces the client has already
         if generation.resume is not None:
-            self._skip(generation.resume.events)
+            # ``_plan`` checked the resume point against the plan's length.
+            for kind, _ in itertools.islice(events, generation.resume.events):
+                skipped += _TOKEN[kind]
+        self._events = events
+        self._next: tuple[MockEvent, int] | None = next(events, None)
         # Token i is due at _t_first + i * itl: the first one this stream emits after TTFT.
-        self._t_first = t_acquired + backend.ttft_ms / 1000 - self._i * self._itl
-
-    def _skip(self, events: int) -> None:
-        """Advance past the first ``events`` events without emitting them: the client has
-        them already from a stream that broke elsewhere (the plan is the same everywhere)."""
-        for _ in range(events):
-            if self._phase == _ROLE:
-                self._phase = _TOKENS
-                continue
-            if self._phase == _TOKENS:
-                if self._i < self._n:
-                    at_tool = (
-                        self._chat is not None
-                        and self._tool is not None
-                        and not self._tool_started
-                        and self._i >= self._reasoning_count
-                    )
-                    if at_tool:
-                        self._tool_started = True
-                    else:
-                        self._i += 1
-                    continue
-                self._phase = _FINISH
-            if self._phase == _FINISH:
-                self._phase = _USAGE if self._include_usage else _DONE
-            elif self._phase == _USAGE:
-                self._phase = _DONE
-            elif self._phase == _DONE:
-                self._phase = _END
+        self._t_first = t_acquired + backend.ttft_ms / 1000 - skipped * self._itl
 
     def close(self) -> None:
         """The session was left: any further ``__anext__`` raises ``ClosedResourceError``."""
@@ -1130,78 +842,75 @@ class _Stream(AsyncIterator[bytes]):
             return first
         parts = [first]
         while len(parts) < _BATCH and self._due():
-            try:
-                parts.append(await self._next_event(checkpoint=False))
-            except StopAsyncIteration:
-                break
+            parts.append(await self._next_event(checkpoint=False))
         return b"".join(parts)
 
     def _due(self) -> bool:
         """Whether the next event can be produced without waiting (and is no fault)."""
-        phase = self._phase
-        if phase == _TOKENS:
-            i = self._i
-            if i == self._fault_at:
-                return False  # the fault strikes in a call of its own
-            if i >= self._n:
-                return True  # the finish chunk
-            return self._t_first + i * self._itl <= trio.current_time()
-        return phase in (_FINISH, _USAGE, _DONE)
+        event = self._next
+        if event is None:
+            return False
+        kind, position = event
+        if position == self._fault_at:
+            return False  # the fault strikes in a call of its own
+        if _PACED[kind]:
+            return self._t_first + position * self._itl <= trio.current_time()
+        return kind is not _ROLE
 
     async def _next_event(self, *, checkpoint: bool = True) -> bytes:
         """One event, sleeping until it is due; ``checkpoint=False`` inside a batch (the
         batch's first event yielded to the scheduler already)."""
         if self._closed:
             raise trio.ClosedResourceError("the generation's context was left")
-        phase = self._phase
-        chat = self._chat
-        if phase == _TOKENS:
-            i = self._i
-            if i == self._fault_at:
-                await self._strike(i)
-            if i < self._n:
-                deadline = self._t_first + i * self._itl
-                if deadline > trio.current_time():
-                    await trio.sleep_until(deadline)
-                elif checkpoint:
-                    await trio.lowlevel.checkpoint()
-                if chat is None:
-                    self._i = i + 1
-                    return self._text.text(self._pieces[i])  # type: ignore[union-attr]
-                if i < self._reasoning_count:
-                    self._i = i + 1
-                    return chat.reasoning(self._field, self._pieces[i])
-                if self._tool is None:
-                    self._i = i + 1
-                    return chat.content(self._pieces[i])
-                if not self._tool_started:
-                    self._tool_started = True
-                    call_id, name = self._tool
-                    return chat.tool_call_start(0, call_id, name)
-                self._i = i + 1
-                return chat.tool_call_arguments(0, self._pieces[i])
-            phase = self._phase = _FINISH
-        if phase == _ROLE:
-            self._phase = _TOKENS
-            return chat.role()  # type: ignore[union-attr]
-        if phase == _FINISH:
-            self._phase = _USAGE if self._include_usage else _DONE
-            if chat is not None:
-                return chat.finish(self._plan.finish_reason)
-            return self._text.text("", self._plan.finish_reason)  # type: ignore[union-attr]
-        if phase == _USAGE:
-            self._phase = _DONE
-            enc = chat if chat is not None else self._text
-            return enc.usage(count_prompt_tokens(self._request), self._n)  # type: ignore[union-attr]
-        if phase == _DONE:
-            self._phase = _END
-            return DONE
-        raise StopAsyncIteration
+        event = self._next
+        if event is None:
+            raise StopAsyncIteration
+        kind, position = event
+        if position == self._fault_at:
+            await self._strike(position)
+        if _PACED[kind]:
+            deadline = self._t_first + position * self._itl
+            if deadline > trio.current_time():
+                await trio.sleep_until(deadline)
+            elif checkpoint:
+                await trio.lowlevel.checkpoint()
+        self._next = next(self._events, None)
+        return self._encode(kind, position)
 
-    async def _strike(self, i: int) -> None:
-        """The injected fault, at the time token ``i`` was due: break, or stall forever."""
-        await trio.sleep_until(self._t_first + i * self._itl)
+    def _encode(self, kind: MockEvent, position: int) -> bytes:
+        chat = self._chat
+        if chat is None:
+            text = self._text
+            assert text is not None
+            if kind is _TEXT:
+                return text.text(self._pieces[position])
+            if kind is _FINISH:
+                return text.text("", self._plan.finish_reason)
+            if kind is _USAGE:
+                return text.usage(count_prompt_tokens(self._request), len(self._pieces))
+            return DONE
+        if kind is _CONTENT:
+            return chat.content(self._pieces[position])
+        if kind is _REASONING:
+            return chat.reasoning(self._field, self._pieces[position])
+        if kind is _ARGUMENTS:
+            return chat.tool_call_arguments(0, self._pieces[position])
+        if kind is _ROLE:
+            return chat.role()
+        if kind is _TOOL_START:
+            assert self._plan.tool is not None
+            call_id, name = self._plan.tool
+            return chat.tool_call_start(0, call_id, name)
+        if kind is _FINISH:
+            return chat.finish(self._plan.finish_reason)
+        if kind is _USAGE:
+            return chat.usage(count_prompt_tokens(self._request), len(self._pieces))
+        return DONE
+
+    async def _strike(self, position: int) -> None:
+        """The injected fault, at the time token ``position`` was due: break, or stall."""
+        await trio.sleep_until(self._t_first + position * self._itl)
         if self._fail:
-            self._phase = _END
-            raise BackendBroken(f"mock backend: injected fault, broke after {i} tokens")
+            self._next = None
+            raise BackendBroken(f"mock backend: injected fault, broke after {position} tokens")
         await trio.sleep_forever()
