@@ -210,12 +210,15 @@ def final_error(exc: AttemptFailed) -> ApiError:
     """A final failure's own error envelope, as the serving node answered it."""
     try:
         error = json.loads(exc.body)["error"]
-        return ApiError(
+        answer = ApiError(
             str(error["message"]),
             param=error.get("param"),
             code=error.get("code"),
             status=exc.status,
         )
+        if isinstance(error.get("type"), str):
+            answer.type = error["type"]  # as the node said it (invalid_request_error, ...)
+        return answer
     except (ValueError, KeyError, TypeError, AttributeError):
         return ApiError(exc.message, status=exc.status)
 

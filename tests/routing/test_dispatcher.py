@@ -350,3 +350,25 @@ async def test_a_client_that_leaves_mid_stream_frees_the_slot_across_the_hop(
     await trio.sleep(0.01)
     assert busy(cluster) == 0
     assert entry.dispatcher.busy == 0
+
+
+async def test_the_client_s_own_error_from_another_node_keeps_its_type(
+    cluster: dict[str, Node], autojump_clock: trio.testing.MockClock
+) -> None:
+    entry = cluster["n1"]
+    entry.dispatcher.membership.down.add("n1")  # type: ignore[attr-defined]
+    cyclic = {"type": "object", "properties": {"b": {"$ref": "#"}}, "required": ["b"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": cyclic}}
+    with pytest.raises(ApiError) as refused:  # streamed: raised before the head
+        await ask(entry, stream=True, response_format=response_format)
+    error = refused.value.body()["error"]
+    assert refused.value.status == 400
+    assert (error["type"], error["param"]) == ("invalid_request_error", "response_format")
+    reply, (body,) = await ask(entry, response_format=response_format)  # relayed as answered
+    assert reply.status == 400
+    assert (body["error"]["type"], body["error"]["param"]) == (
+        "invalid_request_error",
+        "response_format",
+    )
+    assert entry.dispatcher.breakers.get("n2").consecutive_failures == 0
+    assert entry.dispatcher.breakers.get("n3").consecutive_failures == 0
