@@ -8,7 +8,7 @@
     # url = "http://10.0.0.5:32768"   # what other nodes use to reach it (default: from listen)
     max_body_bytes = 4194304
     max_connections = 10000
-    body_timeout_s = 30.0             # the request body must arrive by then (else 408)
+    body_timeout_s = 30.0             # the request head and body must arrive by then
     send_timeout_s = 30.0             # a client reading nothing for this long is dropped
 
     [cluster]
@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from quorum.backends.mock import MockBackend
+from quorum.backends.mock import MockOptions
 from quorum.backends.upstream import UpstreamOptions
 from quorum.routing.config import RoutingConfig
 
@@ -144,7 +144,8 @@ class NodeConfig:
     advertised base URL, None to derive it from the bound address. ``peers``: peer base URLs
     for static membership. ``gossip``: gossip settings, or None for static membership only.
     ``max_connections``: client connections served at once (more are closed at once).
-    ``body_timeout_s``: a request body not received by then is answered 408.
+    ``body_timeout_s``: a request body not received by then is answered 408; a connection
+    that has not sent a whole request head (or sits idle between requests) that long is closed.
     ``send_timeout_s``: a client that reads nothing of its answer for this long is
     disconnected (its work is cancelled, its slot freed). ``secret``: key material for the
     hop's signature in a static cluster (``[cluster] secret``). ``debug_faults``: obey
@@ -346,7 +347,7 @@ def validate_backend_options(kind: str, options: Mapping[str, Any]) -> None:
     if kind == "upstream":
         UpstreamOptions.model_validate(options)
     else:
-        MockBackend.from_config("-", options)
+        MockOptions.model_validate(options)
 
 
 def _config_error(

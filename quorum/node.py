@@ -349,7 +349,9 @@ class Node:
         ]
         hconfig.accesslog = None
         hconfig.errorlog = logging.getLogger("hypercorn.error")
-        hconfig.keep_alive_timeout = 75
+        # hypercorn's idle timer runs from accept to a complete request head, and between
+        # requests: so a head trickled a byte at a time is cut off like a slow body is
+        hconfig.keep_alive_timeout = self.config.body_timeout_s
         hconfig.graceful_timeout = 5
         hconfig.include_server_header = False
         hconfig.backlog = 4096  # the default 100 reset connections at 256 concurrent connects

@@ -94,7 +94,7 @@ def test_bad_config_is_one_line_naming_file_and_field(tmp_path: Path, text: str,
 
 
 def test_bad_backend_option_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"backends\[0\]: .*slots"):
+    with pytest.raises(ConfigError, match=r"backends\[0\]\.slots: expected a valid integer"):
         NodeConfig.from_mapping(
             {"node": {"name": "a"}, "backends": [{"model": "m", "kind": "mock", "slots": "many"}]}
         )

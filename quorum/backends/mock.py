@@ -42,13 +42,22 @@ import logging
 import math
 import random
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, TypeGuard
+from typing import Annotated, Any, Final, TypeGuard
 
 import trio
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+)
 
 from quorum.backends.base import Backend, BackendLoad, BackendState, Fault, Generation
 from quorum.backends.schema_values import WORDS, SchemaError, generate_json, infer_type
@@ -352,31 +361,23 @@ class MockBackend(Backend):
         weight: float = 1.0,
         fault: Fault | None = None,
     ) -> None:
-        where = f"mock backend {model!r}"
         if not isinstance(model, str) or not model:
             raise ValueError("mock backend: 'model' must be a non-empty string")
-        for name, value in (("ttft_ms", ttft_ms), ("itl_ms", itl_ms), ("warmup_s", warmup_s)):
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"{where}: {name!r} must be a finite number >= 0, not {value!r}")
-        if not _is_number(weight) or weight <= 0:
-            raise ValueError(f"{where}: 'weight' must be a finite number > 0, not {weight!r}")
-        if not _is_int(slots) or slots < 1:
-            raise ValueError(f"{where}: 'slots' must be an integer >= 1, not {slots!r}")
-        if not _is_int(queue) or queue < 0:
-            raise ValueError(f"{where}: 'queue' must be an integer >= 0, not {queue!r}")
-        _check_range(where, "output_tokens", output_tokens, minimum=1)
-        _check_range(where, "reasoning_tokens", reasoning_tokens, minimum=0)
-        if reasoning_field is not None and (
-            not isinstance(reasoning_field, str)
-            or not reasoning_field.isidentifier()
-            or reasoning_field in _STANDARD_DELTA_FIELDS
-        ):
-            raise ValueError(
-                f"{where}: 'reasoning_field' must be a field name such as 'reasoning_content' "
-                f"or 'reasoning' (not a standard delta field), not {reasoning_field!r}"
+        try:
+            MockOptions(
+                ttft_ms=ttft_ms,
+                itl_ms=itl_ms,
+                slots=slots,
+                queue=queue,
+                reasoning_field=reasoning_field,
+                output_tokens=output_tokens,
+                reasoning_tokens=reasoning_tokens,
+                warmup_s=warmup_s,
+                weight=weight,
+                fault=fault,
             )
-        if fault is not None and not isinstance(fault, Fault):
-            raise ValueError(f"{where}: 'fault' must be a Fault, not {fault!r}")
+        except ValidationError as exc:
+            raise ValueError(f"mock backend {model!r}: {_first_error(exc)}") from None
         self.model = model
         self.weight = float(weight)
         self.ttft_ms = float(ttft_ms)
@@ -393,28 +394,23 @@ class MockBackend(Backend):
 
     @classmethod
     def from_config(cls, model: str, table: Mapping[str, Any]) -> MockBackend:
-        """Build from a TOML ``[[backends]]`` table: the constructor's keyword names as keys,
-        ranges as two-integer lists (``output_tokens = [24, 64]``), ``fault`` as a string
-        (``"fail_after=5"``) or a table. ``model``, and ``kind``/``type`` = "mock", are
-        allowed and checked. Raises ``ValueError`` naming the key for an unknown key, a wrong
-        type or a bad value."""
+        """Build from a TOML ``[[backends]]`` table's options (``MockOptions``): the
+        constructor's keyword names as keys, ranges as two-integer lists (``output_tokens =
+        [24, 64]``), ``fault`` as a string (``"fail_after=5"``) or a table. ``model``, and
+        ``kind``/``type`` = "mock", are allowed and checked. Raises ``ValueError`` naming the
+        key for an unknown key, a wrong type or a bad value."""
         where = f"mock backend {model!r}"
-        kwargs: dict[str, Any] = {}
-        for key, value in table.items():
-            if key == "model":
-                if value != model:
-                    raise ValueError(f"{where}: table says model = {value!r}")
-                continue
-            if key in ("kind", "type"):
-                if value != "mock":
-                    raise ValueError(f"{where}: {key!r} must be 'mock', not {value!r}")
-                continue
-            parse = _CONFIG_KEYS.get(key)
-            if parse is None:
-                known = ", ".join(sorted(_CONFIG_KEYS))
-                raise ValueError(f"{where}: unknown key {key!r}; the keys are: {known}")
-            kwargs[key] = parse(where, key, value)
-        return cls(model, **kwargs)
+        options = dict(table)
+        if options.pop("model", model) != model:
+            raise ValueError(f"{where}: table says model = {table['model']!r}")
+        for key in ("kind", "type"):
+            if options.pop(key, "mock") != "mock":
+                raise ValueError(f"{where}: {key!r} must be 'mock', not {table[key]!r}")
+        try:
+            parsed = MockOptions.model_validate(options)
+        except ValidationError as exc:
+            raise ValueError(f"{where}: {_first_error(exc)}") from None
+        return cls(model, **dict(parsed))  # field → value, the Fault kept as it is
 
     def __repr__(self) -> str:
         return (
@@ -609,78 +605,77 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_range(where: str, name: str, value: Any, *, minimum: int) -> None:
-    if (
-        not isinstance(value, tuple | list)
-        or len(value) != 2
-        or not all(_is_int(v) for v in value)
-        or not minimum <= value[0] <= value[1]
-    ):
+# --- options ---------------------------------------------------------------------------------
+
+
+def _low_high(minimum: int) -> Callable[[tuple[int, int]], tuple[int, int]]:
+    def check(value: tuple[int, int]) -> tuple[int, int]:
+        if not minimum <= value[0] <= value[1]:
+            raise ValueError(f"expected [low, high] with {minimum} <= low <= high")
+        return value
+
+    return check
+
+
+def _reasoning_field(value: str | None) -> str | None:
+    if value is not None and (not value.isidentifier() or value in _STANDARD_DELTA_FIELDS):
         raise ValueError(
-            f"{where}: {name!r} must be two integers [low, high] with {minimum} <= low <= high, "
-            f"not {value!r}"
+            "expected a field name such as 'reasoning_content' or 'reasoning' (not a standard "
+            "delta field)"
         )
-
-
-# --- config parsing -----------------------------------------------------------------------
-
-
-def _cfg_number(where: str, key: str, value: Any) -> float:
-    if not _is_number(value):
-        raise ValueError(f"{where}: {key!r} must be a number, not {value!r}")
-    return float(value)
-
-
-def _cfg_int(where: str, key: str, value: Any) -> int:
-    if not _is_int(value):
-        raise ValueError(f"{where}: {key!r} must be an integer, not {value!r}")
-    return int(value)
-
-
-def _cfg_range(where: str, key: str, value: Any) -> tuple[int, int]:
-    if not isinstance(value, list | tuple) or len(value) != 2 or not all(map(_is_int, value)):
-        raise ValueError(
-            f"{where}: {key!r} must be a list of two integers [low, high], not {value!r}"
-        )
-    return (int(value[0]), int(value[1]))
-
-
-def _cfg_field(where: str, key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a string, not {value!r}")
     return value
 
 
-def _cfg_fault(where: str, key: str, value: Any) -> Fault:
+def _fault(value: Any) -> Any:
     if isinstance(value, str):
-        try:
-            return Fault.parse(value)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {key!r}: {exc}") from None
+        return Fault.parse(value)  # ValueError names the unknown fault
     if isinstance(value, Mapping):
         unknown = set(value) - {"fail_after", "stall_after", "status"}
         if unknown or not all(_is_int(v) for v in value.values()):
-            raise ValueError(
-                f"{where}: {key!r} takes integer fail_after, stall_after, status; got {value!r}"
-            )
+            raise ValueError("a fault table takes integer fail_after, stall_after, status")
         return Fault(**value)
-    raise ValueError(
-        f"{where}: {key!r} must be a string like 'fail_after=5' or a table, not {value!r}"
+    if value is None or isinstance(value, Fault):
+        return value
+    raise ValueError("expected a string like 'fail_after=5' or a table")
+
+
+_Range = tuple[StrictInt, StrictInt]
+
+
+class MockOptions(BaseModel):
+    """The options of a ``kind = "mock"`` backend, typed (see ``MockBackend`` for what each
+    means): numbers finite, counts integers, ranges ``[low, high]``, no unknown key. Raises
+    ``pydantic.ValidationError``."""
+
+    model_config = ConfigDict(
+        strict=True, extra="forbid", frozen=True, allow_inf_nan=False, arbitrary_types_allowed=True
     )
 
+    ttft_ms: float = Field(default=50.0, ge=0)
+    itl_ms: float = Field(default=10.0, ge=0)
+    slots: int = Field(default=8, ge=1)
+    queue: int = Field(default=64, ge=0)
+    reasoning_field: Annotated[str | None, AfterValidator(_reasoning_field)] = None
+    output_tokens: Annotated[_Range, Field(strict=False), AfterValidator(_low_high(1))] = (24, 64)
+    reasoning_tokens: Annotated[_Range, Field(strict=False), AfterValidator(_low_high(0))] = (
+        16,
+        48,
+    )
+    warmup_s: float = Field(default=0.0, ge=0)
+    weight: float = Field(default=1.0, gt=0)
+    fault: Annotated[Fault | None, BeforeValidator(_fault)] = None
 
-_CONFIG_KEYS: Final = {
-    "ttft_ms": _cfg_number,
-    "itl_ms": _cfg_number,
-    "slots": _cfg_int,
-    "queue": _cfg_int,
-    "reasoning_field": _cfg_field,
-    "output_tokens": _cfg_range,
-    "reasoning_tokens": _cfg_range,
-    "warmup_s": _cfg_number,
-    "weight": _cfg_number,
-    "fault": _cfg_fault,
-}
+
+def _first_error(exc: ValidationError) -> str:
+    """``'slots': expected a valid integer, got '4'`` for the first error of ``exc``."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r}; the keys are: {', '.join(MockOptions.model_fields)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if message.startswith("Input should be "):
+        message = "expected " + message.removeprefix("Input should be ")
+    return f"{key!r}: {message}, got {error.get('input')!r}"
 
 
 # --- one generation -----------------------------------------------------------------------
