@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import codec
 from .keyring import KEY_SIZES, Keyring
@@ -29,12 +29,12 @@ def _alive_room(config: GossipConfig) -> int:
     return codec.alive_overhead() + codec.envelope_overhead(longest) + sealing + _COMPOUND_SLACK
 
 
-@dataclass(frozen=True, slots=True)
-class GossipConfig:
+class GossipConfig(BaseModel):
     """Every knob of the gossip layer. Times are in seconds, sizes in bytes.
 
     Build one with :meth:`lan` (the numbers of ``DESIGN.md``) or :meth:`local` (one machine),
-    overriding fields by keyword. Raises ``ValueError`` on nonsensical values.
+    overriding fields by keyword. Typed (pydantic, strict): raises
+    ``pydantic.ValidationError`` (a ``ValueError``) on nonsensical values.
 
     Failure detection (SWIM, Das et al. 2002; Lifeguard, Dadgar et al. 2018):
       ``probe_interval``: one probe per interval (scaled by the health multiplier).
@@ -81,67 +81,42 @@ class GossipConfig:
       packet of a dead sender as new, its member record is long gone.
     """
 
-    probe_interval: float = 1.0
-    probe_timeout: float = 0.5
-    indirect_checks: int = 3
-    suspicion_mult: int = 4
-    suspicion_max_timeout_mult: int = 6
-    awareness_max_multiplier: int = 8
-    retransmit_mult: int = 4
-    gossip_interval: float = 0.2
-    gossip_nodes: int = 3
-    gossip_to_the_dead_time: float = 30.0
-    max_datagram: int = 1400
-    push_pull_interval: float = 30.0
-    max_push_pull_members: int = 512
-    max_push_pull_conns: int = 16
-    tcp_timeout: float = 10.0
-    join_retry_interval: float = 1.0
-    join_retry_max: float = 30.0
-    cluster_name: str = "quorum"
-    keys: tuple[bytes, ...] = ()
-    max_meta_size: int = 960
-    freshness_window: float = 30.0
-    freshness_retention: float = 120.0
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        positive = (
-            "probe_interval",
-            "probe_timeout",
-            "gossip_interval",
-            "tcp_timeout",
-            "join_retry_interval",
-            "join_retry_max",
-            "freshness_window",
-        )
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"GossipConfig.{name} must be > 0")
+    probe_interval: float = Field(default=1.0, gt=0)
+    probe_timeout: float = Field(default=0.5, gt=0)
+    indirect_checks: int = Field(default=3, ge=0)
+    suspicion_mult: int = Field(default=4, ge=1)
+    suspicion_max_timeout_mult: int = Field(default=6, ge=1)
+    awareness_max_multiplier: int = Field(default=8, ge=1)
+    retransmit_mult: int = Field(default=4, ge=1)
+    gossip_interval: float = Field(default=0.2, gt=0)
+    gossip_nodes: int = Field(default=3, ge=1)
+    gossip_to_the_dead_time: float = Field(default=30.0, ge=0)
+    max_datagram: int = Field(default=1400, ge=256, le=65_000)
+    push_pull_interval: float = Field(default=30.0, ge=0)
+    max_push_pull_members: int = Field(default=512, ge=1)
+    max_push_pull_conns: int = Field(default=16, ge=1)
+    tcp_timeout: float = Field(default=10.0, gt=0)
+    join_retry_interval: float = Field(default=1.0, gt=0)
+    join_retry_max: float = Field(default=30.0, gt=0)
+    cluster_name: str = Field(default="quorum", min_length=1)
+    keys: Annotated[tuple[bytes, ...], Field(strict=False)] = ()
+    max_meta_size: int = Field(default=960, ge=1)
+    freshness_window: float = Field(default=30.0, gt=0)
+    freshness_retention: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GossipConfig:
+        """The checks between fields (each field's own range is on the field)."""
         if not self.tcp_timeout <= self.freshness_window <= self.freshness_retention:
             raise ValueError(
                 "GossipConfig needs tcp_timeout <= freshness_window <= freshness_retention"
             )
         if self.probe_timeout >= self.probe_interval:
             raise ValueError("GossipConfig.probe_timeout must be shorter than probe_interval")
-        at_least_one = (
-            "suspicion_mult",
-            "suspicion_max_timeout_mult",
-            "awareness_max_multiplier",
-            "retransmit_mult",
-            "gossip_nodes",
-            "max_push_pull_members",
-            "max_push_pull_conns",
-        )
-        for name in at_least_one:
-            if getattr(self, name) < 1:
-                raise ValueError(f"GossipConfig.{name} must be >= 1")
-        if self.indirect_checks < 0 or self.push_pull_interval < 0:
-            raise ValueError("GossipConfig.indirect_checks and push_pull_interval must be >= 0")
-        if not 256 <= self.max_datagram <= 65_000:
-            raise ValueError("GossipConfig.max_datagram must be in [256, 65000]")
-        if not self.cluster_name or len(self.cluster_name.encode()) > 255:
+        if len(self.cluster_name.encode()) > 255:
             raise ValueError("GossipConfig.cluster_name must be 1..255 bytes of UTF-8")
-        object.__setattr__(self, "keys", tuple(bytes(k) for k in self.keys))
         for key in self.keys:
             if len(key) not in KEY_SIZES:
                 raise ValueError("GossipConfig.keys must be 16, 24 or 32 bytes each")
@@ -151,6 +126,7 @@ class GossipConfig:
                 f"GossipConfig.max_meta_size must leave {room} bytes of the datagram "
                 "for the rest of an alive message (name, address, envelope, sealing)"
             )
+        return self
 
     @classmethod
     def lan(cls, **overrides: Any) -> GossipConfig:
@@ -182,8 +158,9 @@ class GossipConfig:
         return cls(**values)
 
     def replace(self, **changes: Any) -> GossipConfig:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed, checked again."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**fields, **changes})
 
     # --- derived numbers -----------------------------------------------------------------
 

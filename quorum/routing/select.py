@@ -44,6 +44,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from quorum.errors import InvalidRequest, ModelNotFound, Unavailable
 from quorum.routing.breaker import BreakerBoard
 from quorum.routing.membership import Member, MemberState
@@ -71,29 +73,22 @@ _PREFIX_ROLES = frozenset({"system", "developer"})
 _NO_OWN: Mapping[str, int] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class RoutingPolicy:
-    """The routing knobs.
+class RoutingPolicy(BaseModel):
+    """The routing knobs, typed (pydantic, strict).
 
     ``affinity``: send requests with the same conversation prefix to the same node (prefix
     cache reuse), within the bounded-load cap. ``load_factor``: the cap, as a multiple of the
     mean load over the candidates (float ≥ 1; 1.25 lets a node take 25% over the mean before
     affinity spills to the next node). ``affinity_prefix_chars``: how many characters of a
-    completion prompt form its prefix key. Raises ``ValueError`` for a ``load_factor`` below 1
-    or a non-positive ``affinity_prefix_chars``.
+    completion prompt form its prefix key. Raises ``pydantic.ValidationError`` (a
+    ``ValueError``) for a ``load_factor`` below 1 or a non-positive ``affinity_prefix_chars``.
     """
 
-    affinity: bool = True
-    load_factor: float = 1.25
-    affinity_prefix_chars: int = 2048
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        if not self.load_factor >= 1.0:
-            raise ValueError(f"load_factor must be at least 1, not {self.load_factor}")
-        if self.affinity_prefix_chars < 1:
-            raise ValueError(
-                f"affinity_prefix_chars must be positive, not {self.affinity_prefix_chars}"
-            )
+    affinity: bool = True
+    load_factor: float = Field(default=1.25, ge=1.0)
+    affinity_prefix_chars: int = Field(default=2048, ge=1)
 
 
 DEFAULT_POLICY = RoutingPolicy()
