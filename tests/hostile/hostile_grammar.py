@@ -531,6 +531,8 @@ def set_path(body: dict[str, Any], path: str, value: Any) -> None:
     keys = path.split(".")
     node: Any = body
     for key, nxt in itertools.pairwise(keys):
+        if not isinstance(node, dict | list):
+            return  # a scalar or raw JSON text stands where the path goes on: nothing to set
         if isinstance(node, list):
             if not node:
                 node.append({} if not nxt.isdigit() else [])
@@ -547,7 +549,7 @@ def set_path(body: dict[str, Any], path: str, value: Any) -> None:
             node[0] = value
         else:
             node.append(value)
-    else:
+    elif isinstance(node, dict):
         node[last] = value
 
 
