@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import ipaddress
 import logging
 import os
 import secrets
@@ -35,6 +34,7 @@ from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
 from quorum.gossip import GossipConfig, GossipNode, MemberState
+from quorum.gossip.config import is_loopback
 from quorum.gossip.seeds import Resolver, system_resolver
 from quorum.routing.dispatch import Dispatcher
 from quorum.routing.headers import ClusterSigner
@@ -48,7 +48,7 @@ from quorum.routing.membership import (
 )
 from quorum.server import ConnectionGuard, serve
 
-__all__ = ["Node", "drain_token_path", "hop_signer", "is_loopback", "make_backend"]
+__all__ = ["Node", "drain_token_path", "hop_signer", "make_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,6 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(text)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or ``localhost``) is on 127.0.0.0/8 or ::1."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def hop_signer(config: NodeConfig) -> ClusterSigner:

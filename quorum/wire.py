@@ -51,6 +51,7 @@ __all__ = [
     "aggregate_chat",
     "aggregate_completion",
     "error_event",
+    "json_type_name",
     "parse_chat_request",
     "parse_completion_request",
     "parse_json_body",
@@ -202,7 +203,7 @@ def parse_json_body(body: bytes) -> Json:
             "Send integers of at most 4300 digits."
         ) from None
     if not isinstance(data, dict):
-        raise InvalidRequest(f"The request body must be a JSON object, not {_type_name(data)}.")
+        raise InvalidRequest(f"The request body must be a JSON object, not {json_type_name(data)}.")
     if MAX_JSON_DEPTH < openers <= _DECODER_SAFE_DEPTH:  # measured after: <= 512 containers
         _check_depth(data)
     if _may_hold_surrogate(text):
@@ -334,7 +335,9 @@ def _lone_surrogate(path: tuple[Any, ...]) -> None:
     )
 
 
-def _type_name(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """What ``value`` is, in JSON's words, for messages: "null", "a boolean", "a number",
+    "a string", "an array", "an object" (else the Python type's name)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -343,9 +346,9 @@ def _type_name(value: Any) -> str:
         return "a number"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "an array"
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return "an object"
     return type(value).__name__
 
@@ -355,7 +358,7 @@ def _expect(value: Any, types: type | tuple[type, ...], param: str, what: str) -
         isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))
     )
     if not ok:
-        raise InvalidRequest(f"'{param}' must be {what}, not {_type_name(value)}.", param=param)
+        raise InvalidRequest(f"'{param}' must be {what}, not {json_type_name(value)}.", param=param)
 
 
 def _brief(value: Any) -> str:

@@ -30,7 +30,13 @@ from referencing.jsonschema import DRAFT202012
 
 from quorum.config import NodeConfig
 from quorum.node import Node
-from quorum.routing.membership import StaticMembership
+from quorum.routing.membership import (
+    Member,
+    MemberLoad,
+    MemberState,
+    NodeState,
+    StaticMembership,
+)
 from quorum.sse import SSEParser
 
 __all__ = [
@@ -55,6 +61,27 @@ NODES = ROOT / "nodes"
 
 # Fast timings so real-socket tests take milliseconds per stream.
 FAST = {"ttft_ms": 5, "itl_ms": 1}
+
+
+def member(
+    name: str,
+    models: tuple[str, ...] = ("m",),
+    *,
+    state: str = "alive",
+    node_state: str = "ready",
+    in_flight: int = 0,
+    free: int = 8,
+    queue: int = 0,
+) -> Member:
+    """A ``Member`` for selection tests: ``http://NAME``, alive and ready unless told."""
+    return Member(
+        name=name,
+        url=f"http://{name}",
+        state=MemberState(state),
+        node_state=NodeState(node_state),
+        models=models,
+        load=MemberLoad(in_flight=in_flight, free_slots=free, queue_depth=queue),
+    )
 
 
 def node_config(name: str, *, fast: bool = True, **overrides: Any) -> NodeConfig:

@@ -60,6 +60,8 @@ from types import MappingProxyType
 from typing import Any, Final, TypeGuard, TypeVar
 from urllib.parse import unquote
 
+from quorum.wire import json_type_name
+
 __all__ = [
     "DEFAULT_LIMITS",
     "WORDS",
@@ -370,7 +372,8 @@ class _Generator:
                 continue
             if not isinstance(node, Mapping):
                 raise SchemaError(
-                    f"a schema must be an object or a boolean, not {_type_name(node)} (at {where})",
+                    "a schema must be an object or a boolean, "
+                    f"not {json_type_name(node)} (at {where})",
                     where,
                 )
             if id(node) in parent:
@@ -441,7 +444,9 @@ class _Generator:
     def _target(self, ref: Any, where: str = "#") -> Schema:
         """The subschema a ``$ref`` points to; ``SchemaError`` when it points nowhere."""
         if not isinstance(ref, str):
-            raise SchemaError(f"'$ref' must be a string, not {_type_name(ref)} (at {where})", where)
+            raise SchemaError(
+                f"'$ref' must be a string, not {json_type_name(ref)} (at {where})", where
+            )
         hit = self._targets.get(ref)
         if hit is not None:
             return hit
@@ -477,7 +482,7 @@ class _Generator:
                 )
         if not isinstance(node, Mapping | bool):
             raise SchemaError(
-                f"'$ref' {ref!r} points to {_type_name(node)}, not a schema (at {where})", where
+                f"'$ref' {ref!r} points to {json_type_name(node)}, not a schema (at {where})", where
             )
         self._targets[ref] = node
         return node
@@ -1549,17 +1554,3 @@ def _ref_cycle(ref: str) -> str:
         f"'$ref' {ref!r} leads back to itself through '$ref's alone, so the schema is "
         "defined only in terms of itself; put the recursion under a property or items"
     )
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object" if isinstance(value, Mapping) else type(value).__name__

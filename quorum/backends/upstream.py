@@ -81,6 +81,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from quorum.backends.base import Backend, BackendLoad, BackendState, Generation, Resume
 from quorum.errors import BackendBroken, BackendSaturated, BackendUnavailable, InvalidRequest
 from quorum.sse import DONE, SSEParser, SSEProtocolError, encode
+from quorum.wire import json_type_name
 
 __all__ = ["UpstreamBackend", "UpstreamOptions"]
 
@@ -486,7 +487,7 @@ class UpstreamBackend(Backend):
         except (ValueError, RecursionError):
             raise self._broken("sent an event that is not JSON") from None
         if not isinstance(obj, dict):
-            raise self._broken(f"sent an event that is JSON {_json_type(obj)}, not an object")
+            raise self._broken(f"sent an event that is JSON {json_type_name(obj)}, not an object")
         if "error" in obj:
             error = obj["error"]
             message = error.get("message") if isinstance(error, dict) else error
@@ -556,18 +557,6 @@ def _excerpt(text: str) -> str:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array"
 
 
 def _text(value: Any) -> bool:

@@ -8,32 +8,13 @@ import random
 import pytest
 
 from quorum.errors import InvalidRequest, ModelNotFound, Unavailable
-from quorum.routing.membership import Member, MemberLoad
+from quorum.routing.membership import Member
 from quorum.routing.select import RoutingPolicy, Selector
-
-
-def member(
-    name: str,
-    models: tuple[str, ...],
-    *,
-    state: str = "alive",
-    node_state: str = "ready",
-    queue: int = 0,
-    free: int = 4,
-) -> Member:
-    return Member(
-        name=name,
-        url=f"http://{name}",
-        state=state,
-        node_state=node_state,
-        models=models,
-        load=MemberLoad(free_slots=free, queue_depth=queue),
-    )
-
+from tests.helpers import member
 
 VIEW = [
-    member("a", ("chat",)),
-    member("b", ("chat", "code"), queue=2),
+    member("a", ("chat",), free=4),
+    member("b", ("chat", "code"), queue=2, free=4),
     member("c", ("chat", "code"), free=8),
     member("d", ("code",), state="dead"),
 ]

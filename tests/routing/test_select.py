@@ -11,29 +11,10 @@ import pytest
 
 from quorum.errors import ApiError, InvalidRequest, ModelNotFound, Unavailable
 from quorum.routing.breaker import BreakerBoard
-from quorum.routing.membership import Member, MemberLoad
+from quorum.routing.membership import Member
 from quorum.routing.select import RoutingPolicy, Selector, prefix_key, rendezvous_order
 from quorum.wire import ChatRequest, CompletionRequest
-
-
-def member(
-    name: str,
-    models: tuple[str, ...] = ("m",),
-    *,
-    state: str = "alive",
-    node_state: str = "ready",
-    in_flight: int = 0,
-    free: int = 8,
-    queue: int = 0,
-) -> Member:
-    return Member(
-        name=name,
-        url=f"http://{name}",
-        state=state,
-        node_state=node_state,
-        models=models,
-        load=MemberLoad(in_flight=in_flight, free_slots=free, queue_depth=queue),
-    )
+from tests.helpers import member
 
 
 def names(members: Sequence[Member]) -> list[str]:
