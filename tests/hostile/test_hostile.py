@@ -50,6 +50,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from quorum.sse import SSEParser
 from tests.openai_spec import validate
 
+# Real node processes: the whole module is `slow` (left out of the `-m "not slow"` loop).
+pytestmark = pytest.mark.slow
+
 DEFAULT_EXAMPLES = 600
 CASE_DEADLINE_S = 10.0  # an answer, or the end of a stream, arrives within this
 IDLE_DEADLINE_S = 10.0  # after the suite, every slot is free within this
@@ -407,7 +410,6 @@ def test_fuzzed_requests_never_hurt_a_node(warmed: HostileCluster) -> None:
     _fuzz(warmed, DEFAULT_EXAMPLES, "fuzz")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("QUORUM_FUZZ_EXAMPLES"), reason="set QUORUM_FUZZ_EXAMPLES=10000"
 )
