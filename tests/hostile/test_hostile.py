@@ -396,6 +396,8 @@ def _fuzz(cluster: HostileCluster, examples: int, name: str) -> None:
         "seconds": round(time.monotonic() - started, 1),
         "leaked": held,
         "leaked_slots": sum(v for node in held.values() for v in node.values()),
+        # after each run, so that growth that levels off can be told from a leak
+        "rss_kib_after": {n.name: n.rss_kib() for n in cluster.nodes.values() if n.alive},
     }
     cluster.figures[name] = figures
     print(f"\n{name}: {json.dumps(figures)}")
