@@ -21,7 +21,7 @@
 
     [[backends]]
     model = "mock-chat"
-    kind = "mock"                      # "mock" or "upstream"
+    kind = "mock"                      # "mock", "upstream" or "llamacpp"
     ttft_ms = 40
     itl_ms = 15
     slots = 8
@@ -58,7 +58,7 @@ __all__ = [
     "parse_hostport",
 ]
 
-BACKEND_KINDS = ("mock", "upstream")
+BACKEND_KINDS = ("mock", "upstream", "llamacpp")
 
 
 class ConfigError(ValueError):
