@@ -16,6 +16,19 @@ server exits while serving (a crash), the backend goes back to "warming", logs i
 another; if it exits before it ever served (a model file llama.cpp cannot load), ``run``
 raises ``LlamaCppError`` and the node stops with that message.
 
+Resume: a greedy answer broken on one node and resumed on another continues exactly only if
+the second node computes the same numbers for the delivered text as the first did. The first
+computed that text's KV cache one token at a time, as it generated it; the second computes it
+as a prompt, many tokens per forward pass, and llama.cpp's CPU kernels for large batches
+accumulate differently, so a near-tie in the logits goes the other way. Measured with
+SmolLM2-135M (6 answers of up to 400 tokens, 28 resumes on a second server, prompt cache off):
+with llama.cpp's default of 512 tokens per pass, 5 resumed answers went another way; with
+``ubatch`` 32, 16 or 8 none did, at a cost of 17 % (32) to 24 % (8) in prompt speed (572
+tokens: 2.45 s at 512, 2.86 s at 32, 3.04 s at 8, one thread). Hence the default of 16. (With
+``max_tokens``, a resumed answer may still end a few tokens later than the undisturbed one: the
+budget is counted in the first node's tokens, and a model that generated a word in two pieces,
+``" k" "ite"``, reads it back as one, ``" kite"``, and may go on writing it that way.)
+
 Config (``[[backends]]`` with ``kind = "llamacpp"``)::
 
     model = "smollm2"
@@ -24,6 +37,7 @@ Config (``[[backends]]`` with ``kind = "llamacpp"``)::
     threads = 1             # CPU threads for generation (default: half the cores, at least 1)
     parallel = 2            # sequences llama.cpp decodes at once; also the node's slots
     ctx = 2048              # context tokens, shared by the parallel sequences
+    ubatch = 16             # tokens per forward pass, prompts included (see "Resume" below)
     queue = 64              # requests that may wait here for a slot
     chat_template = "tools.jinja"   # a Jinja chat template file replacing the model's (optional)
     load_timeout_s = 300.0  # longest model load
@@ -62,6 +76,7 @@ _OPTIONS = {
     "threads",
     "parallel",
     "ctx",
+    "ubatch",
     "queue",
     "chat_template",
     "load_timeout_s",
@@ -106,9 +121,11 @@ class LlamaCppBackend(UpstreamBackend):
 
     ``model_path``: the GGUF file. ``threads``: CPU threads of the server. ``parallel``:
     sequences it decodes at once, which is also this backend's ``slots``. ``ctx``: context
-    tokens shared by them. ``chat_template``: a Jinja file replacing the model's template, or
-    None. ``load_timeout_s``: seconds the load may take. The other options are
-    ``UpstreamBackend``'s. ``url`` is the server's once it runs (a placeholder before).
+    tokens shared by them. ``ubatch``: tokens per forward pass (small, so that a resumed
+    prompt is computed as its tokens were generated; module docstring). ``chat_template``:
+    a Jinja file replacing the model's template, or None. ``load_timeout_s``: seconds the
+    load may take. The other options are ``UpstreamBackend``'s. ``url`` is the server's once
+    it runs (a placeholder before).
     """
 
     kind = "llamacpp"
@@ -121,6 +138,7 @@ class LlamaCppBackend(UpstreamBackend):
         threads: int = 1,
         parallel: int = 2,
         ctx: int = 2048,
+        ubatch: int = 16,
         queue: int = 64,
         chat_template: Path | None = None,
         load_timeout_s: float = 300.0,
@@ -144,6 +162,7 @@ class LlamaCppBackend(UpstreamBackend):
         self.threads = threads
         self.parallel = parallel
         self.ctx = ctx
+        self.ubatch = ubatch
         self.chat_template = chat_template
         self.load_timeout_s = load_timeout_s
         self.process: trio.Process | None = None
@@ -181,7 +200,7 @@ class LlamaCppBackend(UpstreamBackend):
             if not isinstance(value, str) or not Path(value).expanduser().is_file():
                 raise ValueError("'chat_template' must be the path of a Jinja template file")
             kwargs["chat_template"] = Path(value).expanduser()
-        minimum = {"threads": 1, "parallel": 1, "ctx": 64, "queue": 0}
+        minimum = {"threads": 1, "parallel": 1, "ctx": 64, "ubatch": 1, "queue": 0}
         for key, least in minimum.items():
             if key in table:
                 value = table[key]
@@ -213,7 +232,7 @@ class LlamaCppBackend(UpstreamBackend):
             sys.executable, "-m", "quorum.backends.llamacpp_server",
             "--model", str(self.model_path), "--alias", self.model,
             "--threads", str(self.threads), "--parallel", str(self.parallel),
-            "--ctx", str(self.ctx),
+            "--ctx", str(self.ctx), "--ubatch", str(self.ubatch),
         ]  # fmt: skip
         if self.chat_template is not None:
             argv += ["--chat-template", str(self.chat_template)]

@@ -38,6 +38,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for generation")
     parser.add_argument("--parallel", type=int, default=2, help="sequences decoded at once")
     parser.add_argument("--ctx", type=int, default=2048, help="context tokens, all slots")
+    parser.add_argument("--ubatch", type=int, default=16, help="tokens per forward pass")
     parser.add_argument("--chat-template", default=None, help="a Jinja chat template file")
     parser.add_argument("--verbosity", type=int, default=1, help="llama.cpp's log verbosity")
     return parser.parse_args(argv)
@@ -64,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     params.port = 0
     params.n_parallel = args.parallel
     params.n_ctx = args.ctx
+    params.n_ubatch = args.ubatch
+    params.n_batch = max(params.n_batch, args.ubatch)
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
     params.n_threads_http = args.parallel + 2  # the node sends at most `parallel` at once

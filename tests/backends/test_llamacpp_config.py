@@ -40,7 +40,7 @@ def test_options_become_the_servers_arguments(gguf: Path, tmp_path: Path) -> Non
     template = tmp_path / "tools.jinja"
     template.write_text("{{ messages }}")
     backend = build(
-        {"model_path": str(gguf), "threads": 3, "parallel": 4, "ctx": 4096,
+        {"model_path": str(gguf), "threads": 3, "parallel": 4, "ctx": 4096, "ubatch": 8,
          "chat_template": str(template), "queue": 9, "weight": 2}
     )  # fmt: skip
     assert backend.kind == "llamacpp" and backend.state == "warming"
@@ -51,7 +51,7 @@ def test_options_become_the_servers_arguments(gguf: Path, tmp_path: Path) -> Non
     pairs = dict(zip(argv[3::2], argv[4::2], strict=True))
     assert pairs == {
         "--model": str(gguf), "--alias": "smollm2", "--threads": "3", "--parallel": "4",
-        "--ctx": "4096", "--chat-template": str(template),
+        "--ctx": "4096", "--ubatch": "8", "--chat-template": str(template),
     }  # fmt: skip
 
 
@@ -65,6 +65,7 @@ def test_options_become_the_servers_arguments(gguf: Path, tmp_path: Path) -> Non
         ({"threads": 1.5}, "'threads' must be an integer >= 1"),
         ({"parallel": True}, "'parallel' must be an integer >= 1"),
         ({"ctx": 32}, "'ctx' must be an integer >= 64"),
+        ({"ubatch": 0}, "'ubatch' must be an integer >= 1"),
         ({"queue": -1}, "'queue' must be an integer >= 0"),
         ({"read_timeout_s": 0}, "'read_timeout_s' must be a positive number"),
         ({"load_timeout_s": "5"}, "'load_timeout_s' must be a positive number"),

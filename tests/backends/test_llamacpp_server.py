@@ -259,30 +259,47 @@ async def collect(backend: LlamaCppBackend, generation: Generation) -> tuple[lis
     return deltas, finish
 
 
-async def test_a_resume_from_any_point_continues_a_greedy_answer_exactly(
-    nursery: trio.Nursery,
-) -> None:
-    """Every cut point of a 48-token answer, resumed on llama.cpp the way the entry node asks
-    (the delivered text as a trailing assistant message, ``max_tokens`` reduced): delivered
-    text + continuation = the undisturbed answer, finish reason included. The answer has a
-    paragraph break, where a prefill ending in whitespace would be tokenized differently than
-    it was generated (``HeldBack`` in ``quorum.backends.upstream``)."""
-    backend = LlamaCppBackend.from_config(MODEL, {"threads": 1, "parallel": 2, "ctx": 2048})
+async def ready_backend(nursery: trio.Nursery, **options: Any) -> LlamaCppBackend:
+    backend = LlamaCppBackend.from_config(MODEL, {"threads": 1, "parallel": 2, **options})
     await nursery.start(backend.run)
     with trio.fail_after(60):
         while backend.state != "ready":
             await trio.sleep(0.05)
-    request = parse_chat_request(greedy(max_tokens=48, stream=True))
-    deltas, finish = await collect(backend, Generation(request, "rivers01", 1, False))
+    return backend
+
+
+FORESTS = [{"role": "user", "content": "[p0-0] Tell me, step by step, about forests."}]
+
+
+async def test_a_resume_on_another_server_continues_a_greedy_answer_exactly(
+    nursery: trio.Nursery,
+) -> None:
+    """An answer generated on one llama.cpp server (about 100 tokens, ending by itself),
+    resumed on another the way the entry node asks (the delivered text as a trailing
+    assistant message; prompt cache off, so each resume computes its whole prompt) from every
+    cut point after whitespace, every fourth other one, and every one around the 20th token:
+    delivered text + continuation = the undisturbed answer. The two hard cases: a prefill
+    ending in whitespace is tokenized differently than it was generated (``HeldBack`` in
+    ``quorum.backends.upstream``), and a near-tie a few tokens after the 20th goes the other
+    way when the delivered text is computed in passes of 512 tokens (``ubatch`` in
+    ``quorum.backends.llamacpp``)."""
+    first, second = await ready_backend(nursery), await ready_backend(nursery)
+    body = greedy(messages=FORESTS, max_tokens=400, stream=True, cache_prompt=False)
+    request = parse_chat_request(body)  # cache_prompt is passed on to llama.cpp
+    deltas, finish = await collect(first, Generation(request, "answer01", 1, False))
     whole = "".join(deltas)
-    assert finish == "length" and len(deltas) >= 40
-    cuts = range(1, len(deltas) - 1)
-    assert any("".join(deltas[:k]).endswith("\n") for k in cuts), whole  # the hard case
+    assert finish == "stop" and 60 < len(deltas) < 300, whole
+    cuts = [
+        k
+        for k in range(1, len(deltas))
+        if "".join(deltas[:k])[-1].isspace() or k % 4 == 0 or 16 <= k <= 28
+    ]
+    assert sum("".join(deltas[:k]).endswith("\n") for k in cuts) >= 3
     wrong = []
     for k in cuts:
         delivered = "".join(deltas[:k])
         resume = Resume(k + 1, {"content": delivered})  # the role chunk and k deltas
-        rest, end = await collect(backend, Generation(request, "rivers01", 1, False, resume=resume))
+        rest, end = await collect(second, Generation(request, "answer01", 1, False, resume=resume))
         if delivered + "".join(rest) != whole or end != finish:
             wrong.append((k, delivered[-12:], "".join(rest)[:24]))
     assert wrong == []
