@@ -131,6 +131,7 @@ def test_the_example_cluster_has_an_entry_node_and_two_llamacpp_nodes() -> None:
     assert kinds == {"node-a": ["mock"], "node-b": ["llamacpp"], "node-c": ["llamacpp"]}
 
 
+@pytest.mark.slow  # a stand-in server process
 @pytest.mark.usefixtures("installed")
 async def test_the_backend_warms_until_its_server_has_loaded(
     gguf: Path, monkeypatch: pytest.MonkeyPatch
@@ -151,6 +152,7 @@ async def test_the_backend_warms_until_its_server_has_loaded(
     assert backend.process.returncode == 0  # it ended at the end of its stdin
 
 
+@pytest.mark.slow  # a stand-in server process
 @pytest.mark.usefixtures("installed")
 async def test_a_server_that_cannot_load_stops_the_backend_with_a_clear_error(
     gguf: Path, monkeypatch: pytest.MonkeyPatch
