@@ -5,6 +5,7 @@
     quorum node --config nodes/node-a.toml    run one node in this process
     quorum up [CONFIG ...]                    run a local cluster, one process per node
                                               (default: every nodes/*.toml)
+    quorum up --example llamacpp              the same from nodes/examples/llamacpp/*.toml
     quorum members [URL]                      the cluster as one node sees it
     quorum status [URL] [--once]              the same, live: members, traffic, events
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -27,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quorum.config import ConfigError, NodeConfig
-from quorum.launch import NodeCluster, NodeProcess, NodeStartError
+from quorum.launch import NodeCluster, NodeProcess, NodeStartError, default_nodes_dir
 
 __all__ = ["main"]
 
@@ -46,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="run a local cluster, one process per node")
     p_up.add_argument("configs", nargs="*", type=Path, help="node configs (default: nodes/*.toml)")
     p_up.add_argument("--startup-timeout", type=float, default=30.0, metavar="SECONDS")
+    p_up.add_argument(
+        "--example",
+        metavar="NAME",
+        help="the configs of nodes/examples/NAME/ (llamacpp: two nodes run a real model)",
+    )
 
     p_drain = sub.add_parser(
         "drain", help="drain a node: it stops taking requests, finishes its streams and exits"
@@ -75,6 +82,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "node":
         return _node(args.config, args.log_level)
     if args.command == "up":
+        if args.example is not None:
+            if args.configs:
+                console.print("[red]quorum up: give configs or --example, not both")
+                return 2
+            examples = default_nodes_dir() / "examples"
+            configs = sorted((examples / args.example).glob("*.toml"))
+            if "/" in args.example or not configs:
+                known = sorted(p.name for p in examples.iterdir() if p.is_dir())
+                console.print(
+                    f"[red]quorum up: no example {args.example!r}; there are: {', '.join(known)}"
+                )
+                return 2
+            return trio.run(_up, configs, args.startup_timeout)
         configs = args.configs or sorted(Path("nodes").glob("*.toml"))
         if not configs:
             console.print("[red]no node configs: pass paths or run where nodes/*.toml exist")
@@ -257,17 +277,39 @@ async def _first_signal(signals: AsyncIterator[int], scope: trio.CancelScope) ->
 
 
 async def _print_cluster(client: httpx.AsyncClient, url: str) -> None:
+    """The members as the node at ``url`` sees them, then a curl line to try: a streamed
+    request entering there for a model that another node serves (else one of its own)."""
     table = Table(title="Quorum cluster")
     table.add_column("node")
     table.add_column("OpenAI base URL")
     table.add_column("models")
     try:
-        members = (await client.get(url + "/cluster/members", timeout=2.0)).json()["members"]
+        data = (await client.get(url + "/cluster/members", timeout=2.0)).json()
+        members, me = data["members"], data["self"]
     except (httpx.HTTPError, ValueError, KeyError):
-        members = []
-    for m in sorted(members, key=lambda m: m["name"]):
+        members, me = [], None
+    members = sorted(members, key=lambda m: m["name"])
+    for m in members:
         table.add_row(m["name"], m["url"] + "/v1", ", ".join(m["models"]))
     console.print(table)
+    own: list[str] = next((m["models"] for m in members if m["name"] == me), [])
+    models = [x for m in members if m["name"] != me for x in m["models"] if x not in own] + own
+    if models:
+        body = json.dumps(
+            {
+                "model": models[0],
+                "stream": True,
+                "messages": [{"role": "user", "content": "Count to five."}],
+            },
+            separators=(",", ":"),
+        )
+        console.print("Try it:", markup=False)
+        console.print(
+            f"  curl -N {url}/v1/chat/completions -H 'content-type: application/json' \\\n"
+            f"    -d '{body}'",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 # --- quorum members -----------------------------------------------------------------------

@@ -21,7 +21,7 @@
 
     [[backends]]
     model = "mock-chat"
-    kind = "mock"                      # "mock" or "upstream"
+    kind = "mock"                      # "mock", "upstream" or "llamacpp"
     ttft_ms = 40
     itl_ms = 15
     slots = 8
@@ -327,7 +327,7 @@ class BackendTable(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
     model: str = Field(min_length=1)
-    kind: Literal["mock", "upstream"] = "mock"
+    kind: Literal["mock", "upstream", "llamacpp"] = "mock"
 
 
 class ConfigFile(_Table):
@@ -346,8 +346,9 @@ def validate_backend_options(kind: str, options: Mapping[str, Any]) -> None:
     to the backend's table) or ``ValueError``."""
     if kind == "upstream":
         UpstreamOptions.model_validate(options)
-    else:
+    elif kind == "mock":
         MockOptions.model_validate(options)
+    # "llamacpp" checks its options (and that its model file exists) when it is built
 
 
 def _config_error(

@@ -30,6 +30,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from quorum.api import create_app
 from quorum.backends.base import Backend, NodeState
+from quorum.backends.llamacpp import LlamaCppBackend
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
@@ -58,6 +59,8 @@ def make_backend(config: BackendConfig, *, source: str = "<config>") -> Backend:
     try:
         if config.kind == "mock":
             return MockBackend.from_config(config.model, config.options)
+        if config.kind == "llamacpp":
+            return LlamaCppBackend.from_config(config.model, config.options)
         return UpstreamBackend.from_config(config.model, config.options)
     except ValueError as exc:
         raise ConfigError(f"{source}: backend {config.model!r}: {exc}") from None

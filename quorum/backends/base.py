@@ -205,8 +205,8 @@ class BackendLoad:
 class Backend(abc.ABC):
     """One model served by this node.
 
-    ``model``: the name clients ask for. ``kind``: "mock" | "upstream". ``weight``: routing
-    weight (higher takes more traffic), 1.0 by default.
+    ``model``: the name clients ask for. ``kind``: "mock" | "upstream" | "llamacpp".
+    ``weight``: routing weight (higher takes more traffic), 1.0 by default.
     """
 
     model: str

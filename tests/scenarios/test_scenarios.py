@@ -48,7 +48,8 @@ def test_scenario_list_names_every_scenario_and_its_script() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SCENARIOS))
+# real-model runs a real model: tests/scenarios/test_real_model.py
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.example is None])
 def test_scenario_passes_in_quick_mode(name: str) -> None:
     options = Options(quick=True, trials=1 if name == "rolling-restart" else None)
     if SCENARIOS[name].partitions:
