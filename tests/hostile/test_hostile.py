@@ -353,6 +353,20 @@ def warmed(hostile_cluster: HostileCluster) -> Iterator[HostileCluster]:
             for path, body in bodies:
                 for node in cluster.nodes.values():
                     client.post(node.url + path, json=body).read()
+        # What the suite does at its peak, once before the baseline, so that the baseline
+        # is the nodes' high-water mark of ordinary work and growth after it means a leak:
+        # big bodies several at a time (as duplicates and concurrent cases send them), and
+        # the long streams read whole (as the slow-reader cases start them).
+        big_body = {"model": SHARED_MODEL, "messages": [{"role": "user", "content": big}]}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            urls = [n.url + CHAT for n in cluster.nodes.values() for _ in range(4)]
+            for _ in range(3):
+                list(pool.map(lambda url: client.post(url, json=big_body).read(), urls))
+        for model in (LONG_MODEL, HOP_LONG_MODEL):
+            long = {"model": model, "messages": [{"role": "user", "content": "go"}], "stream": True}
+            with client.stream("POST", cluster.entry.url + CHAT, json=long) as response:
+                for _ in response.iter_raw():
+                    pass
     assert not cluster.wait_idle(IDLE_DEADLINE_S), "slots still taken after the warm-up"
     cluster.figures["rss_kib_after_warmup"] = {n.name: n.rss_kib() for n in cluster.nodes.values()}
     cluster.figures["pids_after_warmup"] = {n.name: n.pid for n in cluster.nodes.values()}
