@@ -590,8 +590,17 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_slot(
 
 def test_the_cluster_is_whole_after_the_suite(warmed: HostileCluster) -> None:
     """No node died; a normal stream (across the hop) still works; ``/metrics`` parses; every
-    slot is free; RSS grew < 10% from after the warm-up. Writes the figures."""
+    slot is free; memory is flat: the same hostile cases sent once more (after the suite has
+    set the nodes' high-water marks) grow RSS by < 10%. Growth from the warm-up is a figure
+    too, not asserted: it depends on how many big requests the machine's speed lets overlap.
+    Writes the figures."""
     cluster = warmed
+    again_from = {n.name: n.rss_kib() for n in cluster.nodes.values() if n.alive}
+    _fuzz(cluster, DEFAULT_EXAMPLES, "fuzz_again")
+    again = {n.name: n.rss_kib() for n in cluster.nodes.values() if n.alive}
+    cluster.figures["rss_growth_second_pass"] = {
+        name: round(again[name] / again_from[name] - 1, 4) for name in again_from if name in again
+    }
     figures = cluster.figures
     figures["dead_now"] = cluster.dead()
     figures["restarts"] = cluster.restarts
@@ -619,4 +628,5 @@ def test_the_cluster_is_whole_after_the_suite(warmed: HostileCluster) -> None:
     print(f"\nhostile figures (also in {path}):\n{json.dumps(figures, indent=2)}")
     assert not cluster.restarts, f"nodes died {cluster.restarts} times during the suite"
     assert not held, f"slots still held after the suite: {held}"
-    assert all(g < RSS_GROWTH_LIMIT for g in growth.values()), f"RSS grew: {growth}"
+    flat = figures["rss_growth_second_pass"]
+    assert all(g < RSS_GROWTH_LIMIT for g in flat.values()), f"RSS grew on a second pass: {flat}"
