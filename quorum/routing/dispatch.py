@@ -39,7 +39,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -77,6 +76,9 @@ from quorum.routing.headers import (
     RESUME_FIELD,
     SIGNATURE,
     ClusterSigner,
+    client_fault,
+    created_time,
+    request_id,
 )
 from quorum.routing.hop import HopError, HopPool, HopResponse
 from quorum.routing.membership import Member, Membership, MemberState, NodeState
@@ -104,32 +106,6 @@ class Job:
     created: int
     fault: Fault | None
     pin: str | None
-
-
-def _request_id(headers: Mapping[str, str]) -> str:
-    """The client's ``x-request-id`` when it is 8-64 ASCII letters, digits, ``-`` or ``_``;
-    else a fresh one."""
-    given = headers.get(REQUEST_ID, "")
-    if 8 <= len(given) <= 64 and given.isascii() and all(c.isalnum() or c in "-_" for c in given):
-        return given
-    return uuid.uuid4().hex
-
-
-def _created(headers: Mapping[str, str]) -> int:
-    """``x-quorum-created`` of a signed forward (unix seconds, at most 12 digits), else now."""
-    value = headers.get(CREATED, "")
-    if value.isascii() and value.isdigit() and len(value) <= 12:
-        return int(value)
-    return int(time.time())
-
-
-def _fault(headers: Mapping[str, str]) -> Fault | None:
-    if FAULT not in headers:
-        return None
-    try:
-        return Fault.parse(headers[FAULT])
-    except ValueError as exc:
-        raise InvalidRequest(f"x-quorum-fault: {exc}", param=FAULT) from None
 
 
 class Dispatcher:
@@ -275,9 +251,9 @@ class Dispatcher:
             request,
             body,
             path,
-            _request_id(headers),
+            request_id(headers),
             int(time.time()),
-            _fault(headers),
+            client_fault(headers),
             headers.get(PIN) or None,
         )
         if self.nursery is not None and shareable(request, headers):
@@ -297,10 +273,10 @@ class Dispatcher:
                 raise InvalidRequest(str(exc), param=RESUME_FIELD) from None
         generation = Generation(
             request=request,
-            request_id=_request_id(headers),
-            created=_created(headers),
+            request_id=request_id(headers),
+            created=created_time(headers),
             include_usage=request.include_usage or not request.stream,
-            fault=_fault(headers),
+            fault=client_fault(headers),
             resume=resume,
         )
         return await self.local.serve(generation)

@@ -28,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from quorum.errors import Unauthorized
+from quorum.backends.base import Fault
+from quorum.errors import InvalidRequest, Unauthorized
 
 __all__ = [
     "ATTEMPTS",
@@ -49,6 +51,9 @@ __all__ = [
     "SIGNATURE",
     "SINGLE_FLIGHT",
     "ClusterSigner",
+    "client_fault",
+    "created_time",
+    "request_id",
 ]
 
 # Client headers.
@@ -142,3 +147,34 @@ def _refused(why: str) -> Unauthorized:
         "Only nodes of the cluster may send them: remove them.",
         code="invalid_internal_headers",
     )
+
+
+# --- reading header values ------------------------------------------------------------
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """The client's ``x-request-id`` when it is 8-64 ASCII letters, digits, ``-`` or ``_``;
+    else a fresh one."""
+    given = headers.get(REQUEST_ID, "")
+    if 8 <= len(given) <= 64 and given.isascii() and all(c.isalnum() or c in "-_" for c in given):
+        return given
+    return uuid.uuid4().hex
+
+
+def created_time(headers: Mapping[str, str]) -> int:
+    """``x-quorum-created`` of a signed forward (unix seconds, at most 12 digits), else now."""
+    value = headers.get(CREATED, "")
+    if value.isascii() and value.isdigit() and len(value) <= 12:
+        return int(value)
+    return int(time.time())
+
+
+def client_fault(headers: Mapping[str, str]) -> Fault | None:
+    """The ``x-quorum-fault`` asked for, or None; raises ``InvalidRequest`` (400) when it
+    does not parse."""
+    if FAULT not in headers:
+        return None
+    try:
+        return Fault.parse(headers[FAULT])
+    except ValueError as exc:
+        raise InvalidRequest(f"x-quorum-fault: {exc}", param=FAULT) from None

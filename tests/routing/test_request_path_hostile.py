@@ -16,8 +16,10 @@ from quorum.api import answer
 from quorum.config import NodeConfig
 from quorum.errors import ApiError
 from quorum.node import Node
-from quorum.routing.dispatch import Reply, _created, _request_id
+from quorum.routing.dispatch import Reply
 from quorum.routing.headers import ClusterSigner
+from quorum.routing.headers import created_time as _created
+from quorum.routing.headers import request_id as _request_id
 from quorum.routing.relay import kind as _kind
 from quorum.server import ConnectionGuard, _GuardedStream
 from quorum.sse import SSEProtocolError
