@@ -105,8 +105,8 @@ def test_the_default_model_is_the_smollm2_file_found_without_importing_its_packa
 
 
 @pytest.mark.usefixtures("installed")
-def test_a_node_config_names_the_file_and_the_model_of_a_bad_backend() -> None:
-    config = BackendConfig("smollm2", "llamacpp", {"threads": 0})
+def test_a_node_config_names_the_file_and_the_model_of_a_bad_backend(gguf: Path) -> None:
+    config = BackendConfig("smollm2", "llamacpp", {"threads": 0, "model_path": str(gguf)})
     with pytest.raises(ConfigError, match=r"nodes/x\.toml: backend 'smollm2': 'threads' must"):
         make_backend(config, source="nodes/x.toml")
 

@@ -65,6 +65,8 @@ HOSTILE_URLS = [
 
 # --- hostile values, by the kind of field they replace ----------------------------------------
 
+STATE_NAMES = {state.value for state in MemberState}
+
 
 def wrong_type(*allowed: type) -> st.SearchStrategy[Any]:
     """A value whose msgpack type is not one of ``allowed`` (bool is not an int here)."""
@@ -282,7 +284,7 @@ def hostile_push_pull(draw: st.DrawFn) -> list[Any]:
     bad_entry_field: dict[int, st.SearchStrategy[Any]] = {
         0: BAD["name"],
         1: BAD["addr"],
-        2: st.one_of(st.text(max_size=8).filter(lambda s: s not in MemberState), wrong_type(str)),
+        2: st.one_of(st.text(max_size=8).filter(lambda s: s not in STATE_NAMES), wrong_type(str)),
         3: BAD["alive_inc"],
         4: BAD["meta"],
         5: bad_load().filter(lambda v: v is not None),
