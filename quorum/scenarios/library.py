@@ -47,6 +47,26 @@ TOPICS = (
 )  # fmt: skip
 
 
+def chunks_seen(
+    streams: int, chunks: int
+) -> tuple[trio.Event, Callable[[int], Callable[[StreamResult], None]]]:
+    """An event set once each of ``streams`` streams has had ``chunks`` chunks, and the
+    ``on_chunk`` callback to give stream ``i`` (``counter(i)``): the moment to strike is when
+    every stream is under way."""
+    progress = [0] * streams
+    enough = trio.Event()
+
+    def counter(i: int) -> Callable[[StreamResult], None]:
+        def seen(_: StreamResult) -> None:
+            progress[i] += 1
+            if min(progress) >= chunks:
+                enough.set()
+
+        return seen
+
+    return enough, counter
+
+
 def messages_for(tag: str) -> list[dict[str, Any]]:
     topic = TOPICS[sum(map(ord, tag)) % len(TOPICS)]
     return [{"role": "user", "content": f"[{tag}] Tell me, step by step, about {topic}."}]
@@ -128,20 +148,9 @@ async def kill_mid_stream(env: Env, result: ScenarioResult) -> None:
             if not await served_by(env, entry, tags[0], victim, 20.0):
                 unrouted += 1
             seed = env.options.seed * 100_000 + trial * 100
-            progress = [0] * len(tags)
-            enough = trio.Event()
+            enough, counter = chunks_seen(len(tags), 3)
             results: list[StreamResult | None] = [None] * len(tags)
             references: list[tuple[str, str] | None] = [None] * len(tags)
-
-            def counter(
-                i: int, progress: list[int] = progress, enough: trio.Event = enough
-            ) -> Callable[[StreamResult], None]:
-                def seen(_: StreamResult) -> None:
-                    progress[i] += 1
-                    if min(progress) >= 3:
-                        enough.set()
-
-                return seen
 
             async def client(
                 i: int,
@@ -149,6 +158,7 @@ async def kill_mid_stream(env: Env, result: ScenarioResult) -> None:
                 entry: str = entry,
                 seed: int = seed,
                 results: list[StreamResult | None] = results,
+                counter: Callable[[int], Callable[[StreamResult], None]] = counter,
             ) -> None:
                 results[i] = await stream_chat(
                     clients[entry][i],
@@ -782,22 +792,14 @@ async def real_model(env: Env, result: ScenarioResult) -> None:
             # most streams on the victim, one on the other node: a control that is not killed
             tags = pool[victim][: max(1, n_clients - 1)] + pool[other][:1]
             tags = tags[:n_clients]
-            progress = [0] * len(tags)
-            enough = trio.Event()
+            enough, counter = chunks_seen(len(tags), 3)
             results: list[StreamResult | None] = [None] * len(tags)
 
-            def counter(
-                i: int, progress: list[int] = progress, enough: trio.Event = enough
-            ) -> Callable[[StreamResult], None]:
-                def seen(_: StreamResult) -> None:
-                    progress[i] += 1
-                    if min(progress) >= 3:
-                        enough.set()
-
-                return seen
-
             async def client(
-                i: int, tag: str, results: list[StreamResult | None] = results
+                i: int,
+                tag: str,
+                results: list[StreamResult | None] = results,
+                counter: Callable[[int], Callable[[StreamResult], None]] = counter,
             ) -> None:
                 results[i] = await stream_chat(
                     clients[i], target.model, messages_for(tag), seed=0,
