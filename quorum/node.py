@@ -36,7 +36,7 @@ from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
 from quorum.gossip import GossipConfig, GossipNode, MemberState
 from quorum.gossip.config import is_loopback
-from quorum.gossip.seeds import Resolver, system_resolver
+from quorum.gossip.seeds import BlockingResolver, system_resolver
 from quorum.routing.dispatch import Dispatcher
 from quorum.routing.headers import ClusterSigner
 from quorum.routing.membership import (
@@ -133,7 +133,7 @@ class Node:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         tap: Callable[[bytes], None] | None = None,
-        resolver: Resolver = system_resolver,
+        resolver: BlockingResolver = system_resolver,
     ) -> None:
         self.config = config
         self._resolver = resolver

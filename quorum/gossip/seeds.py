@@ -6,25 +6,31 @@ those change as pods come and go. So the runner resolves a named seed again on e
 attempt (memberlist ``Join`` resolves each time too, and tries every address it gets), and a
 node that starts before its peers finds them once DNS lists them.
 
-A resolver is any callable ``(host, port) -> [(ip, port), ...]``: blocking, run in a worker
-thread by :func:`resolve_seed`, raising ``OSError`` when the name does not resolve.
-:func:`system_resolver` (``socket.getaddrinfo``) is the real one; tests inject their own.
+A resolver is any callable ``(host, port) -> [(ip, port), ...]`` raising ``OSError`` when the
+name does not resolve: blocking (run in a worker thread by :func:`resolve_seed`), or an
+``async`` one (awaited on the event loop, for resolvers that do not block, like a test's
+in-memory DNS: a worker thread would race trio's virtual clock). :func:`system_resolver`
+(``socket.getaddrinfo``) is the real one; tests inject their own.
 """
 
 from __future__ import annotations
 
+import inspect
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from .messages import Addr
 
-__all__ = ["Resolver", "resolve_seed", "system_resolver"]
+__all__ = ["BlockingResolver", "Resolver", "resolve_seed", "system_resolver"]
 
-Resolver = Callable[[str, int], list[Addr]]
+BlockingResolver = Callable[[str, int], list[Addr]]
 """``(host, port) -> addresses``, blocking; raises ``OSError`` when ``host`` does not resolve.
 An address literal resolves to itself."""
+
+Resolver = BlockingResolver | Callable[[str, int], Awaitable[list[Addr]]]
+"""A :data:`BlockingResolver`, or the same as an ``async`` callable."""
 
 
 def system_resolver(host: str, port: int) -> list[Addr]:
@@ -45,9 +51,14 @@ def system_resolver(host: str, port: int) -> list[Addr]:
 
 
 async def resolve_seed(resolver: Resolver, seed: Addr, *, within_s: float) -> list[Addr]:
-    """``resolver(*seed)`` in a worker thread, abandoned after ``within_s`` seconds (the thread
-    finishes on its own; its answer is dropped). Raises the resolver's ``OSError`` when the
-    name does not resolve, and ``TimeoutError`` (an ``OSError`` too) when it takes longer."""
+    """``resolver(*seed)``, abandoned after ``within_s`` seconds: a blocking resolver runs in a
+    worker thread (which finishes on its own; its answer is dropped), an ``async`` one is
+    awaited. Raises the resolver's ``OSError`` when the name does not resolve, and
+    ``TimeoutError`` (an ``OSError`` too) when it takes longer."""
     with trio.move_on_after(within_s):
-        return await trio.to_thread.run_sync(resolver, *seed, abandon_on_cancel=True)
+        if inspect.iscoroutinefunction(resolver) or inspect.iscoroutinefunction(
+            getattr(resolver, "__call__", None)
+        ):
+            return await resolver(*seed)  # type: ignore[no-any-return,misc]
+        return await trio.to_thread.run_sync(resolver, *seed, abandon_on_cancel=True)  # type: ignore[arg-type]
     raise TimeoutError(f"resolving {seed[0]!r} took longer than {within_s} s")

@@ -44,6 +44,15 @@ class FakeDNS:
             return list(self.records)
 
 
+class InMemoryDNS(FakeDNS):
+    """:class:`FakeDNS` as an ``async`` resolver, awaited on the event loop: under trio's
+    virtual clock a worker thread would race the clock (the clock jumps ahead while the
+    thread runs, and the lookup times out)."""
+
+    async def __call__(self, host: str, port: int) -> list[Addr]:  # type: ignore[override]
+        return super().__call__(host, port)
+
+
 def states(node: GossipNode) -> dict[str, MemberState]:
     return {m.name: m.state for m in node.members()}
 
@@ -127,6 +136,25 @@ async def test_a_resolver_that_hangs_is_abandoned_with_a_timeout_error(
         release.set()
 
 
+async def test_resolve_seed_awaits_an_async_resolver_on_the_loop_under_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    dns = InMemoryDNS()
+    dns.records = [("10.0.0.7", 7946)]
+    assert await resolve_seed(dns, (SERVICE, 7946), within_s=5) == [("10.0.0.7", 7946)]
+    with pytest.raises(OSError):
+        await resolve_seed(dns, ("other.example", 7946), within_s=5)
+
+    async def stalls(host: str, port: int) -> list[Addr]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    start = trio.current_time()
+    with pytest.raises(TimeoutError):
+        await resolve_seed(stalls, (SERVICE, 7946), within_s=5)
+    assert trio.current_time() - start == pytest.approx(5)
+
+
 # --- runners joining through a name ------------------------------------------------------
 
 
@@ -138,7 +166,7 @@ async def test_runner_resolves_the_seed_again_on_each_join_attempt_until_peers_a
     network = MemoryNetwork(nursery, seed=5, delay=0.002)
     config = GossipConfig.lan(cluster_name="test", keys=(KEY,))
     addrs = {name: (f"10.0.0.{i + 1}", 7946) for i, name in enumerate("abc")}
-    dns = FakeDNS()
+    dns = InMemoryDNS()
     seeds: dict[str, list[Addr]] = {"a": [], "b": [addrs["a"]], "c": [(SERVICE, 7946)]}
     transports = {name: network.transport(addrs[name]) for name in "abc"}
     exchanged: list[Addr] = []  # where c opened push-pulls
