@@ -8,6 +8,7 @@
     quorum up --example llamacpp              the same from nodes/examples/llamacpp/*.toml
     quorum members [URL]                      the cluster as one node sees it
     quorum status [URL] [--once]              the same, live: members, traffic, events
+    quorum keys new NAME [--role admin]       a new API key, and its [[auth.keys]] table
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import tomli_w
 import trio
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from quorum.config import ConfigError, NodeConfig
+from quorum.gateway.keys import ApiKey, Role, digest, new_key
 from quorum.launch import NodeCluster, NodeProcess, NodeStartError, default_nodes_dir
 
 __all__ = ["main"]
@@ -68,6 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_status.add_argument("url", nargs="?", default="http://127.0.0.1:32768")
     p_status.add_argument("--once", action="store_true", help="print one frame and exit")
 
+    p_keys = sub.add_parser("keys", help="API keys")
+    keys_sub = p_keys.add_subparsers(dest="keys_command", required=True)
+    p_new = keys_sub.add_parser(
+        "new", help="print a new API key once, and the [[auth.keys]] table to paste"
+    )
+    p_new.add_argument("name", help="the key's name: in logs and metrics, never secret")
+    p_new.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
+    p_new.add_argument("--models", metavar="M1,M2", help="allowlist (default: every model)")
+    p_new.add_argument("--rpm", type=int, metavar="N", help="requests per minute, cluster-wide")
+    p_new.add_argument("--tpm", type=int, metavar="N", help="tokens per minute, cluster-wide")
+    p_new.add_argument("--max-concurrent", type=int, metavar="N", help="requests at once")
+
     from quorum import bench
 
     bench.add_arguments(sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint"))
@@ -106,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args.url, args.once)
     if args.command == "drain":
         return _drain(args.node, args.via, args.timeout)
+    if args.command == "keys":
+        return _keys_new(args)
     if args.command == "bench":
         return bench.main(args)
     if args.command == "scenario":
@@ -334,6 +352,56 @@ def _status(url: str, once: bool) -> int:
         return watch(url, once=once, console=console)
     except KeyboardInterrupt:
         return 0
+
+
+# --- quorum keys new ---------------------------------------------------------------------
+
+
+_KEY_OPTIONS = {
+    "name": "NAME",
+    "models": "--models",
+    "requests_per_minute": "--rpm",
+    "tokens_per_minute": "--tpm",
+    "max_concurrent": "--max-concurrent",
+}
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    """Print a new key on its own line, then its ``[[auth.keys]]`` table (stdout); a note
+    that the key is shown only this once goes to stderr. A bad option: one line, status 2."""
+    key = new_key()
+    table: dict[str, object] = {"name": args.name, "sha256": digest(key), "role": args.role}
+    if args.models is not None:
+        table["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    for option, field_name in (
+        ("rpm", "requests_per_minute"),
+        ("tpm", "tokens_per_minute"),
+        ("max_concurrent", "max_concurrent"),
+    ):
+        if getattr(args, option) is not None:
+            table[field_name] = getattr(args, option)
+    try:
+        checked = ApiKey.model_validate(table)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = _KEY_OPTIONS.get(str(error["loc"][0]), str(error["loc"][0]))
+        message = error["msg"].removeprefix("Value error, ")
+        if message.startswith("Input should be "):
+            message = "expected " + message.removeprefix("Input should be ")
+        if where == "--models":
+            message = "name at least one model (or leave --models out: every model)"
+        print(f"quorum keys new: {where}: {message}", file=sys.stderr)
+        return 2
+    print(key, flush=True)
+    print(
+        f"quorum keys new: the key of {checked.name!r} is shown only this once; "
+        "the node keeps only its sha256 (paste the table below into [auth]).",
+        file=sys.stderr,
+        flush=True,
+    )
+    print()
+    print(tomli_w.dumps({"auth": {"keys": [table]}}), end="")
+    return 0
 
 
 # --- quorum drain -------------------------------------------------------------------------

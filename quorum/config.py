@@ -19,6 +19,18 @@
     [debug]
     faults = false                     # obey the x-quorum-fault header (tests, scenarios)
 
+    [auth]                             # absent: the node is open (it warns at start)
+    open_metrics = false               # true: /metrics needs no key (else an admin key)
+    # keys_file = "keys.toml"          # more [[keys]] tables, relative to this file
+    [[auth.keys]]                      # `quorum keys new NAME` prints one
+    name = "team-a"                    # in logs and metrics labels (never the key)
+    sha256 = "<hex sha256 of the key>" # keys are never stored in clear
+    role = "user"                      # "user" or "admin"
+    models = ["mock-chat"]             # optional allowlist; absent: every model
+    requests_per_minute = 60           # optional quotas, each cluster-wide
+    tokens_per_minute = 20000
+    max_concurrent = 8
+
     [[backends]]
     model = "mock-chat"
     kind = "mock"                      # "mock", "upstream" or "llamacpp"
@@ -34,7 +46,7 @@ In a file read with ``NodeConfig.from_toml``, any string value may name environm
 variables as ``$(NAME)`` (Kubernetes' syntax) or ``${NAME}``; ``$$`` is a literal ``$``. So one
 file serves every pod of a StatefulSet: ``name = "$(POD_NAME)"``, ``advertise =
 "$(POD_IP):7946"``, ``keys = ["$(QUORUM_GOSSIP_KEY)"]`` (from a Secret). A variable that is
-not set is an error, not an empty string.
+not set is an error, not an empty string. The same holds in the ``[auth] keys_file``.
 """
 
 from __future__ import annotations
@@ -54,6 +66,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from quorum.backends.mock import MockOptions
 from quorum.backends.upstream import UpstreamOptions
+from quorum.gateway.keys import ApiKey, ApiKeys, AuthTable, DuplicateKey, KeysFile
 from quorum.routing.config import RoutingConfig
 
 __all__ = [
@@ -149,7 +162,9 @@ class NodeConfig:
     ``send_timeout_s``: a client that reads nothing of its answer for this long is
     disconnected (its work is cancelled, its slot freed). ``secret``: key material for the
     hop's signature in a static cluster (``[cluster] secret``). ``debug_faults``: obey
-    ``x-quorum-fault`` from clients (``[debug] faults``).
+    ``x-quorum-fault`` from clients (``[debug] faults``). ``auth``: the API keys (``[auth]``,
+    inline and from its ``keys_file``), None when the node is open. ``open_metrics``: with
+    ``auth``, serve /metrics without a key (else it needs an admin key).
     """
 
     name: str
@@ -166,6 +181,8 @@ class NodeConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     secret: str | None = None
     debug_faults: bool = False
+    auth: ApiKeys | None = None
+    open_metrics: bool = False
     source: str = "<config>"
 
     def hop_secrets(self) -> tuple[bytes, ...]:
@@ -180,8 +197,9 @@ class NodeConfig:
     @classmethod
     def from_toml(cls, path: str | Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
         """Read a TOML file, expanding ``$(NAME)``/``${NAME}`` in its strings from ``environ``
-        (default ``os.environ``); raises ``ConfigError`` (also for a missing or unparsable
-        file, or a variable that is not set)."""
+        (default ``os.environ``), then the ``[auth] keys_file`` if any (relative to the
+        file's directory); raises ``ConfigError`` (also for a missing or unparsable file, or
+        a variable that is not set)."""
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
@@ -192,17 +210,31 @@ class NodeConfig:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except ValueError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        return cls.from_mapping(data, source=str(path))
+        return cls.from_mapping(data, source=str(path), base_dir=path.parent, environ=environ)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "<config>") -> NodeConfig:
+    def from_mapping(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str = "<config>",
+        base_dir: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> NodeConfig:
         """Build from parsed TOML; raises ``ConfigError`` with one line that names the file
         and the path of the first bad field: ``nodes/node-a.toml: backends[1].slots:
-        expected a valid integer, got 'x'``."""
+        expected a valid integer, got 'x'``.
+
+        ``base_dir``: where a relative ``[auth] keys_file`` is (default: the current
+        directory). ``environ``: expands the keys file's strings (default ``os.environ``).
+        """
         try:
             file = ConfigFile.model_validate(data)
         except ValidationError as exc:
             raise _config_error(source, exc) from None
+        auth = None
+        if file.auth is not None:
+            auth = _api_keys(file.auth, source, base_dir, environ)
         backends = []
         seen: set[str] = set()
         for i, table in enumerate(file.backends):
@@ -246,6 +278,8 @@ class NodeConfig:
             gossip=gossip,
             secret=file.cluster.secret,
             debug_faults=file.debug.faults,
+            auth=auth,
+            open_metrics=file.auth is not None and file.auth.open_metrics,
             source=source,
         )
 
@@ -338,7 +372,46 @@ class ConfigFile(_Table):
     gossip: GossipTable | None = None
     routing: RoutingConfig = RoutingConfig()
     debug: DebugTable = DebugTable()
+    auth: AuthTable | None = None
     backends: list[BackendTable] = []
+
+
+def _api_keys(
+    table: AuthTable, source: str, base_dir: Path | None, environ: Mapping[str, str] | None
+) -> ApiKeys:
+    """The keys of ``[auth]``: its own, then its ``keys_file``'s; raises ``ConfigError``
+    naming the file and the field (``keys.toml: keys[2].sha256: ...``)."""
+    located: list[tuple[str, ApiKey]] = [
+        (f"{source}: auth.keys[{i}]", key) for i, key in enumerate(table.keys)
+    ]
+    empty = f"{source}: auth"  # where to add a key when there is none
+    if table.keys_file is not None:
+        path = Path(table.keys_file)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            data = tomllib.loads(path.read_text())
+            data = expand_env(data, os.environ if environ is None else environ)
+        except OSError as exc:
+            raise ConfigError(
+                f"{source}: auth.keys_file: cannot read {path}: {exc.strerror}"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        try:
+            extra = KeysFile.model_validate(data)
+        except ValidationError as exc:
+            raise _config_error(str(path), exc) from None
+        located += [(f"{path}: keys[{i}]", key) for i, key in enumerate(extra.keys)]
+        empty += f" (and its keys_file {path})"
+    try:
+        return ApiKeys(key for _, key in located)
+    except DuplicateKey as exc:
+        raise ConfigError(f"{located[exc.index][0]}.{exc.field}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{empty}: {exc}") from None
 
 
 def validate_backend_options(kind: str, options: Mapping[str, Any]) -> None:
