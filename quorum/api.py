@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -34,12 +35,15 @@ from quorum.errors import (
 )
 from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from quorum.routing.dispatch import Dispatcher, Reply
-from quorum.routing.headers import REQUEST_ID
+from quorum.gateway.gate import Gate
+from quorum.gateway.keys import Caller
+from quorum.gateway.quota import Grant
+from quorum.routing.headers import INTERNAL, REQUEST_ID
 from quorum.routing.membership import MemberState
 from quorum.status import StatusFeed, add_status_routes
 from quorum.wire import Request, parse_chat_request, parse_completion_request, parse_json_body
 
-__all__ = ["FastPath", "answer", "create_app"]
+__all__ = ["Admission", "FastPath", "answer", "create_app", "latency"]
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +65,55 @@ PARSERS: dict[str, Callable[[dict[str, Any]], Request]] = {
 }
 
 
+@dataclass(slots=True)
+class Admission:
+    """A request's passage through the gateway: the ``gate``, the authenticated
+    ``caller``, and the quota ``grant`` once admitted (released when the answer is sent)."""
+
+    gate: Gate
+    caller: Caller
+    grant: Grant | None = None
+
+    def admit(self, request: Request, headers: Mapping[str, str]) -> None:
+        """403/404 for what the caller may not ask, else count it in the quotas (429)."""
+        self.gate.check(self.caller, request.model, headers)
+        self.grant = self.gate.admit(self.caller)
+
+    def release(self) -> None:
+        if self.grant is not None:
+            self.grant.release()
+
+
 async def answer(
-    dispatcher: Dispatcher, path: str, body: bytes, headers: Mapping[str, str]
+    dispatcher: Dispatcher,
+    path: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    admission: Admission | None = None,
 ) -> Reply:
     """Parse, validate and dispatch one request to ``path`` (a key of ``PARSERS``), and
-    count it in the metrics. ``headers``: lower-cased. Raises ``ApiError``."""
+    count it in the metrics. ``headers``: lower-cased. ``admission``: the caller under
+    ``[auth]`` (None: an anonymous client, or a node's signed forward). Raises
+    ``ApiError``."""
     model = "-"
     try:
         parsed = PARSERS[path](parse_json_body(body))
         # a label for models some member serves only: clients must not grow the label set
         model = parsed.model if dispatcher.known_model(parsed.model) else "other"
-        reply = await dispatcher.handle(parsed, body, path, headers)
+        if admission is None:
+            reply = await dispatcher.handle(parsed, body, path, headers)
+        else:
+            admission.admit(parsed, headers)
+            caller = admission.caller
+            reply = await dispatcher.handle(
+                parsed,
+                body,
+                path,
+                headers,
+                caller=caller.name,
+                count_usage=True,
+                allow_debug=caller.is_admin,
+            )
     except ApiError as exc:
         dispatcher.metrics.requests.labels(path, model, str(exc.status)).inc()
         raise
@@ -80,7 +122,7 @@ async def answer(
 
 
 def _error_parts(exc: ApiError, request_id: str | None) -> tuple[dict[str, str], bytes]:
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **exc.headers}
     if exc.retry_after is not None:
         headers["retry-after"] = str(max(1, round(exc.retry_after)))
     if request_id:
@@ -108,16 +150,19 @@ class FastPath:
         *,
         max_body_bytes: int,
         body_timeout_s: float = 30.0,
+        gate: Gate | None = None,
     ) -> None:
         self.app = app
         self.dispatcher = dispatcher
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in PARSERS:
             await self.app(scope, receive, send)
             return
+        arrived = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if scope["method"] != "POST":
             refused = InvalidRequest(
@@ -125,43 +170,73 @@ class FastPath:
                 code="method_not_allowed",
                 status=405,
             )
-            await _send_error(send, refused, None, {"allow": "POST"})
+            await _send_error(send, refused, None, {"allow": "POST"} | latency(arrived))
             return
-        async with trio.open_nursery() as nursery:
-            try:
-                body = await self._body(receive, headers)
-                if body is None:
-                    return  # the client left before sending its whole body
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                reply = await answer(self.dispatcher, scope["path"], body, headers)
-            except ApiError as exc:
-                await _send_error(send, exc, headers.get(REQUEST_ID))
+        admission = None
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    admission = self._admission(headers)
+                    body = await self._body(receive, headers)
+                    if body is None:
+                        return  # the client left before sending its whole body
+                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                    reply = await answer(self.dispatcher, scope["path"], body, headers, admission)
+                except ApiError as exc:
+                    self._count(admission, exc.status)
+                    extra = admission.grant.headers if admission and admission.grant else {}
+                    await _send_error(send, exc, headers.get(REQUEST_ID), extra | latency(arrived))
+                    nursery.cancel_scope.cancel()
+                    return
+                except Exception as exc:
+                    log.exception("unhandled error on POST %s", scope["path"])
+                    error = ApiError(
+                        f"Internal error in Quorum ({type(exc).__name__}); the node's log has "
+                        "it.",
+                        code="internal_error",
+                    )
+                    await _send_error(send, error, headers.get(REQUEST_ID), latency(arrived))
+                    nursery.cancel_scope.cancel()
+                    return
+                self._count(admission, reply.status)
+                await self._send_reply(send, reply, admission, arrived)
                 nursery.cancel_scope.cancel()
-                return
-            except Exception as exc:
-                log.exception("unhandled error on POST %s", scope["path"])
-                error = ApiError(
-                    f"Internal error in Quorum ({type(exc).__name__}); the node's log has it.",
-                    code="internal_error",
-                )
-                await _send_error(send, error, headers.get(REQUEST_ID))
-                nursery.cancel_scope.cancel()
-                return
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": reply.status,
-                    "headers": [(k.encode(), v.encode()) for k, v in reply.headers.items()],
-                }
-            )
-            if isinstance(reply.body, bytes):
-                await send({"type": "http.response.body", "body": reply.body, "more_body": False})
-            else:
-                async with aclosing(reply.body) as chunks:  # type: ignore[type-var]
-                    async for chunk in chunks:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            nursery.cancel_scope.cancel()
+        finally:
+            if admission is not None:
+                admission.release()
+
+    def _admission(self, headers: Mapping[str, str]) -> Admission | None:
+        """Under ``[auth]``, the caller (401 without a valid key); None for a node's signed
+        forward (the dispatcher checks its signature) or without ``[auth]``."""
+        if self.gate is None or any(name in headers for name in INTERNAL):
+            return None
+        return Admission(self.gate, self.gate.caller(headers))
+
+    def _count(self, admission: Admission | None, status: int) -> None:
+        if admission is not None:
+            self.dispatcher.metrics.key_requests.labels(admission.caller.name, str(status)).inc()
+
+    async def _send_reply(
+        self, send: Send, reply: Reply, admission: Admission | None, arrived: float
+    ) -> None:
+        headers = dict(reply.headers)
+        if admission is not None and admission.grant is not None:
+            headers.update(admission.grant.headers)
+        headers.update(latency(arrived))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+            }
+        )
+        if isinstance(reply.body, bytes):
+            await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+        else:
+            async with aclosing(reply.body) as chunks:  # type: ignore[type-var]
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _body(self, receive: Receive, headers: Mapping[str, str]) -> bytes | None:
         """The whole request body, None if the client left first. Raises
@@ -203,6 +278,14 @@ class FastPath:
                 return b"".join(parts)
 
 
+def latency(arrived: float) -> dict[str, str]:
+    """``x-quorum-latency`` (milliseconds from the request's arrival, ``arrived`` on
+    ``time.perf_counter``, to its answer's head, as BVE's added-latency header) and the same
+    figure as a ``server-timing`` entry (W3C Server Timing), which browsers' tools show."""
+    ms = (time.perf_counter() - arrived) * 1000
+    return {"x-quorum-latency": f"{ms:.2f}", "server-timing": f"quorum;dur={ms:.2f}"}
+
+
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
     while True:
         message = await receive()
@@ -235,14 +318,19 @@ def create_app(
     max_body_bytes: int = 4 << 20,
     body_timeout_s: float = 30.0,
     created: int | None = None,
+    gate: Gate | None = None,
 ) -> FastPath:
     """Build the ASGI app of one node: ``FastPath`` for the completion endpoints in front of
     a quart-trio app for everything else.
 
     ``dispatcher``: routes requests. ``health``: returns this node's ``/health`` document.
     ``drain``: starts a drain (``POST /admin/drain``, from this machine with ``drain_token``
-    as its bearer token). ``max_body_bytes``: larger bodies get 413; ``body_timeout_s``: a
-    body not received by then gets 408. ``created``: unix seconds reported for models.
+    as its bearer token, or from anywhere with an admin key). ``max_body_bytes``: larger
+    bodies get 413; ``body_timeout_s``: a body not received by then gets 408. ``created``:
+    unix seconds reported for models. ``gate``: the ``[auth]`` checks, None for an open
+    node: then ``/v1/*`` needs a key of any role; ``/metrics`` (unless ``open_metrics``),
+    ``/cluster/*`` and ``/admin/*`` an admin key; ``/health`` and the static status page
+    stay open.
     """
     app = QuartTrio("quorum")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
@@ -251,14 +339,34 @@ def create_app(
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     started = created or int(time.time())
 
+    def lowered() -> dict[str, str]:
+        return {k.lower(): v for k, v in request.headers.items()}
+
+    @app.before_request
+    async def access() -> None:
+        """Who may read what, under ``[auth]`` (see above)."""
+        path = request.path
+        if gate is None or path in ("/health", "/", "/status", "/admin/drain"):
+            return  # the drain checks its own two credentials; the page is static
+        if path.startswith("/v1/"):
+            gate.caller(lowered())
+        elif not (path == "/metrics" and gate.open_metrics):
+            gate.admin(lowered(), f"{request.method} {path}")
+
+    def admin_only(headers: Mapping[str, str]) -> None:
+        if gate is not None:
+            gate.admin(headers, "The status feed")
+
     @app.get("/v1/models")
     async def models() -> Response:
+        caller = gate.caller(lowered()) if gate is not None else None
         names: dict[str, list[str]] = {}
         for member in dispatcher.members():
             if member.state in (MemberState.DEAD, MemberState.LEFT):
                 continue
             for model in member.models:
-                names.setdefault(model, []).append(member.name)
+                if caller is None or caller.may_use(model):
+                    names.setdefault(model, []).append(member.name)
         data = [
             {
                 "id": m,
@@ -285,6 +393,12 @@ def create_app(
         """Stop taking requests, finish those under way, leave the cluster and exit."""
         if drain is None or drain_token is None:
             raise ApiError("This node cannot be drained over HTTP.", status=404)
+        if gate is not None:
+            try:  # an admin key, from anywhere (a user key: 403)
+                gate.admin(lowered(), "POST /admin/drain")
+                return _json(202, drain())
+            except Unauthorized:
+                pass  # not an API key: the drain token, from this machine
         host = (request.scope.get("client") or ("", 0))[0]
         if not (host.startswith("127.") or host == "::1"):
             raise PermissionDenied(
@@ -318,7 +432,8 @@ def create_app(
             {"self": dispatcher.name, "members": [m.as_json() for m in dispatcher.members()]},
         )
 
-    add_status_routes(app, StatusFeed.for_dispatcher(dispatcher))  # GET /, /status, /cluster/events
+    # GET /, /status (the static page), /cluster/events (the feed: admins only under [auth])
+    add_status_routes(app, StatusFeed.for_dispatcher(dispatcher), authorize=admin_only)
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
@@ -351,4 +466,7 @@ def create_app(
             )
         )
 
-    return FastPath(app, dispatcher, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
+    return FastPath(
+        app, dispatcher, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, gate=gate
+    )
+

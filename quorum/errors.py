@@ -58,6 +58,7 @@ class ApiError(QuorumError):
     type (``invalid_request_error``, ``server_error``, ...). ``param``: the offending request
     field as a dotted path (``messages[0].content``) or None. ``code``: a short machine code
     or None. ``retry_after``: seconds, sent as the ``Retry-After`` header when set.
+    ``headers``: more headers for the answer (a quota refusal's ``x-quota-*``).
     """
 
     status = 500
@@ -72,9 +73,11 @@ class ApiError(QuorumError):
         code: str | None = None,
         status: int | None = None,
         retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = dict(headers or {})
         self.param = param
         if code is not None:
             self.code = code

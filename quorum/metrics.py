@@ -103,6 +103,19 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        # by API key name (the configured names only: a bounded label set; never the key)
+        self.key_requests = Counter(
+            "quorum_key_requests",
+            "Entry node: requests answered, by API key name and status",
+            ["key", "status"],
+            registry=self.registry,
+        )
+        self.key_tokens = Counter(
+            "quorum_key_tokens",
+            "Entry node: prompt + completion tokens of finished requests, by API key name",
+            ["key"],
+            registry=self.registry,
+        )
 
     def watch(
         self,

@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from quorum.backends.llamacpp import LlamaCppBackend
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
+from quorum.gateway.gate import Gate
+from quorum.gateway.quota import QuotaBoard
 from quorum.gossip import GossipConfig, GossipNode, MemberState
 from quorum.gossip.config import is_loopback
 from quorum.gossip.seeds import BlockingResolver, system_resolver
@@ -125,7 +128,8 @@ class Node:
     """A node process's parts. ``transport``: httpx transport for static membership's
     polls; ``tap``: called with every body chunk the node's hops receive (tests record
     what crosses the hop). ``resolver``: resolves gossip seed and advertise names
-    (:mod:`quorum.gossip.seeds`; tests inject their own)."""
+    (:mod:`quorum.gossip.seeds`; tests inject their own). ``quota_clock``: unix seconds for
+    the quota windows (``quorum.gateway.quota``; tests fix it)."""
 
     def __init__(
         self,
@@ -134,6 +138,7 @@ class Node:
         transport: httpx.AsyncBaseTransport | None = None,
         tap: Callable[[bytes], None] | None = None,
         resolver: BlockingResolver = system_resolver,
+        quota_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self._resolver = resolver
@@ -156,6 +161,17 @@ class Node:
             allow_faults=config.debug_faults,
             tap=tap,
         )
+        self.gate: Gate | None = None
+        if config.auth is not None:
+            board = QuotaBoard(config.name, config.auth.names, clock=quota_clock)
+            self.gate = Gate(config.auth, board, open_metrics=config.open_metrics)
+            self.dispatcher.on_tokens = self._count_tokens
+        else:
+            log.warning(
+                "node %s has no [auth]: every client that reaches it may use it, with no "
+                "quota (`quorum keys new NAME` makes a key)",
+                config.name,
+            )
         self.drain_token = secrets.token_urlsafe(32)
         self.app = create_app(
             self.dispatcher,
@@ -164,6 +180,7 @@ class Node:
             drain_token=self.drain_token,
             max_body_bytes=config.max_body_bytes,
             body_timeout_s=config.body_timeout_s,
+            gate=self.gate,
         )
         self.dispatcher.metrics.watch(
             in_flight=lambda: {
@@ -199,6 +216,11 @@ class Node:
             free_slots=sum(x.free for x in loads),
             queue_depth=sum(x.queued for x in loads),
         )
+
+    def _count_tokens(self, key: str, tokens: int) -> None:
+        assert self.gate is not None
+        self.gate.add_tokens(key, tokens)
+        self.dispatcher.metrics.key_tokens.labels(key).inc(tokens)
 
     def self_member(self) -> Member:
         return Member(

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import trio
 
 from quorum.backends.base import Backend, Fault, Generation, Resume
+from quorum.backends.mock import count_prompt_tokens
 from quorum.errors import (
     ApiError,
     InvalidRequest,
@@ -66,6 +67,7 @@ from quorum.routing.breaker import BreakerBoard
 from quorum.routing.config import RoutingConfig
 from quorum.routing.headers import (
     ATTEMPTS,
+    CALLER,
     CREATED,
     FAULT,
     FORWARDED,
@@ -82,7 +84,14 @@ from quorum.routing.headers import (
 )
 from quorum.routing.hop import HopError, HopPool, HopResponse
 from quorum.routing.membership import Member, Membership, MemberState, NodeState
-from quorum.routing.relay import Event, Reply, StreamRelay, local_events, remote_events
+from quorum.routing.relay import (
+    Event,
+    Reply,
+    StreamRelay,
+    local_events,
+    remote_events,
+    usage_tokens,
+)
 from quorum.routing.select import RoutingPolicy, Selector, prefix_key
 from quorum.routing.serve import JSON_HEADERS, STREAM_HEADERS, LocalServer
 from quorum.routing.single_flight import SingleFlight, shareable
@@ -97,7 +106,11 @@ log = logging.getLogger(__name__)
 class Job:
     """One client request as the entry node handles it: the validated ``request``, the
     ``body`` as received, the endpoint ``path``, the stream's ``request_id`` and
-    ``created``, the injected ``fault`` (first attempt only) and the client's ``pin``."""
+    ``created``, the injected ``fault`` (first attempt only) and the client's ``pin``.
+    ``caller``: the API key's name the request was admitted under (None without
+    ``[auth]``); its tokens go to ``Dispatcher.on_tokens`` when the request ends.
+    ``count_usage``: ask the serving node for the usage chunk even when the client did not
+    (it is counted, and relayed only if the client asked for it)."""
 
     request: Request
     body: bytes
@@ -106,6 +119,13 @@ class Job:
     created: int
     fault: Fault | None
     pin: str | None
+    caller: str | None = None
+    count_usage: bool = False
+
+    @property
+    def hide_usage(self) -> bool:
+        """The usage chunk is for Quorum's count only: the client did not ask for it."""
+        return self.count_usage and not self.request.include_usage
 
 
 class Dispatcher:
@@ -117,6 +137,9 @@ class Dispatcher:
     (``[debug] faults``; a fault a signed forward carries is always obeyed). ``tap``: test
     hook called with every body chunk a hop receives. ``rng``: randomness for backoff jitter
     and the power of two choices. ``hop``: the connections to other nodes (a fake in tests).
+    ``on_tokens``: called with ``(caller, tokens)`` when a request admitted under an API key
+    ends (prompt + completion from the usage chunk; for a stream the client left before
+    usage, the prompt's estimate plus one token per chunk relayed).
     """
 
     def __init__(
@@ -149,6 +172,7 @@ class Dispatcher:
         self.selector = Selector(name, self.policy, rng=self._rng)
         self.single_flight = SingleFlight()
         self.metrics = Metrics()
+        self.on_tokens: Callable[[str, int], None] | None = None
         self.hop = hop or HopPool(
             connect_timeout_s=self.config.connect_timeout_s,
             max_idle=self.config.hop_max_idle,
@@ -217,11 +241,21 @@ class Dispatcher:
     # --- who is asking -----------------------------------------------------------------------
 
     async def handle(
-        self, request: Request, body: bytes, path: str, headers: Mapping[str, str]
+        self,
+        request: Request,
+        body: bytes,
+        path: str,
+        headers: Mapping[str, str],
+        *,
+        caller: str | None = None,
+        count_usage: bool = False,
+        allow_debug: bool = False,
     ) -> Reply:
         """Serve ``request`` (``body``: the raw bytes received, ``path``: the endpoint path,
-        ``headers``: lower-cased request headers). Raises ``ApiError`` before any byte: 401
-        for internal headers without a valid signature, 403 for a fault this node does not
+        ``headers``: lower-cased request headers). ``caller``/``count_usage``: see ``Job``.
+        ``allow_debug``: the caller is an admin, whose ``x-quorum-fault`` is obeyed even
+        where ``[debug] faults`` is off. Raises ``ApiError`` before any byte: 401 for
+        internal headers without a valid signature, 403 for a fault this node does not
         allow, 400/404/429/502/503/504 as the request path decides."""
         if any(name in headers for name in INTERNAL):
             self.signer.verify("POST", path, body, headers)
@@ -231,7 +265,7 @@ class Dispatcher:
                     code="invalid_internal_headers",
                 )
             return await self._serve_forwarded(request, headers)
-        if FAULT in headers and not self.allow_faults:
+        if FAULT in headers and not (self.allow_faults or allow_debug):
             raise PermissionDenied(
                 f"{FAULT} is refused: fault injection is off on node {self.name} "
                 "([debug] faults = true in its config turns it on, for tests and scenarios).",
@@ -255,16 +289,26 @@ class Dispatcher:
             int(time.time()),
             client_fault(headers),
             headers.get(PIN) or None,
+            caller,
+            count_usage,
         )
         if self.nursery is not None and shareable(request, headers):
             fault = job.fault.header() if job.fault is not None else ""
-            key = SingleFlight.key(path, job.pin, fault, body)
+            # one generation per caller: each key's tokens are its own
+            key = SingleFlight.key(path, f"{job.pin}\n{caller}", fault, body)
             return await self.single_flight.join(key, lambda: self._route(job))
         return await self._route(job)
 
     async def _serve_forwarded(self, request: Request, headers: Mapping[str, str]) -> Reply:
         """A request another node forwarded here (signature checked): serve it locally."""
         self.selector.check_forwarded(self.members(), request.model)
+        if CALLER in headers:
+            log.debug(
+                "%s: serving for key %r from %s",
+                request_id(headers),
+                headers[CALLER],
+                headers[FORWARDED],
+            )
         resume = None
         if RESUME_FIELD in request.raw:
             try:
@@ -381,8 +425,22 @@ class Dispatcher:
             return Reply(exc.status, JSON_HEADERS | {REQUEST_ID: job.request_id}, exc.body)
         except AttemptsExhausted as exc:
             raise exhausted(job.request.model, exc.failures) from None
+        except trio.Cancelled:  # the client left: the prompt was read all the same
+            self.count_tokens(job, None)
+            raise
+        self.count_tokens(job, _answer_usage(reply.body))
         reply.headers[ATTEMPTS] = str(attempts.count)
         return reply
+
+    def count_tokens(self, job: Job, usage: int | None, relayed: int = 0) -> None:
+        """Give a finished request's tokens to ``on_tokens``: ``usage`` (prompt +
+        completion) when the serving node reported it, else the prompt's estimate plus
+        ``relayed`` (chunks that reached the client, about a token each)."""
+        if job.caller is None or self.on_tokens is None:
+            return
+        if usage is None:
+            usage = count_prompt_tokens(job.request) + relayed
+        self.on_tokens(job.caller, usage)
 
     async def _unary_once(self, job: Job, member: Member, fault: Fault | None) -> Reply:
         self.outstanding[member.name] = self.outstanding.get(member.name, 0) + 1
@@ -429,6 +487,8 @@ class Dispatcher:
             REQUEST_ID: job.request_id,
             CREATED: str(job.created),
         }
+        if job.caller is not None:
+            headers[CALLER] = job.caller
         if fault is not None:
             headers[FAULT] = fault.header()
         headers[SIGNATURE] = self.signer.sign("POST", job.path, body, headers)
@@ -456,7 +516,7 @@ class Dispatcher:
                     request,
                     job.request_id,
                     job.created,
-                    request.include_usage,
+                    request.include_usage or job.count_usage,
                     fault=fault,
                     resume=resume,
                 )
@@ -465,8 +525,14 @@ class Dispatcher:
                         yield events
                 return
             body = job.body
-            if resume is not None:
-                body = json.dumps({**job.request.raw, RESUME_FIELD: resume.as_json()}).encode()
+            if resume is not None or job.hide_usage:
+                raw = dict(job.request.raw)
+                if job.hide_usage:
+                    options = raw.get("stream_options")
+                    raw["stream_options"] = {**(options or {}), "include_usage": True}
+                if resume is not None:
+                    raw[RESUME_FIELD] = resume.as_json()
+                body = json.dumps(raw).encode()
             async with self._exchange(member, job, body, fault) as response:
                 if response.status != 200:
                     try:
@@ -482,3 +548,14 @@ class Dispatcher:
                         await events.aclose()
         finally:
             self.outstanding[member.name] -= 1
+
+
+def _answer_usage(body: object) -> int | None:
+    """The tokens of a whole (non-streamed) answer, from its ``usage``."""
+    if not isinstance(body, bytes):
+        return None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return usage_tokens(answer.get("usage")) if isinstance(answer, dict) else None

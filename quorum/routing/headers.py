@@ -7,7 +7,8 @@ Three kinds of header, never confused (DESIGN.md, "Trust boundaries"):
   (only where the node's ``[debug] faults`` allows it), ``x-quorum-single-flight``.
 - **Internal headers** only a node of the cluster may send, on the hop:
   ``x-quorum-forwarded`` (the entry node's name), ``x-quorum-created`` (the stream's
-  ``created``), ``x-quorum-signature``. A request carrying any of them is accepted only with
+  ``created``), ``x-quorum-caller`` (the name of the API key the entry node admitted the
+  request under, for the serving node's log), ``x-quorum-signature``. A request carrying any of them is accepted only with
   a valid signature; a client that sends them gets 401.
 - **Response headers**: ``x-quorum-node``, ``x-quorum-attempts``, ``x-request-id``,
   ``x-quorum-shared``.
@@ -20,7 +21,8 @@ as salt; every key of the keyring is tried on receipt, so a key rotation does no
 hop. Timestamps older or newer than ``window_s`` are refused: a captured request cannot be
 replayed later than that. Nodes need clocks within that window of each other (NTP).
 
-Wire form: ``x-quorum-signature: v1 <unix seconds> <hex HMAC>``.
+Wire form: ``x-quorum-signature: v2 <unix seconds> <hex HMAC>`` (v2 signs ``x-quorum-caller``
+too; a v1 node and a v2 node refuse each other's hop, so upgrade a cluster all at once).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from quorum.errors import InvalidRequest, Unauthorized
 
 __all__ = [
     "ATTEMPTS",
+    "CALLER",
     "CREATED",
     "FAULT",
     "FORWARDED",
@@ -64,8 +67,9 @@ SINGLE_FLIGHT = "x-quorum-single-flight"
 # Internal headers: accepted only with a valid signature.
 FORWARDED = "x-quorum-forwarded"
 CREATED = "x-quorum-created"
+CALLER = "x-quorum-caller"
 SIGNATURE = "x-quorum-signature"
-INTERNAL = (FORWARDED, CREATED, SIGNATURE)
+INTERNAL = (FORWARDED, CREATED, CALLER, SIGNATURE)
 # The body field of a resume (only under a signed forward).
 RESUME_FIELD = "quorum_resume"
 # Response headers.
@@ -75,8 +79,8 @@ SHARED = "x-quorum-shared"
 
 # What the signature covers besides method, path and body: every header that changes what
 # the serving node does. A missing header is signed as empty, so none can be added later.
-_SIGNED = (FORWARDED, CREATED, REQUEST_ID, PIN, FAULT)
-_VERSION = "v1"
+_SIGNED = (FORWARDED, CREATED, CALLER, REQUEST_ID, PIN, FAULT)
+_VERSION = "v2"
 _INFO = b"quorum internal headers v1"
 
 

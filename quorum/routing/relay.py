@@ -46,6 +46,7 @@ __all__ = [
     "local_events",
     "remote_events",
     "stream_error",
+    "usage_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class StreamRelay:
         self.events_sent = 0
         self.text: dict[str, list[str]] = {}
         self.tool_calls = 0  # tool-call deltas relayed: an upstream cannot continue those
+        self.tokens: int | None = None  # prompt + completion, from the usage chunk
         self.done = False
         self._stack = AsyncExitStack()
         self._source: AsyncIterator[list[Event]] | None = None
@@ -125,9 +127,7 @@ class StreamRelay:
         finally:
             self.attempts = attempts.count
         self.d.metrics.ttft.labels(self.request.model).observe(trio.current_time() - self._started)
-        for raw, data in held:
-            self._account(raw, data)
-        return b"".join(raw for raw, _ in held)
+        return b"".join(raw for raw, data in held if self._account(raw, data))
 
     async def _first_token(self, member: Member, number: int) -> list[Event]:
         """Open ``member`` and read up to its first token; the events held until then."""
@@ -168,15 +168,20 @@ class StreamRelay:
         self.node = member.name
         return held
 
-    def _account(self, raw: bytes, data: str | bytes) -> bool:
-        """Count an event as delivered; False for an error event (never relayed here).
-        Raises ``SSEProtocolError`` for an event that is not a chunk object."""
+    def _account(self, raw: bytes, data: str | bytes) -> bool | None:
+        """Count an event as delivered; False for an error event (never relayed here), None
+        for a usage chunk the client did not ask for (counted, not relayed). Raises
+        ``SSEProtocolError`` for an event that is not a chunk object."""
         if data == "[DONE]" or data == b"[DONE]":
             self.done = True
             return True
         obj = decode(data)
         if "error" in obj:
             return False
+        if obj.get("usage") is not None:
+            self.tokens = usage_tokens(obj["usage"])
+            if self.job.hide_usage and not _choices(obj):
+                return None
         self.events_sent += 1
         for choice in _choices(obj):
             delta = choice.get("delta")
@@ -228,6 +233,7 @@ class StreamRelay:
         finally:
             await self._close()
             self.d.relaying -= 1
+            self.d.count_tokens(self.job, self.tokens, self.events_sent)
 
     async def _drain(self) -> None:
         """Read the source to its end after [DONE] (the chunked terminator), so the
@@ -258,11 +264,13 @@ class StreamRelay:
                     raise BackendBroken(f"no chunk from node {self.node} in {limit} s")
             out: list[bytes] = []
             for raw, data in batch:
-                if not self._account(raw, data):
+                relayed = self._account(raw, data)
+                if relayed is False:
                     if out:
                         yield b"".join(out)
                     raise BackendBroken(f"node {self.node} sent an error event")
-                out.append(raw)
+                if relayed:
+                    out.append(raw)
                 if self.done:
                     break
             if out:
@@ -325,6 +333,21 @@ async def remote_events(response: HopResponse) -> AsyncGenerator[list[Event]]:
 
 
 # --- reading events ------------------------------------------------------------------------------
+
+
+def usage_tokens(usage: object) -> int | None:
+    """Prompt + completion tokens of a ``usage`` object, None when it has none."""
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
+        return total
+    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+    if all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in parts):
+        return sum(parts)  # type: ignore[arg-type]
+    return None
+
+
 
 
 def decode(data: str | bytes) -> dict[str, Any]:

@@ -12,6 +12,7 @@ further lines (rich's ``overflow="fold"``).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -288,6 +289,12 @@ def _events(
                     yield event.event or "message", payload
 
 
+def auth_headers() -> dict[str, str]:
+    """``Authorization: Bearer $QUORUM_API_KEY`` when that variable is set, else nothing."""
+    key = os.environ.get("QUORUM_API_KEY", "").strip()
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def watch(
     url: str,
     *,
@@ -302,10 +309,11 @@ def watch(
     Live: redraw on every change the feed sends (the member list comes each second, after the
     summary), reconnect with backoff (up to ``max_backoff_s``) when the feed breaks, until
     Ctrl-C (``KeyboardInterrupt`` reaches the caller) or, if given, ``frames`` redraws. A
-    refusal (4xx) ends it with status 1."""
+    refusal (4xx) ends it with status 1. A node under ``[auth]`` serves the feed to admins:
+    the key is read from ``QUORUM_API_KEY``."""
     console = console or Console(highlight=False)
     view = ClusterView()
-    with httpx.Client() as client:
+    with httpx.Client(headers=auth_headers()) as client:
         if once:
             try:
                 for kind, data in _events(client, url, read_timeout_s=read_timeout_s):
