@@ -26,10 +26,11 @@ from .events import (
     PushPullRequest,
     Send,
 )
-from .messages import Addr, Load, MemberInfo, MemberState, NodeMeta
+from .messages import MAX_USAGE, Addr, Load, MemberInfo, MemberState, NodeMeta, Usage
 from .runner import GossipNode
 
 __all__ = [
+    "MAX_USAGE",
     "Addr",
     "GossipConfig",
     "GossipCore",
@@ -48,4 +49,5 @@ __all__ = [
     "PlaintextGossipError",
     "PushPullRequest",
     "Send",
+    "Usage",
 ]

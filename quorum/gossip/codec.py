@@ -3,7 +3,8 @@
 A message is a msgpack array ``[tag, field, field, ...]`` with positional fields in the order
 of the dataclass (see :mod:`quorum.gossip.messages`); nested values are arrays too:
 ``Addr = [host, port]``, ``NodeMeta = [http_url, [model, ...], state, [weight, ...]?]``,
-``Load = [in_flight, free_slots, queue_depth]``, a push-pull entry is
+``Load = [in_flight, free_slots, queue_depth, [usage, ...]?]`` (the usage list only when
+non-empty) with ``Usage = [key, window, requests, tokens, concurrent]``, a push-pull entry is
 ``[name, addr, state, incarnation, meta, load | nil, load_version]``, and a compound is
 ``[10, [message, ...]]``. Trailing fields beyond the known ones are ignored, so a later
 version may append fields to a message without a new tag.
@@ -25,7 +26,9 @@ Decoding never trusts the peer: msgpack itself is bounded (``max_str_len``, ``ma
 no maps, no binary, no extension types), then every field is checked for type and range:
 names are 1..128 printable characters, hosts IP literals, meta URLs ``http(s)`` base URLs
 (:class:`~quorum.gossip.messages.NodeMeta`), incarnations and load versions at most
-:data:`~quorum.gossip.messages.MAX_INCARNATION` (accusations one less). Anything nonsensical
+:data:`~quorum.gossip.messages.MAX_INCARNATION` (accusations one less), a load's usage at most
+:data:`~quorum.gossip.messages.MAX_USAGE` entries with distinct (key, window) and figures in
+range (:class:`~quorum.gossip.messages.Usage`). Anything nonsensical
 raises :class:`DecodeError`, which callers count and drop; nothing else escapes
 :func:`decode` and :func:`decode_packet`.
 """
@@ -41,13 +44,17 @@ from .messages import (
     MAX_EPOCH,
     MAX_HOST_LEN,
     MAX_INCARNATION,
+    MAX_KEY_LEN,
     MAX_LOAD_VERSION,
     MAX_MODEL_LEN,
     MAX_MODELS,
     MAX_NAME_LEN,
     MAX_SENT_MS,
     MAX_URL_LEN,
+    MAX_USAGE,
+    MAX_USAGE_FIGURE,
     MAX_WEIGHT,
+    MAX_WINDOW,
     META_STATES,
     Ack,
     Addr,
@@ -68,6 +75,7 @@ from .messages import (
     PingReq,
     PushPull,
     Suspect,
+    Usage,
     check_host,
     check_name,
 )
@@ -85,6 +93,7 @@ __all__ = [
     "encode_envelope",
     "encode_meta",
     "envelope_overhead",
+    "max_load_update_size",
     "max_push_pull_size",
 ]
 
@@ -113,8 +122,11 @@ def _meta(meta: NodeMeta) -> list[Any]:
     return fields
 
 
-def _load(load: Load) -> list[int]:
-    return [load.in_flight, load.free_slots, load.queue_depth]
+def _load(load: Load) -> list[Any]:
+    fields: list[Any] = [load.in_flight, load.free_slots, load.queue_depth]
+    if load.usage:
+        fields.append([[u.key, u.window, u.requests, u.tokens, u.concurrent] for u in load.usage])
+    return fields
 
 
 def _member(m: MemberInfo) -> list[Any]:
@@ -204,13 +216,30 @@ def alive_overhead() -> int:
     return len(msgpack.packb(fields))  # a fixarray header: one byte for 4 items or for 5
 
 
+def _largest_load() -> list[Any]:
+    """The wire form of a load at its largest: the largest figures and :data:`MAX_USAGE`
+    entries, each with a 64-byte key and the largest numbers."""
+    usage = [
+        [f"{i:02d}".ljust(MAX_KEY_LEN, "k"), MAX_WINDOW] + [MAX_USAGE_FIGURE] * 3
+        for i in range(MAX_USAGE)
+    ]
+    return [*[MAX_LOAD_FIGURE] * 3, usage]
+
+
+def max_load_update_size() -> int:
+    """The most bytes an encoded ``LoadUpdate`` can take: a node name of 128 characters, the
+    largest version, the largest load (see :data:`~quorum.gossip.messages.MAX_USAGE`)."""
+    fields = [MessageType.LOAD, "n" * MAX_NAME_LEN, MAX_LOAD_VERSION, _largest_load()]
+    return len(msgpack.packb(fields))
+
+
 def max_push_pull_size(members: int, max_meta_size: int) -> int:
     """The most bytes the plaintext of a push-pull with ``members`` entries can take: each
     entry at its largest (128-character name, 64-character host, a meta of
-    ``max_meta_size`` bytes, the largest numbers), in an envelope from a sender with the
-    longest name. A frame limit derived from this never refuses an honest push-pull."""
+    ``max_meta_size`` bytes, the largest numbers and load), in an envelope from a sender with
+    the longest name. A frame limit derived from this never refuses an honest push-pull."""
     longest = "n" * MAX_NAME_LEN
-    big = [MAX_LOAD_FIGURE] * 3
+    big = _largest_load()
     entry = [
         longest,
         ["f" * MAX_HOST_LEN, 65535],
@@ -321,7 +350,29 @@ def _decode_load(v: object) -> Load:
         in_flight=_int(items[0], 0, MAX_LOAD_FIGURE, "load.in_flight"),
         free_slots=_int(items[1], 0, MAX_LOAD_FIGURE, "load.free_slots"),
         queue_depth=_int(items[2], 0, MAX_LOAD_FIGURE, "load.queue_depth"),
+        usage=_decode_usage(items[3]) if len(items) > 3 else (),
     )
+
+
+def _decode_usage(v: object) -> tuple[Usage, ...]:
+    entries = _list(v, 0, "load.usage")
+    if len(entries) > MAX_USAGE:
+        _fail(f"load.usage: {len(entries)} entries is over the cap of {MAX_USAGE}")
+    usage = []
+    for entry in entries:
+        items = _list(entry, 5, "load.usage[]")
+        usage.append(
+            Usage(  # checks the key: printable, at most 64 bytes of UTF-8 (ValueError)
+                key=_str(items[0], MAX_KEY_LEN, "usage.key"),
+                window=_int(items[1], 0, MAX_WINDOW, "usage.window"),
+                requests=_int(items[2], 0, MAX_USAGE_FIGURE, "usage.requests"),
+                tokens=_int(items[3], 0, MAX_USAGE_FIGURE, "usage.tokens"),
+                concurrent=_int(items[4], 0, MAX_USAGE_FIGURE, "usage.concurrent"),
+            )
+        )
+    if len({(u.key, u.window) for u in usage}) != len(usage):
+        _fail("load.usage: two entries for the same (key, window)")
+    return tuple(usage)
 
 
 _STATES = {s.value: s for s in MemberState}

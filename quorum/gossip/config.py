@@ -29,6 +29,17 @@ def _alive_room(config: GossipConfig) -> int:
     return codec.alive_overhead() + codec.envelope_overhead(longest) + sealing + _COMPOUND_SLACK
 
 
+def _load_update_room(config: GossipConfig) -> int:
+    """Worst-case bytes of a datagram that carries the largest load update (see
+    :data:`~quorum.gossip.messages.MAX_USAGE`): the update, the envelope of a sender with the
+    longest name, a compound header and the sealing. 1372 with keys."""
+    sealing = Keyring(config.keys).overhead(config.cluster_name.encode())
+    longest = "n" * MAX_NAME_LEN
+    return (
+        codec.max_load_update_size() + codec.envelope_overhead(longest) + sealing + _COMPOUND_SLACK
+    )
+
+
 class GossipConfig(BaseModel):
     """Every knob of the gossip layer. Times are in seconds, sizes in bytes.
 
@@ -50,7 +61,8 @@ class GossipConfig(BaseModel):
       ``retransmit_mult``: each update is sent mult x ceil(log10(N + 1)) times.
       ``gossip_to_the_dead_time``: keep gossiping to a dead/left member this long, so it can
       hear that it was declared dead and refute; afterwards its record is forgotten.
-      ``max_datagram``: largest UDP datagram, sealed.
+      ``max_datagram``: largest UDP datagram, sealed; it must hold the largest load update
+      (1372 bytes with keys, see :data:`~quorum.gossip.messages.MAX_USAGE`).
     Anti-entropy:
       ``push_pull_interval``: full-state TCP exchange with one random member (scaled up
       beyond 32 members as memberlist does); 0 disables it.
@@ -126,6 +138,13 @@ class GossipConfig(BaseModel):
                 f"GossipConfig.max_meta_size must leave {room} bytes of the datagram "
                 "for the rest of an alive message (name, address, envelope, sealing)"
             )
+        need = _load_update_room(self)
+        if need > self.max_datagram:
+            raise ValueError(
+                f"GossipConfig.max_datagram must be at least {need} bytes: the largest load "
+                "update (with its per-key usage), its envelope and sealing must fit one "
+                "datagram (a plaintext cluster's name counts: use a shorter one, or keys)"
+            )
         return self
 
     @classmethod
@@ -188,9 +207,10 @@ class GossipConfig(BaseModel):
     def max_push_pull_bytes(self) -> int:
         """The largest push-pull frame in bytes, checked before anything is decrypted: what
         a push-pull of ``max_push_pull_members`` members needs when every field is at its
-        largest (``codec.max_push_pull_size``: about 1.2 KB a member with the default
-        960-byte meta), sealed. 0.6 MB for the defaults; honest frames are far smaller
-        (about 100 bytes a member)."""
+        largest (``codec.max_push_pull_size``: about 2.2 KB a member with the default
+        960-byte meta and a load with :data:`~quorum.gossip.messages.MAX_USAGE` usage
+        entries), sealed. 1.1 MB for the defaults; honest frames are far smaller (about 100
+        bytes a member, plus about 40 per usage entry)."""
         sealing = Keyring(self.keys).overhead(self.cluster_name.encode())
         return codec.max_push_pull_size(self.max_push_pull_members, self.max_meta_size) + sealing
 

@@ -396,7 +396,9 @@ class GossipCore:
 
     def set_load(self, load: Load) -> None:
         """Publish new load figures: a new load version, coalesced in the broadcast queue
-        (only the newest load of a node waits there). Cheap; call it as often as needed."""
+        (only the newest load of a node waits there). Cheap; call it as often as needed.
+        Any change counts, a change of ``load.usage`` alone too; an equal load is not
+        published again. The largest load fits one datagram (``GossipConfig`` checks)."""
         if load == self._self.load:
             return
         self._self.load = load

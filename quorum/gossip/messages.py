@@ -7,7 +7,7 @@ Each message has a numeric tag in :class:`MessageType`. The table is append-only
 memberlist ``net.go``): nodes running different versions share a cluster during a rolling
 upgrade, so a tag, once released, keeps its meaning forever.
 
-The value types carried inside messages (:class:`NodeMeta`, :class:`Load`,
+The value types carried inside messages (:class:`NodeMeta`, :class:`Load`, :class:`Usage`,
 :class:`MemberState`, :class:`MemberInfo`) live here too, because they are wire data.
 """
 
@@ -26,12 +26,16 @@ __all__ = [
     "MAX_EPOCH",
     "MAX_HOST_LEN",
     "MAX_INCARNATION",
+    "MAX_KEY_LEN",
     "MAX_LOAD_VERSION",
     "MAX_MODELS",
     "MAX_MODEL_LEN",
     "MAX_NAME_LEN",
     "MAX_SENT_MS",
     "MAX_URL_LEN",
+    "MAX_USAGE",
+    "MAX_USAGE_FIGURE",
+    "MAX_WINDOW",
     "META_STATES",
     "Ack",
     "Addr",
@@ -52,6 +56,7 @@ __all__ = [
     "PingReq",
     "PushPull",
     "Suspect",
+    "Usage",
     "check_host",
     "check_name",
 ]
@@ -203,6 +208,67 @@ node that reaches it (only a forged load update can push it there) keeps publish
 at that version; members that already hold that version keep the figures they have."""
 
 
+MAX_KEY_LEN = 64
+"""Longest API key name in :class:`Usage`, in bytes of UTF-8 (64 ASCII characters)."""
+MAX_WINDOW = 2**40
+"""The largest quota window index (unix seconds // window length: 2**40 one-second windows
+is 35,000 years)."""
+MAX_USAGE_FIGURE = 2**53 - 1
+"""The largest ``Usage`` count, for the same reasons as :data:`MAX_INCARNATION`."""
+MAX_USAGE = 10
+"""Most :class:`Usage` entries one :class:`Load` may carry.
+
+Chosen so that the largest load update fits one datagram of 1400 bytes (``DESIGN.md``):
+an entry at its largest (a 64-byte key; the window and three counts, each a 9-byte msgpack
+integer) takes 103 bytes; a ``LoadUpdate`` with 10 of them, for a node of the longest name
+(128 characters) at the largest version and load figures, takes 1188 bytes; with the envelope
+of a sender of the longest name (150), a compound header (5) and AES-GCM sealing (29) that is
+1372 bytes. 11 entries would be 1475. A plaintext cluster (loopback only) fits as long as its
+cluster name is at most 55 bytes; :class:`~quorum.gossip.config.GossipConfig` refuses a
+``max_datagram`` that the largest load update does not fit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One API key's quota figures on the sending node, in one fixed window.
+
+    ``key``: the key's name, 1..64 printable characters and at most :data:`MAX_KEY_LEN`
+    bytes of UTF-8 (the name, never the secret). ``window``: the window's index, unix seconds
+    // the window length, 0..2**40. ``requests``, ``tokens``: counted in that window on this
+    node, 0..2**53-1; they only grow within a window, so a receiver may merge the figures of
+    one (node, key, window) by max, as a G-counter. ``concurrent``: requests of that key open
+    at this node now, 0..2**53-1 (a gauge: the newest value wins). Raises ``ValueError`` on
+    anything else (a bool is not an int here).
+    """
+
+    key: str
+    window: int
+    requests: int
+    tokens: int
+    concurrent: int
+
+    def __post_init__(self) -> None:
+        if not _usage_key(self.key):
+            raise ValueError(
+                f"Usage.key must be 1..{MAX_KEY_LEN} bytes of printable UTF-8, not {self.key!r:.80}"
+            )
+        if type(self.window) is not int or not 0 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"Usage.window must be an int in [0, {MAX_WINDOW}]")
+        for value in (self.requests, self.tokens, self.concurrent):
+            if type(value) is not int or not 0 <= value <= MAX_USAGE_FIGURE:
+                raise ValueError(f"Usage figures must be ints in [0, {MAX_USAGE_FIGURE}]")
+
+
+def _usage_key(key: object) -> bool:
+    if not _printable(key, MAX_KEY_LEN):
+        return False
+    assert isinstance(key, str)
+    try:
+        return len(key.encode()) <= MAX_KEY_LEN
+    except UnicodeEncodeError:  # a lone surrogate is printable, but not UTF-8
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class NodeMeta:
     """What a node tells the cluster about itself. Carried in every ``Alive``.
@@ -257,17 +323,33 @@ class Load:
     """A node's current load, piggybacked as a versioned value (no incarnation bump).
 
     ``in_flight``: requests being served now. ``free_slots``: requests the node could start
-    now without queueing. ``queue_depth``: requests waiting for a slot. All are counts >= 0.
+    now without queueing. ``queue_depth``: requests waiting for a slot. All are counts >= 0
+    (the codec takes at most 2**31-1). ``usage``: this node's per-key quota figures
+    (:class:`Usage`), at most :data:`MAX_USAGE` (10: the most that keeps the largest load
+    update in one 1400-byte datagram), no two for the same (key, window); a list is turned
+    into a tuple. Encoded as a trailing field, so a load without usage keeps its old wire
+    form and a node that predates usage reads the rest (and relays the load without it).
+    Raises ``ValueError`` on a negative figure, a non-``Usage`` entry, too many entries or a
+    repeated (key, window).
     """
 
     in_flight: int
     free_slots: int
     queue_depth: int
+    usage: tuple[Usage, ...] = ()
 
     def __post_init__(self) -> None:
         for value in (self.in_flight, self.free_slots, self.queue_depth):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"Load figures must be non-negative ints, got {self}")
+        if not isinstance(self.usage, tuple):
+            object.__setattr__(self, "usage", tuple(self.usage))
+        if len(self.usage) > MAX_USAGE:
+            raise ValueError(f"Load.usage holds at most {MAX_USAGE} entries")
+        if not all(isinstance(u, Usage) for u in self.usage):
+            raise ValueError("Load.usage entries must be Usage values")
+        if len({(u.key, u.window) for u in self.usage}) != len(self.usage):
+            raise ValueError("Load.usage has two entries for the same (key, window)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from quorum.backends.base import NodeState
-from quorum.gossip import GossipNode, Load, MemberState, NodeMeta
+from quorum.gossip import GossipNode, Load, MemberState, NodeMeta, Usage
 
 __all__ = [
     "GossipMembership",
@@ -53,7 +53,11 @@ class Member:
     ``state``: membership state (``MemberState``: alive, suspect, dead, left). ``node_state``:
     what the node says of itself (``NodeState``: warming, ready, draining). ``url``: its HTTP
     base URL (``http://127.0.0.1:32769``). ``models``: the models its backends serve.
-    ``incarnation``: SWIM incarnation (0 for static peers).
+    ``incarnation``: SWIM incarnation (0 for static peers). ``usage``: the node's per-key
+    quota figures (``quorum.gossip.Usage``: key, window, requests, tokens, concurrent), at
+    most ``quorum.gossip.MAX_USAGE`` (10) entries; for a peer, what its newest gossiped load
+    carried; for this node, what ``local()`` returns, and :class:`GossipMembership`
+    gossips it with the load. Empty for static peers (``/health`` does not carry it).
     """
 
     name: str
@@ -64,6 +68,7 @@ class Member:
     load: MemberLoad = field(default_factory=MemberLoad)
     incarnation: int = 0
     weights: tuple[tuple[str, float], ...] = ()  # (model, routing weight), where not 1.0
+    usage: tuple[Usage, ...] = ()
 
     def weight(self, model: str) -> float:
         """The routing weight of ``model`` on this node (1.0 unless configured)."""
@@ -217,10 +222,12 @@ class GossipMembership:
     """Membership from the gossip layer (SWIM with Lifeguard, ``quorum.gossip``).
 
     ``local``: returns this node's own ``Member``; its URL, models and node state are published
-    as gossip metadata (a change raises the incarnation), its load as versioned load values
-    every ``publish_interval`` seconds when it changed (no incarnation bump), and again when
-    the member count changes or ``refresh_interval`` passed: a load update has a bounded
-    number of retransmissions, and a member that joined after they ran out must still learn it.
+    as gossip metadata (a change raises the incarnation), its load and ``usage`` as versioned
+    load values every ``publish_interval`` seconds when they changed (no incarnation bump),
+    and again when the member count changes or ``refresh_interval`` passed: a load update has
+    a bounded number of retransmissions, and a member that joined after they ran out must
+    still learn it. ``usage`` must hold at most ``quorum.gossip.MAX_USAGE`` (10) entries with
+    distinct (key, window), else :meth:`publish` raises ``ValueError`` (from ``Load``).
     """
 
     def __init__(
@@ -261,6 +268,7 @@ class GossipMembership:
                     if load
                     else MemberLoad(),
                     incarnation=info.incarnation,
+                    usage=load.usage if load else (),
                     weights=tuple(
                         (m, w)
                         for m, w in zip(info.meta.models, info.meta.weights, strict=False)
@@ -277,7 +285,7 @@ class GossipMembership:
         if meta != self._meta:
             self._meta = meta
             self.gossip.set_meta(meta)
-        load = Load(me.load.in_flight, me.load.free_slots, me.load.queue_depth)
+        load = Load(me.load.in_flight, me.load.free_slots, me.load.queue_depth, me.usage)
         count = len(self.gossip.members())
         now = trio.current_time()
         if (

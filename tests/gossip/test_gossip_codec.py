@@ -12,6 +12,7 @@ from quorum.gossip.codec import DecodeError
 from quorum.gossip.keyring import Keyring, OpenError
 from quorum.gossip.messages import (
     MAX_INCARNATION,
+    MAX_USAGE,
     Ack,
     Alive,
     Compound,
@@ -28,6 +29,7 @@ from quorum.gossip.messages import (
     PingReq,
     PushPull,
     Suspect,
+    Usage,
 )
 
 OLD_KEY = b"o" * 16
@@ -42,6 +44,7 @@ MESSAGES: list[Message] = [
     Dead("b", MAX_INCARNATION - 1, "a"),
     Left("b", 9),
     LoadUpdate("b", 12, Load(3, 0, 7)),
+    LoadUpdate("b", 13, Load(3, 0, 7, (Usage("team-a", 2**40, 2**53 - 1, 0, 1),))),
     Compound((Ping(1, "b", "a"), Alive("a", 1, ("10.0.0.1", 1), META), Left("z", 1))),
 ]
 
@@ -74,11 +77,122 @@ def test_push_pull_round_trip() -> None:
         codec.decode(codec.encode(msg), max_size=10_000, max_members=1)
 
 
+def test_load_without_usage_keeps_its_wire_form_and_reads_back_with_no_usage() -> None:
+    """A node that predates usage sends [in_flight, free_slots, queue_depth]: it reads as a
+    load with ``usage=()``, and such a load is encoded byte for byte as before."""
+    old_wire = msgpack.packb([11, "b", 12, [3, 0, 7]])
+    assert codec.encode(LoadUpdate("b", 12, Load(3, 0, 7))) == old_wire
+    assert codec.decode(old_wire, max_size=1400) == LoadUpdate("b", 12, Load(3, 0, 7, ()))
+    member = MemberInfo("a", ("10.0.0.1", 7946), MemberState.ALIVE, 3, META, Load(1, 2, 3), 8)
+    meta = [META.http_url, list(META.models), META.state]
+    entry = ["a", ["10.0.0.1", 7946], "alive", 3, meta, [1, 2, 3], 8]
+    assert codec.encode(PushPull("a", False, (member,))) == msgpack.packb([9, "a", False, [entry]])
+
+
+def test_usage_round_trips_in_order_and_trailing_fields_are_ignored() -> None:
+    usage = (Usage("b", 7, 1, 2, 3), Usage("a", 7, 0, 0, 0), Usage("a", 6, 9, 9, 0))
+    load = Load(1, 2, 3, usage)
+    decoded = codec.decode(codec.encode(LoadUpdate("n", 2, load)), max_size=1400)
+    assert isinstance(decoded, LoadUpdate) and decoded.load.usage == usage
+    later = msgpack.packb(
+        [11, "n", 2, [1, 2, 3, [["b", 7, 1, 2, 3, "future"]], "future"], "future"]
+    )
+    assert codec.decode(later, max_size=1400) == LoadUpdate(
+        "n", 2, Load(1, 2, 3, (Usage("b", 7, 1, 2, 3),))
+    )
+    listed = Load(0, 0, 0, [Usage("k", 0, 0, 0, 0)])  # type: ignore[arg-type]
+    assert listed.usage == (Usage("k", 0, 0, 0, 0),)
+
+
+def test_push_pull_carries_usage() -> None:
+    load = Load(1, 2, 3, tuple(Usage(f"key-{i}", 100, i, 10 * i, 1) for i in range(MAX_USAGE)))
+    member = MemberInfo("a", ("10.0.0.1", 7946), MemberState.ALIVE, 3, META, load, 8)
+    msg = PushPull("a", False, (member,))
+    assert codec.decode(codec.encode(msg), max_size=10_000, max_members=1) == msg
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("", 0, 0, 0, 0),  # empty key
+        ("k" * 65, 0, 0, 0, 0),  # key too long
+        ("é" * 33, 0, 0, 0, 0),  # 33 characters, but 66 bytes of UTF-8
+        ("\ud800", 0, 0, 0, 0),  # a lone surrogate: not UTF-8
+        ("k\n", 0, 0, 0, 0),  # not printable
+        (b"k", 0, 0, 0, 0),  # not a str
+        ("k", -1, 0, 0, 0),
+        ("k", 2**40 + 1, 0, 0, 0),
+        ("k", 0, -1, 0, 0),
+        ("k", 0, 0, 2**53, 0),
+        ("k", 0, 0, 0, True),  # a bool is not an int
+        ("k", 0, 1.0, 0, 0),
+    ],
+)
+def test_usage_refuses_values_out_of_range(fields: tuple[object, ...]) -> None:
+    with pytest.raises(ValueError):
+        Usage(*fields)  # type: ignore[arg-type]
+
+
+def test_load_refuses_too_many_or_repeated_usage_entries() -> None:
+    assert Usage("é" * 32, 2**40, 2**53 - 1, 2**53 - 1, 2**53 - 1).key == "é" * 32  # 64 bytes
+    Load(0, 0, 0, (Usage("k", 1, 0, 0, 0), Usage("k", 2, 0, 0, 0)))  # other windows: fine
+    with pytest.raises(ValueError):
+        Load(0, 0, 0, (Usage("k", 1, 0, 0, 0), Usage("k", 1, 5, 5, 5)))
+    with pytest.raises(ValueError):
+        Load(0, 0, 0, tuple(Usage(f"k{i}", 1, 0, 0, 0) for i in range(MAX_USAGE + 1)))
+    with pytest.raises(ValueError):
+        Load(0, 0, 0, (("k", 1, 0, 0, 0),))  # type: ignore[arg-type]
+
+
+GOOD_USAGE = ["k", 7, 1, 2, 3]
+
+
+def usage_load(*entries: object) -> bytes:
+    return msgpack.packb([11, "b", 2, [1, 2, 3, list(entries)]])
+
+
+HOSTILE_USAGE = {
+    "usage not a list": msgpack.packb([11, "b", 2, [1, 2, 3, "k"]]),
+    "usage is nil": msgpack.packb([11, "b", 2, [1, 2, 3, None]]),
+    "entry not a list": usage_load("k"),
+    "entry a field short": usage_load(GOOD_USAGE[:4]),
+    "too many entries": usage_load(*[[f"k{i}", 7, 1, 2, 3] for i in range(MAX_USAGE + 1)]),
+    "repeated key and window": usage_load(GOOD_USAGE, ["k", 7, 9, 9, 9]),
+    "empty key": usage_load(["", 7, 1, 2, 3]),
+    "key of 65 characters": usage_load(["k" * 65, 7, 1, 2, 3]),
+    "key of 66 bytes": usage_load(["é" * 33, 7, 1, 2, 3]),
+    "key with an escape sequence": usage_load(["k\x1b[2J", 7, 1, 2, 3]),
+    "key not a string": usage_load([7, 7, 1, 2, 3]),
+    "key as binary": usage_load([b"k", 7, 1, 2, 3]),
+    "negative window": usage_load(["k", -1, 1, 2, 3]),
+    "window past 2**40": usage_load(["k", 2**40 + 1, 1, 2, 3]),
+    "window a string": usage_load(["k", "7", 1, 2, 3]),
+    "negative requests": usage_load(["k", 7, -1, 2, 3]),
+    "tokens past 2**53-1": usage_load(["k", 7, 1, 2**53, 3]),
+    "concurrent of 2**64-1": usage_load(["k", 7, 1, 2, 2**64 - 1]),
+    "bool requests": usage_load(["k", 7, True, 2, 3]),
+    "float tokens": usage_load(["k", 7, 1, 2.0, 3]),
+    "nil concurrent": usage_load(["k", 7, 1, 2, None]),
+}
+
+
+@pytest.mark.parametrize("data", HOSTILE_USAGE.values(), ids=HOSTILE_USAGE.keys())
+def test_malformed_usage_is_a_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        codec.decode(data, max_size=1400)
+
+
+def test_the_good_usage_the_hostile_ones_are_made_from_decodes() -> None:
+    decoded = codec.decode(usage_load(GOOD_USAGE, ["k", 8, 1, 2, 3]), max_size=1400)
+    assert isinstance(decoded, LoadUpdate)
+    assert decoded.load.usage == (Usage("k", 7, 1, 2, 3), Usage("k", 8, 1, 2, 3))
+
+
 def test_compound_of_pre_encoded_parts_decodes() -> None:
-    parts = [codec.encode(m) for m in MESSAGES[:9]] * 3
+    parts = [codec.encode(m) for m in MESSAGES[:10]] * 3
     decoded = codec.decode(codec.encode_compound(parts), max_size=10_000)
-    assert isinstance(decoded, Compound) and len(decoded.parts) == 27
-    assert len(codec.encode_compound(parts)) <= sum(map(len, parts)) + codec.compound_overhead(27)
+    assert isinstance(decoded, Compound) and len(decoded.parts) == 30
+    assert len(codec.encode_compound(parts)) <= sum(map(len, parts)) + codec.compound_overhead(30)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from quorum.gossip.messages import (
     Ping,
     PingReq,
     Suspect,
+    Usage,
 )
 
 COUNT = 100_000
@@ -41,6 +42,7 @@ SAMPLES: list[Message] = [
     Alive("c", 1, addr_of("c"), META),
     Dead("c", 1, "b"),
     LoadUpdate("c", 2, Load(1, 1, 1)),
+    LoadUpdate("c", 3, Load(1, 1, 1, (Usage("team-a", 2**40, 2**53 - 1, 5, 1),))),
     Compound((Ping(5, "a", "b"), Suspect("a", 1, "b"), Alive("d", 2, addr_of("d"), META))),
 ]
 

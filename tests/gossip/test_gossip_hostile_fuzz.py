@@ -25,6 +25,9 @@ from quorum.gossip.core import GossipCore
 from quorum.gossip.messages import (
     MAX_INCARNATION,
     MAX_LOAD_VERSION,
+    MAX_USAGE,
+    MAX_USAGE_FIGURE,
+    MAX_WINDOW,
     Alive,
     Dead,
     Left,
@@ -32,6 +35,7 @@ from quorum.gossip.messages import (
     Message,
     NodeMeta,
     Suspect,
+    Usage,
 )
 
 # Hypothesis caches constants and character maps in its home directory (.hypothesis in the
@@ -148,12 +152,64 @@ def bad_addr() -> st.SearchStrategy[Any]:
     )
 
 
+GOOD_USAGE: list[Any] = ["team-a", 7, 1, 2, 3]
+
+
+def good_usage() -> st.SearchStrategy[list[Any]]:
+    """A valid usage list: up to MAX_USAGE entries, distinct (key, window), figures in range."""
+    entry = st.tuples(
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=64),
+        st.integers(0, MAX_WINDOW),
+        st.integers(0, MAX_USAGE_FIGURE),
+        st.integers(0, MAX_USAGE_FIGURE),
+        st.integers(0, MAX_USAGE_FIGURE),
+    ).map(list)
+    return st.lists(entry, max_size=MAX_USAGE, unique_by=lambda u: (u[0], u[1]))
+
+
+def bad_usage_entry() -> st.SearchStrategy[Any]:
+    """A usage entry wrong in exactly one way (or not an entry at all)."""
+    bad_field: list[st.SearchStrategy[Any]] = [
+        st.one_of(bad_text(64), st.just("é" * 33)),  # 33 characters, 66 bytes
+        bad_int(0, MAX_WINDOW),
+        bad_int(0, MAX_USAGE_FIGURE),
+        bad_int(0, MAX_USAGE_FIGURE),
+        bad_int(0, MAX_USAGE_FIGURE),
+    ]
+    return st.one_of(
+        wrong_type(list),
+        st.integers(0, 4).flatmap(
+            lambda i: bad_field[i].map(
+                lambda v: [v if j == i else f for j, f in enumerate(GOOD_USAGE)]
+            )
+        ),
+        st.integers(0, 4).map(lambda n: GOOD_USAGE[:n]),
+    )
+
+
+def bad_usage() -> st.SearchStrategy[Any]:
+    """A usage list with one bad entry among good ones, too many entries, a repeated (key,
+    window), or not a list."""
+    return st.one_of(
+        wrong_type(list),
+        st.builds(
+            lambda good, bad, at: [*good[:at], bad, *good[at:]],
+            good_usage().map(lambda g: g[: MAX_USAGE - 1]),
+            bad_usage_entry(),
+            st.integers(0, MAX_USAGE),
+        ),
+        st.integers(1, 40).map(lambda n: [[f"k{i}", 7, 1, 2, 3] for i in range(MAX_USAGE + n)]),
+        good_usage().filter(bool).map(lambda g: [*g, [g[0][0], g[0][1], 0, 0, 0]]),
+    )
+
+
 def bad_load() -> st.SearchStrategy[Any]:
     figure = bad_int(0, 2**31 - 1)
     return st.one_of(
         wrong_type(list),
         st.builds(lambda f, i: [f if j == i else 1 for j in range(3)], figure, st.integers(0, 2)),
         st.just([1, 2]),
+        st.builds(lambda u: [1, 2, 3, u], bad_usage()),
     )
 
 
@@ -185,7 +241,7 @@ TEMPLATES: dict[str, tuple[list[Any], list[str]]] = {
     ),
     "dead": ([7, "c", 1, "b"], ["name", "accusation_inc", "name"]),
     "left": ([8, "c", 1], ["name", "accusation_inc"]),
-    "load": ([11, "c", 2, [1, 2, 3]], ["name", "version", "load"]),
+    "load": ([11, "c", 2, [1, 2, 3, [GOOD_USAGE]]], ["name", "version", "load"]),
 }
 VALID_TAGS = {1, 2, 3, 4, 5, 6, 7, 8, 10, 11}
 
@@ -266,11 +322,34 @@ def test_hostile_datagrams_are_dropped_counted_and_change_nothing(msg: list[Any]
     assert core.incarnation == 1 and not hostile_urls_in(core)
 
 
+@FUZZ
+@given(good_usage(), st.booleans())
+def test_valid_usage_is_taken_exactly_from_a_datagram_and_a_push_pull(
+    usage: list[list[Any]], by_push_pull: bool
+) -> None:
+    """The other side of the hostile loads: any usage within the bounds is accepted, in a
+    datagram or a push-pull, and read back exactly as sent."""
+    core = healthy_core()
+    load = [1, 2, 3, usage]
+    if by_push_pull:
+        entry = ["c", list(addr_of("c")), "alive", 1, GOOD_META, load, 5]
+        frame = seal_payload(msgpack.packb([9, "x", False, [entry]]), src="x", sent=1.0)
+        answer, _ = core.answer_push_pull(1.0, addr_of("x"), frame)
+        assert answer is not None
+    else:
+        data = seal_payload(msgpack.packb([11, "c", 5, load]), src="x", sent=1.0)
+        core.receive(1.0, addr_of("x"), data)
+        assert core.counters["accepted"] == len(HEALTHY) + 1
+    info = core.member("c")
+    assert info is not None and info.load is not None and info.load_version == 5
+    assert info.load.usage == tuple(Usage(*u) for u in usage)
+
+
 @st.composite
 def hostile_push_pull(draw: st.DrawFn) -> list[Any]:
     """A push-pull frame with one hostile entry among valid ones, or too many entries."""
     good = [
-        [f"n{i}", [f"10.0.1.{i + 1}", 7946], "alive", 1, GOOD_META, [1, 1, 1], 1]
+        [f"n{i}", [f"10.0.1.{i + 1}", 7946], "alive", 1, GOOD_META, [1, 1, 1, [GOOD_USAGE]], 1]
         for i in range(draw(st.integers(0, 6)))
     ]
     if draw(st.booleans()):  # more members than a push-pull may carry

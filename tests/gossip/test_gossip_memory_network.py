@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from quorum.gossip import GossipConfig, GossipNode, MemberState, NodeMeta
+from quorum.gossip import GossipConfig, GossipNode, Load, MemberState, NodeMeta, Usage
 from quorum.gossip.memory import MemoryNetwork
 
 KEY = b"k" * 32
@@ -14,12 +14,16 @@ def addr(i: int) -> tuple[str, int]:
     return (f"10.0.0.{i + 1}", 7946)
 
 
+CONFIG = GossipConfig.lan(cluster_name="test", keys=(KEY,))
+
+
 async def start_nodes(
-    nursery: trio.Nursery, network: MemoryNetwork, n: int
+    nursery: trio.Nursery, network: MemoryNetwork, n: int, *, first: int = 0
 ) -> tuple[dict[str, GossipNode], dict[str, trio.CancelScope]]:
-    config = GossipConfig.lan(cluster_name="test", keys=(KEY,))
+    """Start nodes ``n{first}`` .. ``n{first + n - 1}``, each seeded with ``n0``."""
+    config = CONFIG
     nodes, scopes = {}, {}
-    for i in range(n):
+    for i in range(first, first + n):
         name = f"n{i}"
         node = GossipNode(
             name,
@@ -94,4 +98,37 @@ async def test_partitioned_runner_is_suspected_then_alive_again_after_heal(
         ):
             await trio.sleep(0.1)
     for scope in scopes.values():
+        scope.cancel()
+
+
+USAGE = (Usage("team-a", 1_700_000, 12, 3_400, 2), Usage("team-b", 1_700_000, 1, 80, 0))
+
+
+async def test_usage_reaches_every_runner_within_one_dissemination_and_a_late_joiner_by_push_pull(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    network = MemoryNetwork(nursery, seed=11, delay=0.002)
+    nodes, scopes = await start_nodes(nursery, network, 3)
+    with trio.fail_after(30):
+        while not all(len(states(n)) == 3 for n in nodes.values()):
+            await trio.sleep(0.1)
+    await trio.sleep(10)  # the join news has run out of retransmits
+    load = Load(1, 3, 0, USAGE)
+    nodes["n0"].set_load(load)
+    published = trio.current_time()
+    # an update is piggybacked retransmit_limit times, on gossip rounds every gossip_interval
+    dissemination = CONFIG.retransmit_limit(3) * CONFIG.gossip_interval
+    with trio.fail_after(dissemination):
+        while not all(getattr(n.member("n0"), "load", None) == load for n in nodes.values()):
+            await trio.sleep(0.01)
+    assert trio.current_time() - published <= dissemination
+    await trio.sleep(10)  # every piggyback of that load is spent
+    late, late_scopes = await start_nodes(nursery, network, 1, first=3)
+    joined = trio.current_time()
+    with trio.fail_after(5):
+        while (info := late["n3"].member("n0")) is None or info.load is None:
+            await trio.sleep(0.01)
+    assert info.load == load and info.load.usage == USAGE
+    assert trio.current_time() - joined < CONFIG.push_pull_interval  # the join push-pull
+    for scope in (*scopes.values(), *late_scopes.values()):
         scope.cancel()

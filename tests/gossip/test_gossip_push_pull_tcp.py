@@ -15,7 +15,7 @@ from gossip_helpers import CONFIG, seal_payload
 
 from quorum.gossip import GossipNode, NodeMeta, codec
 from quorum.gossip.core import GossipCore
-from quorum.gossip.messages import MAX_HOST_LEN, MAX_NAME_LEN, MemberState
+from quorum.gossip.messages import MAX_HOST_LEN, MAX_NAME_LEN, MAX_USAGE, MemberState
 from quorum.gossip.transport import TrioTransport, read_frame, write_frame
 
 TIMEOUT = 5.0
@@ -127,14 +127,16 @@ async def test_a_gossip_node_counts_refused_connections(
 
 def test_frame_limit_is_what_the_largest_push_pull_of_the_largest_cluster_needs() -> None:
     """Every member at its largest: a 128-character name, a 64-character host, a meta of
-    max_meta_size bytes, the largest numbers. Such a push-pull fits the frame limit and is
-    taken; the default limit is far below the 8 MiB it used to be."""
+    max_meta_size bytes, the largest numbers, a load with MAX_USAGE usage entries of 64-byte
+    keys. Such a push-pull fits the frame limit and is taken; the default limit is far below
+    the 8 MiB it used to be."""
     config = CONFIG.replace(max_push_pull_members=40)
     meta = ["http://h/" + "u" * 937, [], "draining"]  # 960 bytes encoded
     assert len(msgpack.packb(meta)) == config.max_meta_size
     host = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%" + "z" * 18
     assert len(host) == MAX_HOST_LEN
-    most = [2**31 - 1] * 3
+    usage = [[f"key-{i}".ljust(64, "k"), 2**40, *[2**53 - 1] * 3] for i in range(MAX_USAGE)]
+    most = [*[2**31 - 1] * 3, usage]
     entries = [
         [
             f"{i:03d}".ljust(MAX_NAME_LEN, "n"),
@@ -158,5 +160,5 @@ def test_frame_limit_is_what_the_largest_push_pull_of_the_largest_cluster_needs(
     answer, _ = core.answer_push_pull(0.0, ("10.0.0.2", 7946), data)
     assert answer is not None and core.counters["dropped_push_pull"] == 0
     assert sum(m.state is MemberState.SUSPECT for m in core.members()) == 0  # unknown: ignored
-    assert CONFIG.max_push_pull_bytes < 1024 * 1024 < 8 * 1024 * 1024
+    assert CONFIG.max_push_pull_bytes < 1.2 * 1024 * 1024 < 8 * 1024 * 1024
     assert CONFIG.max_push_pull_bytes == codec.max_push_pull_size(512, 960) + 29
