@@ -37,7 +37,7 @@ from quorum.backends.upstream import UpstreamBackend
 from quorum.config import BackendConfig, ConfigError, NodeConfig
 from quorum.gateway.gate import Gate
 from quorum.gateway.quota import QuotaBoard
-from quorum.gossip import GossipConfig, GossipNode, MemberState
+from quorum.gossip import MAX_USAGE, GossipConfig, GossipNode, MemberState, Usage
 from quorum.gossip.config import is_loopback
 from quorum.gossip.seeds import BlockingResolver, system_resolver
 from quorum.routing.dispatch import Dispatcher
@@ -141,6 +141,7 @@ class Node:
         quota_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.gate: Gate | None = None  # [auth]'s checks, set below
         self._resolver = resolver
         self.name = config.name
         self.backends: dict[str, Backend] = {
@@ -161,9 +162,10 @@ class Node:
             allow_faults=config.debug_faults,
             tap=tap,
         )
-        self.gate: Gate | None = None
         if config.auth is not None:
-            board = QuotaBoard(config.name, config.auth.names, clock=quota_clock)
+            board = QuotaBoard(
+                config.name, config.auth.names, clock=quota_clock, peers=self._peer_figures
+            )
             self.gate = Gate(config.auth, board, open_metrics=config.open_metrics)
             self.dispatcher.on_tokens = self._count_tokens
         else:
@@ -222,7 +224,18 @@ class Node:
         self.gate.add_tokens(key, tokens)
         self.dispatcher.metrics.key_tokens.labels(key).inc(tokens)
 
+    def _peer_figures(self) -> list[tuple[str, bool, tuple[Usage, ...]]]:
+        """The quota figures other members gossip, for the quota board."""
+        return [
+            (m.name, m.state == MemberState.ALIVE or m.state == MemberState.SUSPECT, m.usage)
+            for m in self.membership.members()
+            if m.name != self.name
+        ]
+
     def self_member(self) -> Member:
+        usage: tuple[Usage, ...] = ()
+        if self.gate is not None:
+            usage = tuple(Usage(*f) for f in self.gate.board.figures(MAX_USAGE))
         return Member(
             name=self.name,
             url=self.url,
@@ -231,6 +244,7 @@ class Node:
             models=tuple(self.backends),
             load=self.load(),
             weights=tuple((m, b.weight) for m, b in self.backends.items() if b.weight != 1.0),
+            usage=usage,
         )
 
     def health(self) -> dict[str, Any]:

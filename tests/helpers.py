@@ -127,10 +127,11 @@ async def start_cluster(
     *,
     tap: Any = None,
     ready: bool = True,
+    **node_options: Any,
 ) -> Cluster:
     """Start nodes in ``nursery`` and wait until every node sees every other one alive (and
     ready, if ``ready``). Gossip nodes join through the first node; static ones are given
-    each other's URLs."""
+    each other's URLs. ``node_options``: more keyword arguments for every ``Node``."""
     nodes: dict[str, Node] = {}
     seed = None
     for config in configs:
@@ -138,7 +139,7 @@ async def start_cluster(
             config = dataclasses.replace(
                 config, gossip=dataclasses.replace(config.gossip, seeds=(seed,))
             )
-        node = Node(config, tap=tap)
+        node = Node(config, tap=tap, **node_options)
         await nursery.start(node.run)
         if node.gossip is not None and seed is None:
             seed = node.gossip.address

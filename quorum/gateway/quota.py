@@ -119,7 +119,9 @@ class QuotaBoard:
 
     ``node``: this node's name (its own figures are never taken from gossip). ``clock``: unix
     seconds. ``keys``: the configured key names; figures of other keys, from gossip, are
-    dropped (the table is bounded by the config).
+    dropped (the table is bounded by the config). ``peers``: the membership view as
+    ``(name, alive, figures)`` rows, read (``hear_members``) whenever the cluster's
+    figures are asked for.
     """
 
     def __init__(
@@ -128,10 +130,12 @@ class QuotaBoard:
         keys: Iterable[str],
         *,
         clock: Callable[[], float] = time.time,
+        peers: Callable[[], Iterable[tuple[str, bool, Iterable[_Heard]]]] | None = None,
     ) -> None:
         self.node = node
         self._keys = frozenset(keys)
         self._clock = clock
+        self._peers_view = peers
         self._own: dict[str, _Count] = {}
         self._peers: dict[str, dict[str, _Count]] = {}  # node -> key -> newest figures
 
@@ -190,16 +194,33 @@ class QuotaBoard:
 
     # --- the cluster's figures -----------------------------------------------------------
 
-    def figures(self) -> tuple[Figures, ...]:
+    def figures(self, limit: int | None = None) -> tuple[Figures, ...]:
         """This node's own figures to gossip: the current window's, for every key with a
-        count in it or a request open."""
-        window = self.window(self._clock())
+        count in it or a request open, by key name. ``limit``: at most that many (a gossip
+        packet holds ten); when more keys are active, a different slice each second, so
+        that every key's figures go out at least every ``ceil(active / limit)`` seconds
+        (receivers keep what they last heard of a key: its counts only grow within a
+        window)."""
+        now = self._clock()
+        window = self.window(now)
         out = []
-        for key, own in self._own.items():
+        for key in sorted(self._own):
+            own = self._own[key]
             own.roll(window)
             if own.requests or own.tokens or own.concurrent:
                 out.append(Figures(key, window, own.requests, own.tokens, own.concurrent))
+        if limit is not None and len(out) > limit:
+            start = (int(now) * limit) % len(out)
+            out = (out + out)[start : start + limit]
         return tuple(out)
+
+    def hear_members(self, members: Iterable[tuple[str, bool, Iterable[_Heard]]]) -> None:
+        """Take the figures of every member in a membership view: ``(name, alive,
+        figures)``; a member not alive has no request open any more."""
+        for name, alive, figures in members:
+            self.hear(name, figures)
+            if not alive:
+                self.gone(name)
 
     def hear(self, node: str, figures: Iterable[_Heard]) -> None:
         """Take ``node``'s gossiped figures: per key, a newer window replaces an older one,
@@ -234,7 +255,9 @@ class QuotaBoard:
 
     def cluster(self, key: str, now: float | None = None) -> tuple[int, int, int]:
         """``(requests, tokens, concurrent)`` of ``key`` in the current window, summed over
-        this node and every node heard from."""
+        this node and every node heard from (the ``peers`` view is read first)."""
+        if self._peers_view is not None:
+            self.hear_members(self._peers_view())
         window = self.window(self._clock() if now is None else now)
         requests = tokens = concurrent = 0
         own = self._own.get(key)

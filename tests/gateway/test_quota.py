@@ -145,3 +145,29 @@ def test_headers_name_the_tightest_quota() -> None:
 
 def test_duration_is_openai_form() -> None:
     assert [duration(s) for s in (0, 0.2, 1, 59.5, 60, 360)] == ["0s", "1s", "1s", "1m0s", "1m0s", "6m0s"]
+
+
+def test_more_active_keys_than_a_packet_holds_take_turns() -> None:
+    clock = Clock()
+    keys = [f"k{i:02}" for i in range(25)]
+    a = QuotaBoard("a", keys, clock=clock)
+    for key in keys:
+        a.admit(key, Limits()).release()
+    seen: set[str] = set()
+    for second in range(3):  # ceil(25 / 10) seconds send every key
+        clock.now = 6_000_000.0 + second
+        sent = a.figures(10)
+        assert len(sent) == 10 and len({f.key for f in sent}) == 10
+        seen |= {f.key for f in sent}
+    assert seen == set(keys)
+    assert len(a.figures()) == 25
+
+
+def test_the_membership_view_is_read_when_the_cluster_figures_are_asked_for() -> None:
+    clock = Clock()
+    w = QuotaBoard.window(clock.now)
+    view = [("b", True, [Figures("team-a", w, 2, 0, 1)]), ("c", False, [Figures("team-a", w, 1, 0, 4)])]
+    a = QuotaBoard("a", ["team-a"], clock=clock, peers=lambda: view)
+    assert a.cluster("team-a") == (3, 0, 1)  # c is dead: its count stays, its open requests not
+    with pytest.raises(Saturated):
+        a.admit("team-a", Limits(requests_per_minute=3))
