@@ -334,11 +334,21 @@ async def _print_cluster(client: httpx.AsyncClient, url: str) -> None:
 
 
 def _members(url: str) -> int:
-    from quorum.status.terminal import members_table
+    from quorum.status.terminal import auth_headers, members_table
 
     try:
-        data = httpx.get(url.rstrip("/") + "/cluster/members", timeout=5.0).json()
-    except (httpx.HTTPError, ValueError) as exc:
+        response = httpx.get(
+            url.rstrip("/") + "/cluster/members", headers=auth_headers(), timeout=5.0
+        )
+        if response.status_code in (401, 403):
+            message = response.json()["error"]["message"]
+            console.print(
+                f"[red]quorum members: {url} refused ({response.status_code}): {message} "
+                "Set QUORUM_API_KEY to an admin key."
+            )
+            return 1
+        data = response.json()
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         console.print(f"[red]quorum members: {url} did not answer: {exc}")
         return 1
     console.print(members_table(data["members"], data["self"], console))
