@@ -11,9 +11,11 @@ Some names never pass, whatever a list says (they are refused in the lists, and 
 skip them again): toward an upstream the client's credentials (``authorization``,
 ``proxy-authorization``, ``cookie``: the backend sends its own ``api_key_env`` token), the
 transport's own headers (``host``, ``content-length``, ``transfer-encoding``, ``connection``,
-``te``, ``upgrade``, ``keep-alive``: set per hop by the HTTP client), and Quorum's internal
-``x-quorum-*``; back to a client the upstream's ``set-cookie``, the transport's headers and
-``x-quorum-*`` (Quorum sets its own).
+``te``, ``upgrade``, ``keep-alive``: set per hop by the HTTP client), the body's coding
+(``accept-encoding``, ``content-encoding``: the node reads the upstream's answer unencoded
+and frames its own), and Quorum's internal ``x-quorum-*``; back to a client the upstream's
+``set-cookie``, the transport's headers, ``content-encoding`` and ``x-quorum-*`` (Quorum sets
+its own).
 
 Config (the node passes one policy to its upstream backends)::
 
@@ -38,6 +40,7 @@ from an upstream to a client."""
 
 _CREDENTIALS = "a client's credentials never reach an upstream (the backend sends its own token)"
 _TRANSPORT = "it belongs to one HTTP connection, and each hop sets its own"
+_CODING = "Quorum decodes and re-encodes the body, so each side gets the node's own coding"
 
 NEVER_TO_UPSTREAM: Mapping[str, str] = {
     "authorization": _CREDENTIALS,
@@ -50,6 +53,8 @@ NEVER_TO_UPSTREAM: Mapping[str, str] = {
     "te": _TRANSPORT,
     "upgrade": _TRANSPORT,
     "keep-alive": _TRANSPORT,
+    "accept-encoding": _CODING,
+    "content-encoding": _CODING,
 }
 """Client header names no policy passes to an upstream, each with the reason (``x-quorum-*``
 too)."""
@@ -61,6 +66,7 @@ NEVER_TO_CLIENT: Mapping[str, str] = {
     "connection": _TRANSPORT,
     "keep-alive": _TRANSPORT,
     "upgrade": _TRANSPORT,
+    "content-encoding": _CODING,
 }
 """Upstream header names no policy passes back to a client, each with the reason
 (``x-quorum-*`` too)."""

@@ -28,9 +28,10 @@ Hostile input, from either side, never hurts the node:
 Headers (``quorum.backends.headers``): the upstream gets the client's headers that the
 node's ``HeaderPolicy`` allows (``Generation.headers``), then this backend's own
 ``content-type: application/json``, ``authorization`` (the ``api_key_env`` token, or basic
-auth from the URL; never the client's) and ``x-quorum-fault`` when a fault is injected. On a
-200 answer, the upstream's response headers the policy allows, but ``content-type`` (the node
-frames the body itself), go into ``Generation.answer_headers`` before the first event.
+auth from the URL; never the client's), ``accept-encoding: identity`` (the answer is read
+undecoded) and ``x-quorum-fault`` when a fault is injected. On a 200 answer, the upstream's
+response headers the policy allows, but ``content-type`` (the node frames the body itself), go
+into ``Generation.answer_headers`` before the first event.
 
 Resume (``Generation.resume``): the partial answer is appended as an assistant message for the
 upstream to continue, and the upstream's repeated role chunk is dropped. Per dialect:
@@ -226,7 +227,11 @@ class UpstreamBackend(Backend):
         self._ready = False
         self._health_interval = health_interval_s
         self._read_timeout = read_timeout_s
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        # The answer is read raw (``aiter_raw``), undecoded: ask for it unencoded, where
+        # httpx would offer gzip and deflate (and a gzipped stream would not parse).
+        headers = {"accept-encoding": "identity"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
         self._client = httpx.AsyncClient(
             transport=transport,
             headers=headers,

@@ -36,6 +36,7 @@ ANSWER_HEAD = (
     b"server: secret-box/1.0\r\n"
     b"x-internal-trace: abc\r\n"
     b"x-quorum-node: evil\r\n"
+    b"content-encoding: identity\r\n"
     b"connection: close\r\n"
     b"\r\n"
 )
@@ -58,6 +59,8 @@ CLIENT_HEADERS = {
     "te": "trailers",
     "content-type": "text/plain",
     "accept": "text/event-stream",
+    "accept-encoding": "gzip, br",
+    "content-encoding": "gzip",
     "x-request-id": "req-42",
 }
 SECRETS = (b"client-secret", b"cHJveHktc2VjcmV0", b"cookie-secret", b"do-not-send", b"evil")
@@ -132,7 +135,8 @@ async def test_only_allowlisted_client_headers_reach_the_upstream(
     assert one(pairs, "host") == f"127.0.0.1:{upstream.port}".encode()
     assert int(one(pairs, "content-length")) == len(raw.partition(b"\r\n\r\n")[2])
     assert one(pairs, "connection") == b"keep-alive"
-    assert "transfer-encoding" not in names
+    assert one(pairs, "accept-encoding") == b"identity"  # the answer is read undecoded
+    assert names.isdisjoint({"transfer-encoding", "content-encoding"})
 
 
 async def test_the_backends_own_token_is_sent_never_the_clients(
@@ -325,8 +329,9 @@ def test_each_list_refuses_only_the_names_forbidden_in_its_direction() -> None:
         ("x-q*", "x-quorum-*"),
         ("x-quorum-*", "x-quorum-*"),
         ("x-quorum-pin-*", "x-quorum-*"),
-        ("c*", "connection, content-length, cookie"),
-        ("content-*", "content-length"),
+        ("c*", "connection, content-encoding, content-length, cookie"),
+        ("content-*", "content-encoding, content-length"),
+        ("accept-*", "accept-encoding"),
         ("t*", "te, transfer-encoding"),
     ],
 )
@@ -426,7 +431,13 @@ def test_the_filters_drop_forbidden_names_even_when_validation_was_bypassed() ->
     assert "x-quorum-pin" not in sent and "x-quorum-forwarded" not in sent
     assert sent["x-secret"] == "do-not-send"  # "*" did pass what it may
     back = everything.client(
-        [("set-cookie", "s=1"), ("content-length", "3"), ("x-quorum-node", "evil"), ("a", "b")]
+        [
+            ("set-cookie", "s=1"),
+            ("content-length", "3"),
+            ("content-encoding", "gzip"),
+            ("x-quorum-node", "evil"),
+            ("a", "b"),
+        ]
     )
     assert back == {"a": "b"}
 
