@@ -174,6 +174,13 @@ class Generation:
     seconds for the ``created`` field. ``include_usage``: emit the usage chunk (true for every
     non-streamed request). ``fault``: injected fault, or None. ``resume``: continue a stream
     that broke elsewhere, or None for a fresh one.
+
+    ``headers``: the client's headers that may reach an upstream, already filtered by the
+    node's policy (``quorum.backends.headers.HeaderPolicy.upstream``); lower-case names.
+    ``answer_headers``: filled by a backend, once its answer's head arrives (before the first
+    event is yielded), with the upstream response headers that may be passed back to the
+    client (``HeaderPolicy.client``), lower-case names; the mock leaves it empty. It is the
+    one mutable part of a generation: one dict per generation.
     """
 
     request: Request
@@ -182,6 +189,8 @@ class Generation:
     include_usage: bool
     fault: Fault | None = None
     resume: Resume | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    answer_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def stream_id(self) -> str:

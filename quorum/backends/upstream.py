@@ -25,6 +25,14 @@ Hostile input, from either side, never hurts the node:
   its ``user:password@`` part, goes to the server log (``logging``, logger
   ``quorum.backends.upstream``).
 
+Headers (``quorum.backends.headers``): the upstream gets the client's headers that the
+node's ``HeaderPolicy`` allows (``Generation.headers``), then this backend's own
+``content-type: application/json``, ``authorization`` (the ``api_key_env`` token, or basic
+auth from the URL; never the client's), ``accept-encoding: identity`` (the answer is read
+undecoded) and ``x-quorum-fault`` when a fault is injected. On a 200 answer, the upstream's
+response headers the policy allows, but ``content-type`` (the node frames the body itself), go
+into ``Generation.answer_headers`` before the first event.
+
 Resume (``Generation.resume``): the partial answer is appended as an assistant message for the
 upstream to continue, and the upstream's repeated role chunk is dropped. Per dialect:
 
@@ -95,6 +103,7 @@ import trio
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from quorum.backends.base import Backend, BackendLoad, BackendState, Generation, Resume
+from quorum.backends.headers import DEFAULT, HeaderPolicy
 from quorum.errors import BackendBroken, BackendSaturated, BackendUnavailable, InvalidRequest
 from quorum.sse import DONE, SSEParser, SSEProtocolError, encode
 from quorum.wire import json_type_name
@@ -176,7 +185,9 @@ class UpstreamBackend(Backend):
     attribute is the URL without it. ``slots``: concurrent upstream requests; ``queue``: how
     many more may wait here. ``connect_timeout_s``: seconds to connect; ``read_timeout_s``:
     seconds of silence allowed while waiting for the answer's head or its next bytes.
-    ``state`` is "warming" until ``GET {url}/models`` answers 200.
+    ``policy``: which client headers the upstream gets and which of its response headers go
+    back (``quorum.backends.headers``; the node passes its own). ``state`` is "warming" until
+    ``GET {url}/models`` answers 200.
     """
 
     kind = "upstream"
@@ -194,9 +205,11 @@ class UpstreamBackend(Backend):
         read_timeout_s: float = 60.0,
         health_interval_s: float = 5.0,
         weight: float = 1.0,
+        policy: HeaderPolicy = DEFAULT,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.model = model
+        self.policy = policy
         # Credentials in the URL are sent as basic auth and kept out of ``url``, which is
         # what httpx logs and what our log lines show.
         parsed = httpx.URL(url.rstrip("/"))
@@ -214,7 +227,11 @@ class UpstreamBackend(Backend):
         self._ready = False
         self._health_interval = health_interval_s
         self._read_timeout = read_timeout_s
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        # The answer is read raw (``aiter_raw``), undecoded: ask for it unencoded, where
+        # httpx would offer gzip and deflate (and a gzipped stream would not parse).
+        headers = {"accept-encoding": "identity"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
         self._client = httpx.AsyncClient(
             transport=transport,
             headers=headers,
@@ -226,9 +243,12 @@ class UpstreamBackend(Backend):
         )
 
     @classmethod
-    def from_config(cls, model: str, table: Mapping[str, Any]) -> UpstreamBackend:
-        """Build from a ``[[backends]]`` table's options (``UpstreamOptions``); raises
-        ``pydantic.ValidationError`` (a ``ValueError``) naming the bad key."""
+    def from_config(
+        cls, model: str, table: Mapping[str, Any], *, policy: HeaderPolicy = DEFAULT
+    ) -> UpstreamBackend:
+        """Build from a ``[[backends]]`` table's options (``UpstreamOptions``) and the node's
+        header ``policy``; raises ``pydantic.ValidationError`` (a ``ValueError``) naming the
+        bad key."""
         options = UpstreamOptions.model_validate(dict(table))
         api_key = os.environ.get(options.api_key_env) if options.api_key_env else None
         return cls(
@@ -242,6 +262,7 @@ class UpstreamBackend(Backend):
             read_timeout_s=options.read_timeout_s,
             health_interval_s=options.health_interval_s,
             weight=options.weight,
+            policy=policy,
         )
 
     @property
@@ -422,12 +443,8 @@ class UpstreamBackend(Backend):
             self._queued -= 1
         try:
             path = "/chat/completions" if generation.request.kind == "chat" else "/completions"
-            headers = {"content-type": "application/json"}
-            # A fault is passed on: a Quorum node or mock upstream applies it, others ignore it.
-            if generation.fault:
-                headers["x-quorum-fault"] = generation.fault.header()
             request = self._client.build_request(
-                "POST", self.url + path, content=content, headers=headers
+                "POST", self.url + path, content=content, headers=self._headers(generation)
             )
             try:
                 response = await self._client.send(request, stream=True)
@@ -447,6 +464,9 @@ class UpstreamBackend(Backend):
             try:
                 if response.status_code != 200:
                     raise await self._status_error(response)
+                answer = self.policy.client(response.headers.multi_items())
+                answer.pop("content-type", None)
+                generation.answer_headers.update(answer)
                 events = self._events(response, generation)
                 try:
                     yield events
@@ -458,6 +478,19 @@ class UpstreamBackend(Backend):
                     await response.aclose()
         finally:
             self._slots.release()
+
+    def _headers(self, generation: Generation) -> httpx.Headers:
+        """The request's headers: the client's that the policy allows, then ours over them.
+        Values go as latin-1 bytes, the bytes the client sent (the policy dropped any that
+        are not a field value)."""
+        headers = self.policy.upstream(generation.headers)
+        headers["content-type"] = "application/json"
+        # A fault is passed on: a Quorum node or mock upstream applies it, others ignore it.
+        if generation.fault:
+            headers["x-quorum-fault"] = generation.fault.header()
+        # Our own credentials are added by the httpx client: its default ``authorization``
+        # (the api_key_env token) or its basic auth (the URL's user:password).
+        return httpx.Headers(headers, encoding="latin-1")
 
     # --- the answer -------------------------------------------------------------------------
 
