@@ -93,7 +93,9 @@ class ClusterOptions:
     node. ``routing``: the ``[routing]`` table for every node. ``mock``: options applied to
     every mock backend of the shipped configs (e.g. ``warmup_s``). ``scenario_backend``: the
     ``[[backends]]`` table of ``mock-scenario``, added to every node (None: not added).
-    ``nodes_dir``: where ``node-*.toml`` are read from.
+    ``tables``: more top-level tables for every node (e.g. ``{"auth": {...}}``), each
+    replacing the shipped table of that name. ``nodes_dir``: where ``node-*.toml`` are read
+    from.
     """
 
     preset: str = "local"
@@ -101,6 +103,7 @@ class ClusterOptions:
     routing: Mapping[str, Any] = field(default_factory=dict)
     mock: Mapping[str, Any] = field(default_factory=dict)
     scenario_backend: Mapping[str, Any] | None = None
+    tables: Mapping[str, Any] = field(default_factory=dict)
     nodes_dir: Path = field(default_factory=default_nodes_dir)
     names: Sequence[str] = ("node-a", "node-b", "node-c")
 
@@ -171,8 +174,8 @@ class ProcessCluster(NodeCluster):
         return shipped_configs(self.options.nodes_dir, self.options.names)
 
     def config_for(self, name: str, data: Mapping[str, Any]) -> dict[str, Any]:
-        """``nodes/<name>.toml`` with this run's backends and routing (addresses, seeds and
-        the preset are ``quorum.launch.rewire``'s)."""
+        """``nodes/<name>.toml`` with this run's backends, routing and tables (addresses,
+        seeds and the preset are ``quorum.launch.rewire``'s)."""
         opts = self.options
         out = dict(data)
         out["gossip"] = {"cluster": "quorum-scenario", **data.get("gossip", {})}
@@ -186,6 +189,7 @@ class ProcessCluster(NodeCluster):
         if opts.routing:
             out["routing"] = dict(opts.routing)
         out["debug"] = {"faults": True}  # scenarios inject faults (x-quorum-fault)
+        out.update(opts.tables)
         return out
 
     def netns_of(self, name: str) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import trio
 
+from quorum.gateway.keys import Role, digest, new_key
 from quorum.launch import default_nodes_dir
 from quorum.scenarios.cluster import (
     ClusterOptions,
@@ -99,7 +100,9 @@ class ScenarioResult:
 @dataclass
 class Env:
     """A running scenario's world: ``target`` (the cluster), ``http`` (for /health and
-    /cluster/members), ``options``, ``notes`` for the report, ``cluster`` when local."""
+    /cluster/members; it presents the env's admin key when the nodes have keys),
+    ``options``, ``notes`` for the report, ``cluster`` when local. ``keys``: key name -> the
+    API key the scenario asked for (``open_env(keys=...)``), empty when the nodes are open."""
 
     target: Target
     http: httpx.AsyncClient
@@ -108,6 +111,7 @@ class Env:
     cluster: ProcessCluster | None = None
     workdir: Path | None = None
     keep: bool = False  # keep the node logs (set when the scenario failed)
+    keys: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def quick(self) -> bool:
@@ -210,6 +214,26 @@ def partition_method(options: Options) -> PartitionMethod:
 
 # --- the environment ------------------------------------------------------------------------
 
+ADMIN_KEY_NAME = "scenario-admin"
+"""The env's own key, an admin's (``/cluster/members`` needs one under ``[auth]``)."""
+
+
+def make_keys(
+    keys: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, str], str, dict[str, Any]]:
+    """Fresh API keys (``new_key``) for a run: ``keys`` maps a key's name to the rest of its
+    ``[[auth.keys]]`` table (role, models, quotas). Returns (name -> key, the env's admin
+    key, the ``[auth]`` table holding every key's digest, the admin key's as
+    ``ADMIN_KEY_NAME``). Nothing secret is fixed in code: each run makes its own. Raises
+    ``ValueError`` when a name is ``ADMIN_KEY_NAME``."""
+    if ADMIN_KEY_NAME in keys:
+        raise ValueError(f"{ADMIN_KEY_NAME!r} is the env's own key: choose another name")
+    made = {name: new_key() for name in keys}
+    admin = new_key()
+    tables = [{"name": n, "sha256": digest(made[n]), **keys[n]} for n in keys]
+    tables.append({"name": ADMIN_KEY_NAME, "sha256": digest(admin), "role": str(Role.ADMIN)})
+    return made, admin, {"keys": tables}
+
 
 @asynccontextmanager
 async def open_env(
@@ -221,16 +245,27 @@ async def open_env(
     start: bool = True,
     partition: PartitionMethod | None = None,
     nodes_dir: Path | None = None,
+    keys: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> AsyncIterator[Env]:
     """The scenario's cluster, started (unless ``start`` is False) and converged; always
     torn down: processes ended by pid, namespaces and firewall rules removed.
     ``partition``: the scenario cuts nodes off, this way (``partition_method``); its note
     goes into the report. ``nodes_dir``: where the node configs are read (default
-    ``nodes/``). Raises ``MissingTool`` when namespaces fail to set up and the partition has
-    no other way."""
+    ``nodes/``). ``keys``: API keys the nodes accept (``make_keys``; the nodes then need a
+    key on every /v1 route), given to the scenario as ``env.keys``; a local cluster only.
+    Raises ``MissingTool`` when namespaces fail to set up and the partition has no other way,
+    ``ScenarioError`` for ``keys`` on a compose cluster."""
     notes: list[str] = []
-    async with httpx.AsyncClient(timeout=5.0) as http:
+    made: dict[str, str] = {}
+    tables: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    if keys:
+        made, admin, tables["auth"] = make_keys(keys)
+        headers["authorization"] = f"Bearer {admin}"
+    async with httpx.AsyncClient(timeout=5.0, headers=headers) as http:
         if options.target == "compose":
+            if keys:
+                raise ScenarioError("API keys need node configs this run writes: --target local")
             compose_file = options.compose_file or Path("docker-compose.yml")
             compose = ComposeTarget(compose_file)
             target: Target = compose
@@ -255,6 +290,7 @@ async def open_env(
             routing=dict(routing or {}),
             mock=dict(mock or {}),
             scenario_backend=scenario_backend,
+            tables=tables,
             nodes_dir=nodes_dir or default_nodes_dir(),
         )
         cluster = ProcessCluster(workdir, cluster_options)
@@ -284,7 +320,7 @@ async def open_env(
         if partition is not None:
             notes.append(partition.note)
         target = LocalTarget(cluster)
-        env = Env(target, http, options, notes, cluster=cluster, workdir=workdir)
+        env = Env(target, http, options, notes, cluster=cluster, workdir=workdir, keys=made)
         ok = False
         try:
             if start:

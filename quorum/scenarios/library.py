@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import httpx
 import trio
 
 from quorum.backends.llamacpp import default_model_path, xllamacpp_installed
+from quorum.gateway.quota import WINDOW_S, QuotaBoard
 from quorum.launch import default_nodes_dir
 from quorum.scenarios.clients import (
     Damage,
@@ -722,6 +724,242 @@ async def overload(env: Env, result: ScenarioResult) -> None:
     result.check("some requests completed", len(ok) > 0)
 
 
+# --- quota ----------------------------------------------------------------------------------
+
+QUOTA_KEY = "burst"
+PROBE_KEYS = ("probe-1", "probe-2")  # one per node that watches a figure arrive (all but one)
+PROBE_LIMIT = 100_000  # requests a minute of a probe key: never reached
+
+
+def quota_limit(quick: bool) -> int:
+    """The ``requests_per_minute`` of the burst's key."""
+    return 30 if quick else 60
+
+
+def quota_keys(quick: bool) -> dict[str, dict[str, Any]]:
+    """The quota scenario's keys: ``QUOTA_KEY`` with the limit under test, and the
+    ``PROBE_KEYS`` that time how long a quota figure takes to reach the other nodes."""
+    keys = {QUOTA_KEY: {"requests_per_minute": quota_limit(quick)}}
+    return keys | {k: {"requests_per_minute": PROBE_LIMIT} for k in PROBE_KEYS}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One non-streamed request: its entry ``node``, HTTP ``status`` (0: no answer, then
+    ``error`` says why: "timeout" or the exception's name), the answer's ``headers``, and
+    ``started``/``ended`` in trio time (seconds)."""
+
+    node: str
+    status: int
+    headers: httpx.Headers
+    started: float
+    ended: float
+    error: str | None = None
+
+
+async def ask(client: httpx.AsyncClient, env: Env, node: str, key: str, tag: str) -> Answer:
+    """A small non-streamed chat request of ``key`` entering at ``node``."""
+    body = {
+        "model": env.target.model,
+        "messages": [{"role": "user", "content": f"[{tag}] quota"}],
+        "max_tokens": 1,
+    }
+    url = env.target.url(node) + "/v1/chat/completions"
+    started = trio.current_time()
+    try:
+        r = await client.post(url, json=body, headers={"authorization": f"Bearer {key}"})
+    except httpx.TimeoutException:
+        return Answer(node, 0, httpx.Headers(), started, trio.current_time(), "timeout")
+    except httpx.HTTPError as exc:
+        return Answer(node, 0, httpx.Headers(), started, trio.current_time(), type(exc).__name__)
+    return Answer(node, r.status_code, r.headers, started, trio.current_time())
+
+
+async def burst(
+    client: httpx.AsyncClient, env: Env, key: str, clients: int, limit_s: float, cap: int
+) -> list[Answer]:
+    """``clients`` clients, spread round-robin over the nodes, each sending requests of
+    ``key`` one after the other, until every node has refused (429) three times: then no
+    node can admit any more in this window (a node refuses once its view of the cluster's
+    count reaches the limit, and within a window that view only grows). At most ``cap``
+    requests and ``limit_s`` seconds."""
+    nodes = env.target.nodes
+    answers: list[Answer] = []
+    refused = dict.fromkeys(nodes, 0)
+    done = trio.Event()
+
+    async def one(i: int) -> None:
+        node = nodes[i % len(nodes)]
+        k = 0
+        while not done.is_set() and len(answers) < cap:
+            k += 1
+            answer = await ask(client, env, node, key, f"q{i}-{k}")
+            answers.append(answer)
+            if answer.status == 429:
+                refused[node] += 1
+                if min(refused.values()) >= 3:
+                    done.set()
+
+    with trio.move_on_after(limit_s):
+        async with trio.open_nursery() as nursery:
+            for i in range(clients):
+                nursery.start_soon(one, i)
+    return answers
+
+
+async def dissemination(
+    client: httpx.AsyncClient,
+    env: Env,
+    source: str,
+    observer: str,
+    key: str,
+    samples: int,
+    rng: random.Random,
+) -> list[float]:
+    """How long a quota figure takes to reach ``observer`` from ``source``, ``samples``
+    times: one request of ``key`` at ``source``, then requests of ``key`` at ``observer``,
+    one after the other, until one's ``x-ratelimit-remaining-requests`` counts it. The
+    observer's answer reflects the cluster's sum as it knows it: its own admitted requests
+    (the polls, counted here) plus what it heard; the source's k-th request is heard once
+    that is ``k``. Each figure is an upper bound, in seconds: from sending the request at
+    ``source`` to the answer of the first poll that counted it. A sample that saw nothing
+    within 5 s is left out. Samples are 0.1 to 0.4 s apart (from ``rng``), so that they fall
+    at varied points of the nodes' publish and gossip rounds (0.2 s, 0.1-0.2 s)."""
+    took: list[float] = []
+    polls = 0
+    for k in range(1, samples + 1):
+        sent = await ask(client, env, source, key, f"d-{key}-{k}")
+        if sent.status != 200:
+            continue
+        deadline = trio.current_time() + 5.0
+        while trio.current_time() < deadline:
+            poll = await ask(client, env, observer, key, f"d-{key}-{k}-{polls}")
+            if poll.status != 200:
+                break
+            polls += 1
+            remaining = int(poll.headers.get("x-ratelimit-remaining-requests", PROBE_LIMIT))
+            heard = PROBE_LIMIT - remaining - polls
+            if heard >= k:
+                took.append(poll.ended - sent.started)
+                break
+        await trio.sleep(rng.uniform(0.1, 0.4))
+    return took
+
+
+async def quota(env: Env, result: ScenarioResult) -> None:
+    """A key's ``requests_per_minute`` under a burst spread over every node: how many
+    requests beyond the limit the cluster admits before every node refuses, against the bound
+    of ``quorum.gateway.quota``: ``(N - 1) x r x D`` (N entry nodes, r requests a second
+    reaching each, D the measured time for a quota figure to reach the other nodes)."""
+    assert env.keys, "the quota scenario needs its keys (Scenario.keys)"
+    target = env.target
+    nodes = target.nodes
+    n = len(nodes)
+    limit = quota_limit(env.quick)
+    n_clients = env.options.clients or 12
+    samples = env.options.trials or (6 if env.quick else 12)
+    rng = random.Random(env.options.seed)
+    # Windows are fixed unix minutes: the burst and the probes must fall in one.
+    need_s = 10.0 if env.quick else 20.0
+    now = time.time()
+    left = (QuotaBoard.window(now) + 1) * WINDOW_S - now
+    waited = 0.0
+    if left < need_s:
+        waited = left + 0.1
+        await trio.sleep(waited)
+    window = QuotaBoard.window(time.time())
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        started = trio.current_time()
+        answers = await burst(client, env, env.keys[QUOTA_KEY], n_clients, 20.0, 40 * limit)
+        ended = trio.current_time()
+        probes = list(zip(nodes[1:], PROBE_KEYS, strict=True))
+        took: dict[str, list[float]] = {}
+
+        async def watch(observer: str, key: str) -> None:
+            took[observer] = await dissemination(
+                client, env, nodes[0], observer, env.keys[key], samples, rng
+            )
+
+        async with trio.open_nursery() as nursery:
+            for observer, key in probes:
+                nursery.start_soon(watch, observer, key)
+    one_window = QuotaBoard.window(time.time()) == window
+
+    admitted = [a for a in answers if a.status == 200]
+    limited = [a for a in answers if a.status == 429]
+    well_refused = [
+        a for a in limited
+        if a.headers.get("retry-after") and a.headers.get("x-quota-available") == "0"
+    ]  # fmt: skip
+    well_admitted = [a for a in admitted if a.headers.get("x-quota-allowed") == str(limit)]
+    server_errors = [a for a in answers if a.status >= 500]
+    timeouts = [a for a in answers if a.error == "timeout"]
+    other = [  # 4xx but 429, and no answer for another reason than a timeout
+        a for a in answers if a.status not in (200, 429) and a.status < 500 and a not in timeouts
+    ]
+    over = len(admitted) - limit
+    # r: requests reaching each node a second while it could still admit (the burst's
+    # start to the last admitted answer)
+    last = max((a.ended for a in admitted), default=started)
+    phase = max(last - started, 1e-3)
+    rate = sum(1 for a in answers if a.started <= last) / phase / n
+    d = [x for xs in took.values() for x in xs]
+    d_max = max(d, default=float("nan"))
+    bound = (n - 1) * rate * d_max
+    slack = n
+
+    result.trials = samples
+    result.figure("limit L (requests_per_minute, one key)", limit)
+    result.figure("clients (round-robin over the nodes)", f"{n_clients} over {n} nodes")
+    per_node = ", ".join(f"{node} {sum(a.node == node for a in admitted)}" for node in nodes)
+    result.figure("admitted (200)", f"{len(admitted)} ({per_node})")
+    result.figure("over-admission (admitted - L)", f"{over} ({100 * over / limit:.0f}% of L)")
+    result.figure(
+        "429 (with Retry-After and x-quota-available: 0)",
+        f"{len(limited)} ({len(well_refused)})",
+    )
+    result.figure("requests / burst time", f"{len(answers)} / {ended - started:.2f} s")
+    result.figure("request rate, whole burst (req/s)", len(answers) / max(ended - started, 1e-3))
+    result.figure("r: rate per node until the last admission (req/s)", rate)
+    for observer, _ in probes:
+        xs = took.get(observer, [])
+        result.figure(
+            f"D: a figure from {nodes[0]} counted at {observer} (s)",
+            f"p50 {percentile(xs, 50, empty=0.0):.3f}, max {max(xs, default=0.0):.3f}"
+            f" ({len(xs)} of {samples})",
+        )
+    result.figure(
+        "bound (N-1) x r x D_max",
+        f"{n - 1} x {rate:.1f} x {d_max:.3f} = {bound:.1f}",
+        f"over-admission ≤ bound + {slack}",
+    )
+    result.figure("5xx", len(server_errors), "0")
+    result.figure("timeouts", len(timeouts), "0")
+    result.figure("other answers", len(other), "0")
+    waited_note = f"waited {waited:.1f} s for the next minute; " if waited else ""
+    took_s = trio.current_time() - started
+    result.notes.append(
+        f"quota windows are fixed unix minutes: the burst started with at least {need_s:.0f} s "
+        f"left in its minute ({waited_note}the burst and the probes took {took_s:.1f} s)"
+    )
+    result.notes.append(
+        "D: one request of a probe key at the first node, then requests of that key at the "
+        "watching node until its x-ratelimit-remaining-requests counts it (an upper bound: "
+        "from sending the first to the answer of the request that counted it)"
+    )
+    result.notes += [f"{a.node}: {a.status} {a.error or ''}" for a in (server_errors + other)[:10]]
+    result.failures += len(server_errors) + len(timeouts) + len(other)
+    result.check("the burst and the probes fell in one quota window", one_window)
+    result.check("every node refused (the limit was reached everywhere)", len(limited) > 0 and all(
+        any(a.node == node for a in limited) for node in nodes))  # fmt: skip
+    result.check("admitted ≥ L (nothing refused below the limit)", len(admitted) >= limit)
+    result.check("every 429 had Retry-After and x-quota-available: 0",
+                 len(well_refused) == len(limited))  # fmt: skip
+    result.check(f"every 200 had x-quota-allowed: {limit}", len(well_admitted) == len(admitted))
+    result.check("D measured at every other node", all(len(xs) > 0 for xs in took.values()))
+    result.check(f"over-admission ≤ (N-1) x r x D + {slack}", bool(d) and over <= bound + slack)
+
+
 # --- a real model ---------------------------------------------------------------------------
 
 REAL_MODEL = "smollm2"
@@ -883,6 +1121,9 @@ class Scenario:
     ``compose``: it can run against a compose cluster; ``partitions``: it cuts nodes off,
     which needs a way to (``env.partition_method``). ``example``: its nodes are those of
     ``nodes/examples/<example>/`` (``backend`` None: no mock model is added to them).
+    ``keys``: API keys its nodes accept, name -> the rest of the key's ``[[auth.keys]]``
+    table (quotas, role); each run makes the keys and gives them to ``run`` as
+    ``env.keys`` (``quorum.scenarios.env.make_keys``); none: the nodes are open.
     ``missing``: what the machine lacks for it, with the command that installs it, or None."""
 
     name: str
@@ -895,6 +1136,7 @@ class Scenario:
     compose: bool = True
     partitions: bool = False
     example: str | None = None
+    keys: Callable[[bool], Mapping[str, Mapping[str, Any]]] = lambda quick: {}
     missing: Callable[[], str | None] = lambda: None
 
     @property
@@ -952,6 +1194,13 @@ SCENARIOS: dict[str, Scenario] = {
             "more concurrent streams than slots and queues: 429 + Retry-After, no leaks",
             overload,
             backend=lambda quick: {**SCENARIO_BACKEND, "slots": 2, "queue": 2},
+            compose=False,
+        ),
+        Scenario(
+            "quota",
+            "a burst over every node on one key's requests_per_minute: over-admission vs bound",
+            quota,
+            keys=quota_keys,
             compose=False,
         ),
         Scenario(

@@ -48,7 +48,7 @@ async def _run(scenario: Scenario, options: Options) -> ScenarioResult:
     if options.target == "compose" and not scenario.compose:
         result.failures += 1
         result.notes.append(
-            f"{scenario.name} needs configs this run writes (warm-up, small slots): "
+            f"{scenario.name} needs configs this run writes (warm-up, small slots, keys): "
             "run it with --target local"
         )
         return result
@@ -63,6 +63,7 @@ async def _run(scenario: Scenario, options: Options) -> ScenarioResult:
             start=scenario.start,
             partition=partition,
             nodes_dir=scenario.nodes_dir,
+            keys=scenario.keys(options.quick),
         ) as env:
             env_notes = env.notes
             if env.target.kind != kind:
