@@ -16,6 +16,10 @@
     # secret = "..."                  # signs the hop of a static cluster (>= 16 characters);
     #                                  # a gossip cluster uses its [gossip].keys instead
 
+    [headers]                          # allowlists between clients and upstream servers
+    to_upstream = ["content-type", "accept", "x-request-id"]
+    to_client = ["content-type", "cache-control", "x-request-id", "x-quota-*", "x-ratelimit-*"]
+
     [debug]
     faults = false                     # obey the x-quorum-fault header (tests, scenarios)
 
@@ -64,6 +68,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from quorum.backends.headers import HeaderPolicy
 from quorum.backends.mock import MockOptions
 from quorum.backends.upstream import UpstreamOptions
 from quorum.gateway.keys import ApiKey, ApiKeys, AuthTable, DuplicateKey, KeysFile
@@ -164,7 +169,9 @@ class NodeConfig:
     hop's signature in a static cluster (``[cluster] secret``). ``debug_faults``: obey
     ``x-quorum-fault`` from clients (``[debug] faults``). ``auth``: the API keys (``[auth]``,
     inline and from its ``keys_file``), None when the node is open. ``open_metrics``: with
-    ``auth``, serve /metrics without a key (else it needs an admin key).
+    ``auth``, serve /metrics without a key (else it needs an admin key). ``headers``: which
+    client headers may reach an upstream server and which of its headers may reach the
+    client (``[headers] to_upstream`` / ``to_client``, ``quorum.backends.headers``).
     """
 
     name: str
@@ -183,6 +190,7 @@ class NodeConfig:
     debug_faults: bool = False
     auth: ApiKeys | None = None
     open_metrics: bool = False
+    headers: HeaderPolicy = field(default_factory=HeaderPolicy)
     source: str = "<config>"
 
     def hop_secrets(self) -> tuple[bytes, ...]:
@@ -280,6 +288,7 @@ class NodeConfig:
             debug_faults=file.debug.faults,
             auth=auth,
             open_metrics=file.auth is not None and file.auth.open_metrics,
+            headers=file.headers,
             source=source,
         )
 
@@ -371,6 +380,7 @@ class ConfigFile(_Table):
     cluster: ClusterTable = ClusterTable()
     gossip: GossipTable | None = None
     routing: RoutingConfig = RoutingConfig()
+    headers: HeaderPolicy = HeaderPolicy()
     debug: DebugTable = DebugTable()
     auth: AuthTable | None = None
     backends: list[BackendTable] = []

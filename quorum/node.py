@@ -31,6 +31,8 @@ from hypercorn.config import Config as HypercornConfig
 
 from quorum.api import create_app
 from quorum.backends.base import Backend, NodeState
+from quorum.backends.headers import DEFAULT as DEFAULT_POLICY
+from quorum.backends.headers import HeaderPolicy
 from quorum.backends.llamacpp import LlamaCppBackend
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
@@ -57,14 +59,17 @@ __all__ = ["Node", "drain_token_path", "hop_signer", "make_backend"]
 log = logging.getLogger(__name__)
 
 
-def make_backend(config: BackendConfig, *, source: str = "<config>") -> Backend:
-    """Build the backend a ``[[backends]]`` table describes; raises ``ConfigError``."""
+def make_backend(
+    config: BackendConfig, *, source: str = "<config>", policy: HeaderPolicy = DEFAULT_POLICY
+) -> Backend:
+    """Build the backend a ``[[backends]]`` table describes; an upstream's headers pass by
+    ``policy`` (``[headers]``). Raises ``ConfigError``."""
     try:
         if config.kind == "mock":
             return MockBackend.from_config(config.model, config.options)
         if config.kind == "llamacpp":
             return LlamaCppBackend.from_config(config.model, config.options)
-        return UpstreamBackend.from_config(config.model, config.options)
+        return UpstreamBackend.from_config(config.model, config.options, policy=policy)
     except ValueError as exc:
         raise ConfigError(f"{source}: backend {config.model!r}: {exc}") from None
 
@@ -145,7 +150,8 @@ class Node:
         self._resolver = resolver
         self.name = config.name
         self.backends: dict[str, Backend] = {
-            b.model: make_backend(b, source=config.source) for b in config.backends
+            b.model: make_backend(b, source=config.source, policy=config.headers)
+            for b in config.backends
         }
         self.url: str = config.url or f"http://{config.host}:{config.port}"
         self.draining = False
@@ -161,12 +167,14 @@ class Node:
             config=config.routing,
             allow_faults=config.debug_faults,
             tap=tap,
+            headers=config.headers,
         )
         if config.auth is not None:
             board = QuotaBoard(
                 config.name, config.auth.names, clock=quota_clock, peers=self._peer_figures
             )
             self.gate = Gate(config.auth, board, open_metrics=config.open_metrics)
+            board.on_change = self._quota_changed
             self.dispatcher.on_tokens = self._count_tokens
         else:
             log.warning(
@@ -223,6 +231,10 @@ class Node:
         assert self.gate is not None
         self.gate.add_tokens(key, tokens)
         self.dispatcher.metrics.key_tokens.labels(key).inc(tokens)
+
+    def _quota_changed(self) -> None:
+        if isinstance(self.membership, GossipMembership):
+            self.membership.nudge()
 
     def _peer_figures(self) -> list[tuple[str, bool, tuple[Usage, ...]]]:
         """The quota figures other members gossip, for the quota board."""

@@ -121,7 +121,8 @@ class QuotaBoard:
     seconds. ``keys``: the configured key names; figures of other keys, from gossip, are
     dropped (the table is bounded by the config). ``peers``: the membership view as
     ``(name, alive, figures)`` rows, read (``hear_members``) whenever the cluster's
-    figures are asked for.
+    figures are asked for. ``on_change``: called when this node's own figures change (the
+    node publishes them sooner).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class QuotaBoard:
         self._keys = frozenset(keys)
         self._clock = clock
         self._peers_view = peers
+        self.on_change: Callable[[], None] | None = None  # own figures changed: gossip them
         self._own: dict[str, _Count] = {}
         self._peers: dict[str, dict[str, _Count]] = {}  # node -> key -> newest figures
 
@@ -169,6 +171,7 @@ class QuotaBoard:
         own.roll(window)
         own.requests += 1
         own.concurrent += 1
+        self._changed()
         headers = quota_headers(limits, requests + 1, tokens, concurrent + 1, reset)
         return Grant(self, key, headers)
 
@@ -180,11 +183,17 @@ class QuotaBoard:
         own = self._own.setdefault(key, _Count())
         own.roll(self.window(self._clock()))
         own.tokens += tokens
+        self._changed()
 
     def _release(self, key: str) -> None:
         own = self._own.get(key)
         if own is not None and own.concurrent > 0:
             own.concurrent -= 1
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def headers(self, key: str, limits: Limits) -> dict[str, str]:
         """The quota headers of ``key`` now, without counting anything."""

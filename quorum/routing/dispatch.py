@@ -41,11 +41,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from quorum.backends.base import Backend, Fault, Generation, Resume
+from quorum.backends.headers import DEFAULT as DEFAULT_HEADERS
+from quorum.backends.headers import HeaderPolicy
 from quorum.backends.mock import count_prompt_tokens
 from quorum.errors import (
     ApiError,
@@ -110,7 +112,9 @@ class Job:
     ``caller``: the API key's name the request was admitted under (None without
     ``[auth]``); its tokens go to ``Dispatcher.on_tokens`` when the request ends.
     ``count_usage``: ask the serving node for the usage chunk even when the client did not
-    (it is counted, and relayed only if the client asked for it)."""
+    (it is counted, and relayed only if the client asked for it). ``passed``: the client's
+    headers that may reach an upstream server (``[headers] to_upstream``), carried on the hop.
+    """
 
     request: Request
     body: bytes
@@ -121,6 +125,7 @@ class Job:
     pin: str | None
     caller: str | None = None
     count_usage: bool = False
+    passed: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def hide_usage(self) -> bool:
@@ -137,7 +142,8 @@ class Dispatcher:
     (``[debug] faults``; a fault a signed forward carries is always obeyed). ``tap``: test
     hook called with every body chunk a hop receives. ``rng``: randomness for backoff jitter
     and the power of two choices. ``hop``: the connections to other nodes (a fake in tests).
-    ``on_tokens``: called with ``(caller, tokens)`` when a request admitted under an API key
+    ``headers``: which client headers may reach an upstream server and which of its headers
+    the client (``quorum.backends.headers``). ``on_tokens``: called with ``(caller, tokens)`` when a request admitted under an API key
     ends (prompt + completion from the usage chunk; for a stream the client left before
     usage, the prompt's estimate plus one token per chunk relayed).
     """
@@ -155,6 +161,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         policy: RoutingPolicy | None = None,
         hop: HopPool | None = None,
+        headers: HeaderPolicy = DEFAULT_HEADERS,
     ) -> None:
         self.name = name
         self.backends = dict(backends)
@@ -162,6 +169,7 @@ class Dispatcher:
         self.signer = signer
         self.config = config or RoutingConfig()
         self.allow_faults = allow_faults
+        self.headers = headers
         self.local = LocalServer(name, self.backends)
         self._relaying = 0
         self._idle = trio.Event()
@@ -291,6 +299,7 @@ class Dispatcher:
             headers.get(PIN) or None,
             caller,
             count_usage,
+            self.headers.upstream(headers),
         )
         if self.nursery is not None and shareable(request, headers):
             fault = job.fault.header() if job.fault is not None else ""
@@ -322,6 +331,7 @@ class Dispatcher:
             include_usage=request.include_usage or not request.stream,
             fault=client_fault(headers),
             resume=resume,
+            headers=self.headers.upstream(headers),
         )
         return await self.local.serve(generation)
 
@@ -404,7 +414,7 @@ class Dispatcher:
             self.relaying -= 1  # after start() succeeds, the stream's body owns the count
             raise
         headers = {REQUEST_ID: job.request_id, NODE: relay.node, ATTEMPTS: str(relay.attempts)}
-        return Reply(200, headers | STREAM_HEADERS, relay.body(first))
+        return Reply(200, relay.answer_headers | headers | STREAM_HEADERS, relay.body(first))
 
     async def _unary(self, job: Job, order: list[Member]) -> Reply:
         attempts = self.attempts(job, order, [])
@@ -446,7 +456,9 @@ class Dispatcher:
         self.outstanding[member.name] = self.outstanding.get(member.name, 0) + 1
         try:
             if member.name == self.name:
-                generation = Generation(job.request, job.request_id, job.created, True, fault=fault)
+                generation = Generation(
+                    job.request, job.request_id, job.created, True, fault=fault, headers=job.passed
+                )
                 try:
                     return await self.local.serve(generation)
                 except ApiError as exc:
@@ -468,7 +480,7 @@ class Dispatcher:
             if response.status != 200:
                 raise status_failure(member, response.status, response.headers, data)
             headers = {REQUEST_ID: job.request_id, NODE: response.headers.get(NODE, member.name)}
-            return Reply(200, headers | JSON_HEADERS, data)
+            return Reply(200, self.passed_back(response.headers) | headers | JSON_HEADERS, data)
         finally:
             self.outstanding[member.name] -= 1
 
@@ -482,6 +494,7 @@ class Dispatcher:
         streaming response, closes it on exit. Raises ``AttemptFailed`` when the node cannot
         be reached."""
         headers = {
+            **job.passed,
             "content-type": "application/json",
             FORWARDED: self.name,
             REQUEST_ID: job.request_id,
@@ -502,12 +515,26 @@ class Dispatcher:
                 raise  # it broke after the head: the caller decides what that means
             raise AttemptFailed(f"node {member.name} could not be reached: {exc}") from None
 
+    def passed_back(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """Of a peer's answer headers, those that may reach the client (``[headers]
+        to_client``: the upstream's, which the serving node passed on), less the body's
+        ``content-type``, which the entry node sets itself."""
+        passed = self.headers.client(headers)
+        passed.pop("content-type", None)
+        return passed
+
     @asynccontextmanager
     async def open_source(
-        self, member: Member, job: Job, fault: Fault | None, resume: Resume | None
+        self,
+        member: Member,
+        job: Job,
+        fault: Fault | None,
+        resume: Resume | None,
+        answer_headers: dict[str, str] | None = None,
     ) -> AsyncIterator[AsyncIterator[list[Event]]]:
         """A stream of event batches from ``member`` (this node or another). Raises
-        ``AttemptFailed`` if it cannot start."""
+        ``AttemptFailed`` if it cannot start. ``answer_headers``: filled with the headers
+        of the answer that may reach the client, once its head has arrived."""
         self.outstanding[member.name] = self.outstanding.get(member.name, 0) + 1
         try:
             if member.name == self.name:
@@ -519,8 +546,11 @@ class Dispatcher:
                     request.include_usage or job.count_usage,
                     fault=fault,
                     resume=resume,
+                    headers=job.passed,
                 )
                 async with self.local.generation(generation) as items:
+                    if answer_headers is not None:
+                        answer_headers.update(generation.answer_headers)
                     async with aclosing(local_events(items)) as events:
                         yield events
                 return
@@ -540,6 +570,8 @@ class Dispatcher:
                     except HopError:
                         head = b""
                     raise status_failure(member, response.status, response.headers, head)
+                if answer_headers is not None:
+                    answer_headers.update(self.passed_back(response.headers))
                 events = remote_events(response)
                 try:
                     yield events

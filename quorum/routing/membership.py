@@ -228,6 +228,8 @@ class GossipMembership:
     a bounded number of retransmissions, and a member that joined after they ran out must
     still learn it. ``usage`` must hold at most ``quorum.gossip.MAX_USAGE`` (10) entries with
     distinct (key, window), else :meth:`publish` raises ``ValueError`` (from ``Load``).
+    :meth:`nudge` publishes sooner (within ``nudge_interval``): a quota figure that changed
+    should reach the other entry nodes before they admit more of the same key.
     """
 
     def __init__(
@@ -237,11 +239,14 @@ class GossipMembership:
         *,
         publish_interval: float = 0.2,
         refresh_interval: float = 5.0,
+        nudge_interval: float = 0.01,
     ) -> None:
         self._local = local
         self.gossip = gossip
         self._interval = publish_interval
         self._refresh = refresh_interval
+        self._nudge_interval = nudge_interval
+        self._nudged = trio.Event()
         self._published_at = -math.inf
         self._member_count = 0
         self._meta: NodeMeta | None = None
@@ -297,12 +302,20 @@ class GossipMembership:
             self.gossip.set_load(load)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Publish meta and load every ``publish_interval`` seconds, forever."""
+        """Publish meta and load every ``publish_interval`` seconds, and after a
+        :meth:`nudge` (at most every ``nudge_interval``), forever."""
         self.publish()
         task_status.started()
         while True:
-            await trio.sleep(self._interval)
+            with trio.move_on_after(self._interval):
+                await self._nudged.wait()
+                await trio.sleep(self._nudge_interval)  # one publish for a burst of nudges
+            self._nudged = trio.Event()
             self.publish()
+
+    def nudge(self) -> None:
+        """Publish soon rather than at the next interval."""
+        self._nudged.set()
 
 
 def routable_meta(meta: NodeMeta) -> bool:

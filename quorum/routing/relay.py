@@ -89,6 +89,7 @@ class StreamRelay:
         self.text: dict[str, list[str]] = {}
         self.tool_calls = 0  # tool-call deltas relayed: an upstream cannot continue those
         self.tokens: int | None = None  # prompt + completion, from the usage chunk
+        self.answer_headers: dict[str, str] = {}  # the serving answer's, for the client
         self.done = False
         self._stack = AsyncExitStack()
         self._source: AsyncIterator[list[Event]] | None = None
@@ -99,8 +100,9 @@ class StreamRelay:
         await self._close()
         self._stack = AsyncExitStack()
         fault = self.job.fault if number == 1 and resume is None else None
+        self.answer_headers = {}
         self._source = await self._stack.enter_async_context(
-            self.d.open_source(member, self.job, fault, resume)
+            self.d.open_source(member, self.job, fault, resume, self.answer_headers)
         )
 
     async def _close(self) -> None:

@@ -85,7 +85,10 @@ class LocalServer:
                 if any("error" in chunk for chunk in chunks):
                     raise BackendBroken("the backend answered with an error event")
                 fold = aggregate_chat if request.kind == "chat" else aggregate_completion
-                return Reply(200, headers | JSON_HEADERS, json.dumps(fold(chunks)).encode())
+                passed = generation.answer_headers  # the upstream's, allowlisted; ours win
+                return Reply(
+                    200, passed | headers | JSON_HEADERS, json.dumps(fold(chunks)).encode()
+                )
             first = await anext(items)
         except AttemptFailed as exc:
             await stack.aclose()
@@ -102,7 +105,8 @@ class LocalServer:
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             raise
-        return Reply(200, headers | STREAM_HEADERS, _local_stream(first, items, stack))
+        passed = generation.answer_headers
+        return Reply(200, passed | headers | STREAM_HEADERS, _local_stream(first, items, stack))
 
 
 @asynccontextmanager

@@ -89,3 +89,33 @@ async def test_usage_given_with_the_local_member_reaches_every_peers_view(
 def test_a_static_member_has_no_usage() -> None:
     member = Member("p", "http://p", MemberState.ALIVE, NodeState.READY, ())
     assert member.usage == ()
+
+
+async def test_a_nudge_publishes_before_the_next_interval(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    network = MemoryNetwork(nursery, seed=5, delay=0.002)
+    locals_, views = await start(nursery, network, 2)
+    with trio.fail_after(30):
+        while not all(len(v.members()) == 2 for v in views):
+            await trio.sleep(0.1)
+    await trio.sleep(1.0)  # the publish after the member count changed is done
+    published: list[float] = []
+    gossip = views[0].gossip
+    set_load = gossip.set_load
+
+    def recording(load: object) -> None:
+        published.append(trio.current_time())
+        set_load(load)  # type: ignore[arg-type]
+
+    gossip.set_load = recording  # type: ignore[method-assign]
+    await trio.sleep(1.0)  # nothing changes: nothing is published
+    assert published == []
+    usage = (Usage("team-a", 28_333_333, 1, 0, 1),)
+    locals_[0].member = replace(locals_[0].member, usage=usage)
+    start_at = trio.current_time()
+    for _ in range(5):  # a burst of nudges: one publish
+        views[0].nudge()
+    await trio.sleep(0.05)
+    assert len(published) == 1 and published[0] - start_at < 0.05  # not the 0.2 s interval
+    nursery.cancel_scope.cancel()
