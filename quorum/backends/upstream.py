@@ -96,6 +96,7 @@ import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Annotated, Any, NoReturn
 
 import httpx
@@ -240,6 +241,9 @@ class UpstreamBackend(Backend):
                 connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=30.0
             ),
             limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+            # Never keep an upstream's cookies: one client's set-cookie would go out with
+            # every later client's request (a policy that accepts no domain stores none).
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
 
     @classmethod

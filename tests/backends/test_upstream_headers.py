@@ -61,7 +61,7 @@ CLIENT_HEADERS = {
     "accept": "text/event-stream",
     "accept-encoding": "gzip, br",
     "content-encoding": "gzip",
-    "x-request-id": "req-42",
+    "x-request-id": "req-00000042",
 }
 SECRETS = (b"client-secret", b"cHJveHktc2VjcmV0", b"cookie-secret", b"do-not-send", b"evil")
 
@@ -130,7 +130,7 @@ async def test_only_allowlisted_client_headers_reach_the_upstream(
     )
     assert names.isdisjoint({"x-forwarded-for", "x-secret", "x-tenant", "upgrade", "te"})
     assert one(pairs, "accept") == b"text/event-stream"  # the client's, over httpx's */*
-    assert one(pairs, "x-request-id") == b"req-42"
+    assert one(pairs, "x-request-id") == b"req-00000042"
     assert one(pairs, "content-type") == b"application/json"  # ours, over the client's
     assert one(pairs, "host") == f"127.0.0.1:{upstream.port}".encode()
     assert int(one(pairs, "content-length")) == len(raw.partition(b"\r\n\r\n")[2])
@@ -454,3 +454,19 @@ def test_the_filters_drop_values_that_are_not_field_values(value: str) -> None:
 def test_the_filters_drop_names_that_are_not_tokens() -> None:
     assert DEFAULT.upstream({"x-request-id ": "a", "accept\r\nx": "b", "x-*": "c"}) == {}
     assert HeaderPolicy(to_client=["x-a*"]).client({"x-a*": "1", "x-ab": "2"}) == {"x-ab": "2"}
+
+
+async def test_an_upstreams_cookie_never_goes_out_with_a_later_request(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = await raw_upstream(nursery, answer)  # every answer sets s=1
+    backend = backend_for(upstream)
+    try:
+        for _ in range(2):
+            async with backend.open(generation(True, {})) as events:
+                async for _ in events:
+                    pass
+    finally:
+        await backend.aclose()
+    assert len(upstream.requests) == 2
+    assert all(b"\r\ncookie:" not in r.lower() for r in upstream.requests)
