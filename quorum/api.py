@@ -227,7 +227,7 @@ class FastPath:
             {
                 "type": "http.response.start",
                 "status": reply.status,
-                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+                "headers": _encoded(headers),
             }
         )
         if isinstance(reply.body, bytes):
@@ -278,6 +278,12 @@ class FastPath:
                 return b"".join(parts)
 
 
+def _encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """Header pairs as ASGI wants them: latin-1, as they were read (a character beyond it,
+    which no client sent, becomes ``?``)."""
+    return [(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in headers.items()]
+
+
 def latency(arrived: float) -> dict[str, str]:
     """``x-quorum-latency`` (milliseconds from the request's arrival, ``arrived`` on
     ``time.perf_counter``, to its answer's head, as BVE's added-latency header) and the same
@@ -303,7 +309,7 @@ async def _send_error(
         {
             "type": "http.response.start",
             "status": exc.status,
-            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+            "headers": _encoded(headers),
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
