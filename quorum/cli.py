@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from quorum.config import ConfigError, NodeConfig
-from quorum.gateway.keys import ApiKey, Role, digest, new_key
+from quorum.gateway.keys import ApiKey, Role, auth_headers, digest, new_key
 from quorum.launch import NodeCluster, NodeProcess, NodeStartError, default_nodes_dir
 
 __all__ = ["main"]
@@ -302,7 +302,9 @@ async def _print_cluster(client: httpx.AsyncClient, url: str) -> None:
     table.add_column("OpenAI base URL")
     table.add_column("models")
     try:
-        data = (await client.get(url + "/cluster/members", timeout=2.0)).json()
+        data = (
+            await client.get(url + "/cluster/members", headers=auth_headers(), timeout=2.0)
+        ).json()
         members, me = data["members"], data["self"]
     except (httpx.HTTPError, ValueError, KeyError):
         members, me = [], None
@@ -334,7 +336,7 @@ async def _print_cluster(client: httpx.AsyncClient, url: str) -> None:
 
 
 def _members(url: str) -> int:
-    from quorum.status.terminal import auth_headers, members_table
+    from quorum.status.terminal import members_table
 
     try:
         response = httpx.get(
@@ -422,7 +424,9 @@ def _drain(node: str, via: str, timeout_s: float) -> int:
     url = node.rstrip("/")
     if not url.startswith("http"):
         try:
-            data = httpx.get(via.rstrip("/") + "/cluster/members", timeout=5.0).json()
+            data = httpx.get(
+                via.rstrip("/") + "/cluster/members", headers=auth_headers(), timeout=5.0
+            ).json()
         except (httpx.HTTPError, ValueError) as exc:
             console.print(f"[red]quorum drain: {via} did not answer: {exc}")
             return 1

@@ -49,6 +49,8 @@ import httpx
 import tomli_w
 import trio
 
+from quorum.gateway.keys import auth_headers
+
 __all__ = [
     "Address",
     "Membership",
@@ -448,7 +450,10 @@ class NodeCluster:
 
     async def wait_converged(self, timeout_s: float = 30.0) -> None:
         """Wait until every node's ``GET /cluster/members`` lists exactly this cluster's
-        nodes, each alive. Raises ``trio.TooSlowError`` after ``timeout_s``."""
+        nodes, each alive. Raises ``trio.TooSlowError`` after ``timeout_s``. Nodes under
+        ``[auth]`` show their members to an admin key only: ``$QUORUM_API_KEY`` is sent, and
+        without it (401/403) there is nothing to wait for here (``wait_ready`` has seen
+        every node answer)."""
         want = set(self.nodes)
 
         def alive(members: Any) -> bool:
@@ -456,14 +461,16 @@ class NodeCluster:
                 m["state"] == "alive" for m in members
             )
 
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with httpx.AsyncClient(timeout=2.0, headers=auth_headers()) as client:
             with trio.fail_after(timeout_s):
                 while True:
                     try:
-                        views = [
-                            (await client.get(node.url + "/cluster/members")).json()["members"]
-                            for node in self.nodes.values()
-                        ]
+                        views = []
+                        for node in self.nodes.values():
+                            answer = await client.get(node.url + "/cluster/members")
+                            if answer.status_code in (401, 403):
+                                return
+                            views.append(answer.json()["members"])
                         if all(alive(view) for view in views):
                             return
                     except (httpx.HTTPError, ValueError, KeyError, TypeError):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
 from collections.abc import Iterable
@@ -45,6 +46,7 @@ __all__ = [
     "DuplicateKey",
     "KeysFile",
     "Role",
+    "auth_headers",
     "check_name",
     "digest",
     "model_not_found",
@@ -282,3 +284,10 @@ class ApiKeys:
         if found is None:
             raise Unauthorized(_WRONG, code="invalid_api_key")
         return found
+
+
+def auth_headers(variable: str = "QUORUM_API_KEY") -> dict[str, str]:
+    """For Quorum's own clients (``quorum status``, ``quorum members``, the launcher):
+    ``Authorization: Bearer $QUORUM_API_KEY`` when that variable is set, else nothing."""
+    key = os.environ.get(variable, "").strip()
+    return {"authorization": f"Bearer {key}"} if key else {}

@@ -12,7 +12,6 @@ further lines (rich's ``overflow="fold"``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +25,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from quorum.gateway.keys import auth_headers
 from quorum.sse import SSEParser, SSEProtocolError
 
 __all__ = ["ClusterView", "FeedError", "describe", "members_table", "render", "watch"]
@@ -287,12 +287,6 @@ def _events(
                     continue
                 if isinstance(payload, dict):
                     yield event.event or "message", payload
-
-
-def auth_headers() -> dict[str, str]:
-    """``Authorization: Bearer $QUORUM_API_KEY`` when that variable is set, else nothing."""
-    key = os.environ.get("QUORUM_API_KEY", "").strip()
-    return {"authorization": f"Bearer {key}"} if key else {}
 
 
 def watch(

@@ -171,3 +171,14 @@ def test_the_membership_view_is_read_when_the_cluster_figures_are_asked_for() ->
     assert a.cluster("team-a") == (3, 0, 1)  # c is dead: its count stays, its open requests not
     with pytest.raises(Saturated):
         a.admit("team-a", Limits(requests_per_minute=3))
+
+
+def test_quorums_own_clients_send_the_key_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from quorum.gateway.keys import auth_headers
+
+    monkeypatch.delenv("QUORUM_API_KEY", raising=False)
+    assert auth_headers() == {}
+    monkeypatch.setenv("QUORUM_API_KEY", " sk-quorum-abc \n")
+    assert auth_headers() == {"authorization": "Bearer sk-quorum-abc"}
