@@ -33,11 +33,11 @@ from quorum.errors import (
     RequestTimeout,
     Unauthorized,
 )
-from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.gateway.gate import Gate
 from quorum.gateway.keys import Caller
 from quorum.gateway.quota import Grant
+from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.routing.headers import INTERNAL, REQUEST_ID
 from quorum.routing.membership import MemberState
 from quorum.status import StatusFeed, add_status_routes
@@ -191,8 +191,7 @@ class FastPath:
                 except Exception as exc:
                     log.exception("unhandled error on POST %s", scope["path"])
                     error = ApiError(
-                        f"Internal error in Quorum ({type(exc).__name__}); the node's log has "
-                        "it.",
+                        f"Internal error in Quorum ({type(exc).__name__}); the node's log has it.",
                         code="internal_error",
                     )
                     await _send_error(send, error, headers.get(REQUEST_ID), latency(arrived))
@@ -475,4 +474,3 @@ def create_app(
     return FastPath(
         app, dispatcher, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, gate=gate
     )
-

@@ -20,7 +20,7 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,20 +29,23 @@ import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from quorum.api import create_app
+from quorum.api import PARSERS, answer, create_app
 from quorum.backends.base import Backend, NodeState
 from quorum.backends.headers import DEFAULT as DEFAULT_POLICY
 from quorum.backends.headers import HeaderPolicy
 from quorum.backends.llamacpp import LlamaCppBackend
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
+from quorum.channel import serve_channel
 from quorum.config import BackendConfig, ConfigError, NodeConfig
+from quorum.errors import InvalidRequest
 from quorum.gateway.gate import Gate
 from quorum.gateway.quota import QuotaBoard
 from quorum.gossip import MAX_USAGE, GossipConfig, GossipNode, MemberState, Usage
 from quorum.gossip.config import is_loopback
 from quorum.gossip.seeds import BlockingResolver, system_resolver
-from quorum.routing.dispatch import Dispatcher
+from quorum.routing.channel import PREFACE
+from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.routing.headers import ClusterSigner
 from quorum.routing.membership import (
     GossipMembership,
@@ -335,11 +338,29 @@ class Node:
             hconfig,
             self.connections,
             shutdown_trigger=self._shutdown.wait,
+            channel=self._serve_channel,
+            channel_preface=PREFACE,
+            first_bytes_timeout_s=self.config.body_timeout_s,
             task_status=task_status,
         )
         if self.gossip is not None:
             await self.gossip.leave(timeout=2.0)  # announce "left", not a death
         scope.cancel()
+
+    async def _serve_channel(self, stream: trio.abc.Stream, buffered: bytes) -> None:
+        """A peer's channel (``quorum.channel``): its forwards answered as over HTTP."""
+
+        async def handler(path: str, body: bytes, headers: Mapping[str, str]) -> Reply:
+            if path not in PARSERS:
+                raise InvalidRequest(f"There is no endpoint POST {path}.", status=404)
+            return await answer(self.dispatcher, path, body, headers)
+
+        await serve_channel(
+            stream,
+            handler,
+            buffered=buffered,
+            max_frame=self.config.max_body_bytes + (1 << 16),
+        )
 
     async def _gossip_node(self) -> GossipNode:
         settings = self.config.gossip
@@ -412,6 +433,8 @@ class Node:
                     await trio.to_thread.run_sync(_write_private, token_files[-1], self.drain_token)
                 self.dispatcher.nursery = nursery
                 await nursery.start(self.dispatcher.hop.run)
+                if self.dispatcher.channel is not None:
+                    await nursery.start(self.dispatcher.channel.run)
                 self._nursery = nursery
                 if self.config.gossip is not None:
                     self.gossip = await self._gossip_node()

@@ -60,7 +60,12 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._guard = guard
         self._closed = False
+        self._unread = b""
         self.socket = getattr(stream, "socket", None)
+
+    def unread(self, data: bytes) -> None:
+        """Give ``data`` back: the next ``receive_some`` returns it first."""
+        self._unread = data + self._unread
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with trio.move_on_after(self._guard.send_timeout_s) as scope:
@@ -79,6 +84,10 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         await self._stream.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._unread:
+            size = len(self._unread) if max_bytes is None else max_bytes
+            data, self._unread = self._unread[:size], self._unread[size:]
+            return data
         return await self._stream.receive_some(max_bytes)
 
     async def aclose(self) -> None:
@@ -86,6 +95,23 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
             self._closed = True
             self._guard.active -= 1
         await self._stream.aclose()
+
+
+async def _first_bytes(stream: _GuardedStream, preface: bytes, timeout_s: float) -> bytes | None:
+    """The connection's first bytes: enough to tell ``preface`` from anything else (an HTTP
+    request differs at its first byte). None when the client sent nothing in time or left."""
+    data = b""
+    with trio.move_on_after(timeout_s):
+        try:
+            while len(data) < len(preface) and preface.startswith(data):
+                more = await stream.receive_some(65536)
+                if not more:
+                    return data or None
+                data += more
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        return data
+    return None
 
 
 class _GuardedListener(trio.abc.Listener[_GuardedStream]):
@@ -117,11 +143,20 @@ async def serve(
     guard: ConnectionGuard,
     *,
     shutdown_trigger: Callable[[], Awaitable[Any]],
+    channel: Callable[[trio.abc.Stream, bytes], Awaitable[None]] | None = None,
+    channel_preface: bytes = b"",
+    first_bytes_timeout_s: float = 30.0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``config.bind`` (plain HTTP/1.1) until ``shutdown_trigger`` returns,
     then shut down gracefully (``config.graceful_timeout``). Reports the bound URLs
-    (``["http://127.0.0.1:32768"]``) through ``task_status``."""
+    (``["http://127.0.0.1:32768"]``) through ``task_status``.
+
+    ``channel``: a connection that starts with ``channel_preface`` (instead of an HTTP
+    request) is handed to ``channel(stream, bytes read after the preface)``, the
+    node-to-node channel (``quorum.channel``); every other goes to hypercorn with its first
+    bytes given back. A connection that sends nothing within ``first_bytes_timeout_s`` is
+    closed."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -139,9 +174,22 @@ async def serve(
                 listeners.append(_GuardedListener(listener, guard))
                 binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
             task_status.started(binds)
-            handler = partial(
+            http = partial(
                 TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
             )
+
+            async def handler(stream: _GuardedStream) -> None:
+                if channel is not None:
+                    first = await _first_bytes(stream, channel_preface, first_bytes_timeout_s)
+                    if first is None:
+                        await stream.aclose()
+                        return
+                    if first.startswith(channel_preface):
+                        await channel(stream, first[len(channel_preface) :])
+                        return
+                    stream.unread(first)
+                await http(stream)
+
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
                     nursery.start_soon(raise_shutdown, shutdown_trigger)

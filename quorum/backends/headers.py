@@ -119,8 +119,7 @@ def _check(entries: list[str], never: Mapping[str, str]) -> list[str]:
 
 def _matches(name: str, entries: Iterable[str]) -> bool:
     return any(
-        name.startswith(entry[:-1]) if entry.endswith("*") else name == entry
-        for entry in entries
+        name.startswith(entry[:-1]) if entry.endswith("*") else name == entry for entry in entries
     )
 
 

@@ -56,9 +56,8 @@ async def resolve_seed(resolver: Resolver, seed: Addr, *, within_s: float) -> li
     awaited. Raises the resolver's ``OSError`` when the name does not resolve, and
     ``TimeoutError`` (an ``OSError`` too) when it takes longer."""
     with trio.move_on_after(within_s):
-        if inspect.iscoroutinefunction(resolver) or inspect.iscoroutinefunction(
-            getattr(resolver, "__call__", None)
-        ):
+        call = type(resolver).__call__ if not inspect.isfunction(resolver) else resolver
+        if inspect.iscoroutinefunction(resolver) or inspect.iscoroutinefunction(call):
             return await resolver(*seed)  # type: ignore[no-any-return,misc]
         return await trio.to_thread.run_sync(resolver, *seed, abandon_on_cancel=True)  # type: ignore[arg-type]
     raise TimeoutError(f"resolving {seed[0]!r} took longer than {within_s} s")

@@ -20,7 +20,9 @@ class RoutingConfig(BaseModel):
     timed out). ``connect_timeout_s``: to open a hop connection. ``max_answer_bytes``: the
     largest non-streamed answer accepted from another node (a larger one fails the attempt).
     ``hop_max_idle``: idle keep-alive connections kept per peer; ``hop_idle_timeout_s``: one
-    idle longer is closed. Raises ``pydantic.ValidationError`` for a value out of range.
+    idle longer is closed. ``channel``: forward on one multiplexed connection per peer
+    (``quorum.routing.channel``), with the HTTP hop as the fallback for a peer that does not
+    speak it. Raises ``pydantic.ValidationError`` for a value out of range.
     """
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
@@ -35,3 +37,4 @@ class RoutingConfig(BaseModel):
     max_answer_bytes: int = Field(default=16 << 20, ge=1024)
     hop_max_idle: int = Field(default=64, ge=0)
     hop_idle_timeout_s: float = Field(default=30.0, gt=0)
+    channel: bool = True

@@ -40,7 +40,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -66,6 +66,7 @@ from quorum.routing.attempts import (
     status_failure,
 )
 from quorum.routing.breaker import BreakerBoard
+from quorum.routing.channel import ChannelPool, ChannelRefused, ChannelResponse
 from quorum.routing.config import RoutingConfig
 from quorum.routing.headers import (
     ATTEMPTS,
@@ -143,9 +144,10 @@ class Dispatcher:
     hook called with every body chunk a hop receives. ``rng``: randomness for backoff jitter
     and the power of two choices. ``hop``: the connections to other nodes (a fake in tests).
     ``headers``: which client headers may reach an upstream server and which of its headers
-    the client (``quorum.backends.headers``). ``on_tokens``: called with ``(caller, tokens)`` when a request admitted under an API key
-    ends (prompt + completion from the usage chunk; for a stream the client left before
-    usage, the prompt's estimate plus one token per chunk relayed).
+    the client (``quorum.backends.headers``). ``on_tokens``: called with ``(caller,
+    tokens)`` when a request admitted under an API key ends (prompt + completion from the
+    usage chunk; for a stream the client left before usage, the prompt's estimate plus one
+    token per chunk relayed).
     """
 
     def __init__(
@@ -181,6 +183,13 @@ class Dispatcher:
         self.single_flight = SingleFlight()
         self.metrics = Metrics()
         self.on_tokens: Callable[[str, int], None] | None = None
+        self.channel: ChannelPool | None = None
+        if self.config.channel and hop is None:
+            self.channel = ChannelPool(
+                connect_timeout_s=self.config.connect_timeout_s,
+                max_frame=self.config.max_answer_bytes + (1 << 20),
+                tap=tap,
+            )
         self.hop = hop or HopPool(
             connect_timeout_s=self.config.connect_timeout_s,
             max_idle=self.config.hop_max_idle,
@@ -237,6 +246,8 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         await self.hop.aclose()
+        if self.channel is not None:
+            await self.channel.aclose()
 
     def members(self) -> Sequence[Member]:
         return self.membership.members()
@@ -489,7 +500,7 @@ class Dispatcher:
     @asynccontextmanager
     async def _exchange(
         self, member: Member, job: Job, body: bytes, fault: Fault | None
-    ) -> AsyncIterator[HopResponse]:
+    ) -> AsyncIterator[HopResponse | ChannelResponse]:
         """POST ``body`` (the job's, or its resume) to ``member``, signed; yields the
         streaming response, closes it on exit. Raises ``AttemptFailed`` when the node cannot
         be reached."""
@@ -505,15 +516,24 @@ class Dispatcher:
         if fault is not None:
             headers[FAULT] = fault.header()
         headers[SIGNATURE] = self.signer.sign("POST", job.path, body, headers)
-        answered = False
-        try:
-            async with self.hop.post(member.url, job.path, body, headers) as response:
-                answered = True
-                yield response
-        except HopError as exc:
-            if answered:
-                raise  # it broke after the head: the caller decides what that means
-            raise AttemptFailed(f"node {member.name} could not be reached: {exc}") from None
+        async with AsyncExitStack() as stack:
+            response: HopResponse | ChannelResponse | None = None
+            try:
+                if self.channel is not None and self.channel.usable(member.url):
+                    try:
+                        response = await stack.enter_async_context(
+                            self.channel.post(member.url, job.path, body, headers)
+                        )
+                    except ChannelRefused:
+                        response = None  # a node without the channel: the HTTP hop
+                if response is None:
+                    response = await stack.enter_async_context(
+                        self.hop.post(member.url, job.path, body, headers)
+                    )
+            except HopError as exc:
+                raise AttemptFailed(f"node {member.name} could not be reached: {exc}") from None
+            # a break after the head propagates as HopError: the caller decides what it means
+            yield response
 
     def passed_back(self, headers: Mapping[str, str]) -> dict[str, str]:
         """Of a peer's answer headers, those that may reach the client (``[headers]

@@ -8,8 +8,8 @@ Three kinds of header, never confused (DESIGN.md, "Trust boundaries"):
 - **Internal headers** only a node of the cluster may send, on the hop:
   ``x-quorum-forwarded`` (the entry node's name), ``x-quorum-created`` (the stream's
   ``created``), ``x-quorum-caller`` (the name of the API key the entry node admitted the
-  request under, for the serving node's log), ``x-quorum-signature``. A request carrying any of them is accepted only with
-  a valid signature; a client that sends them gets 401.
+  request under, for the serving node's log), ``x-quorum-signature``. A request carrying
+  any of them is accepted only with a valid signature; a client that sends them gets 401.
 - **Response headers**: ``x-quorum-node``, ``x-quorum-attempts``, ``x-request-id``,
   ``x-quorum-shared``.
 

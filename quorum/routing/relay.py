@@ -350,8 +350,6 @@ def usage_tokens(usage: object) -> int | None:
     return None
 
 
-
-
 def decode(data: str | bytes) -> dict[str, Any]:
     """An event's JSON object; raises ``SSEProtocolError`` for anything else (a node or an
     upstream that sends garbage has broken its stream)."""

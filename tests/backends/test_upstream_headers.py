@@ -346,7 +346,7 @@ def test_a_pattern_that_would_let_a_forbidden_name_through_is_refused(
 def test_a_client_pattern_that_would_let_a_forbidden_name_through_is_refused(
     pattern: str,
 ) -> None:
-    with pytest.raises(ValidationError, match="would let .* through, which may never pass"):
+    with pytest.raises(ValidationError, match=r"would let .* through, which may never pass"):
         HeaderPolicy(to_client=[pattern])
 
 

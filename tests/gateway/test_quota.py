@@ -144,7 +144,14 @@ def test_headers_name_the_tightest_quota() -> None:
 
 
 def test_duration_is_openai_form() -> None:
-    assert [duration(s) for s in (0, 0.2, 1, 59.5, 60, 360)] == ["0s", "1s", "1s", "1m0s", "1m0s", "6m0s"]
+    assert [duration(s) for s in (0, 0.2, 1, 59.5, 60, 360)] == [
+        "0s",
+        "1s",
+        "1s",
+        "1m0s",
+        "1m0s",
+        "6m0s",
+    ]
 
 
 def test_more_active_keys_than_a_packet_holds_take_turns() -> None:
@@ -166,7 +173,10 @@ def test_more_active_keys_than_a_packet_holds_take_turns() -> None:
 def test_the_membership_view_is_read_when_the_cluster_figures_are_asked_for() -> None:
     clock = Clock()
     w = QuotaBoard.window(clock.now)
-    view = [("b", True, [Figures("team-a", w, 2, 0, 1)]), ("c", False, [Figures("team-a", w, 1, 0, 4)])]
+    view = [
+        ("b", True, [Figures("team-a", w, 2, 0, 1)]),
+        ("c", False, [Figures("team-a", w, 1, 0, 4)]),
+    ]
     a = QuotaBoard("a", ["team-a"], clock=clock, peers=lambda: view)
     assert a.cluster("team-a") == (3, 0, 1)  # c is dead: its count stays, its open requests not
     with pytest.raises(Saturated):

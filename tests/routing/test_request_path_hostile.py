@@ -116,7 +116,12 @@ def test_a_signature_covers_body_headers_and_time() -> None:
         {"headers": {**headers, "x-quorum-caller": "admin"}},  # another key's name
         {"headers": {**headers, "x-quorum-signature": "v1 1000000 00"}},
         {"headers": {**headers, "x-quorum-signature": "v2 x y"}},
-        {"headers": {**headers, "x-quorum-signature": headers["x-quorum-signature"].replace("v2", "v1")}},
+        {
+            "headers": {
+                **headers,
+                "x-quorum-signature": headers["x-quorum-signature"].replace("v2", "v1"),
+            }
+        },
     ):
         args = {"path": CHAT, "body": body, "headers": headers} | changed
         with pytest.raises(ApiError) as refused:

@@ -1,0 +1,157 @@
+"""The node-to-node channel: forwards share one connection per peer, a peer that does not
+speak it gets the HTTP hop, a channel request without the cluster's signature gets 401,
+garbage closes the channel, and a slow reader holds the sender to its credit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from quorum.channel import serve_channel
+from quorum.routing.channel import (
+    DATA,
+    HEAD,
+    OPEN,
+    PREFACE,
+    WINDOW,
+    ChannelPool,
+    ChannelRefused,
+    FrameReader,
+    frame,
+)
+from quorum.routing.relay import Reply
+from tests.helpers import MESSAGES, node_config, start_cluster
+
+
+async def test_forwards_share_one_channel_and_no_http_connection(nursery: trio.Nursery) -> None:
+    cluster = await start_cluster(nursery, [node_config("node-a"), node_config("node-c")])
+    entry = cluster["node-a"]
+    body = {"model": "mock-coder", "messages": MESSAGES, "max_tokens": 8}
+    statuses: list[int] = []
+
+    async with httpx.AsyncClient(base_url=cluster.url("node-a"), timeout=10) as http:
+
+        async def one(i: int) -> None:
+            payload = {**body, "stream": bool(i % 2), "seed": i}
+            statuses.append((await http.post("/v1/chat/completions", json=payload)).status_code)
+
+        async with trio.open_nursery() as clients:
+            for i in range(20):
+                clients.start_soon(one, i)
+        answer = await http.post("/v1/chat/completions", json=body)
+    assert statuses == [200] * 20
+    assert answer.status_code == 200 and answer.headers["x-quorum-node"] == "node-c"
+    assert entry.dispatcher.channel is not None
+    assert entry.dispatcher.channel.open_channels == 1
+    c = cluster["node-c"]
+    assert entry.dispatcher.hop.idle(("127.0.0.1", int(c.url.rsplit(":", 1)[1]))) == 0
+    assert c.connections.active == 1  # the channel alone
+
+
+async def test_a_peer_that_does_not_speak_the_channel_is_left_to_the_http_hop(
+    nursery: trio.Nursery,
+) -> None:
+    async def http_only(stream: trio.SocketStream) -> None:
+        await stream.receive_some(1024)
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, http_only, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    pool = ChannelPool(retry_s=30)
+    await nursery.start(pool.run)
+    base = f"http://127.0.0.1:{port}"
+    assert pool.usable(base)
+    with pytest.raises(ChannelRefused, match="does not speak the channel"):
+        async with pool.post(base, "/v1/chat/completions", b"{}", {}):
+            pass
+    assert not pool.usable(base)  # for retry_s: the caller takes the HTTP hop
+
+
+async def _channel_server(
+    nursery: trio.Nursery, handler: object
+) -> tuple[str, list[trio.SocketStream]]:
+    async def accept(stream: trio.SocketStream) -> None:
+        data = b""
+        while len(data) < len(PREFACE):
+            data += await stream.receive_some(1024)
+        await serve_channel(stream, handler, buffered=data[len(PREFACE) :])  # type: ignore[arg-type]
+
+    listeners = await nursery.start(partial(trio.serve_tcp, accept, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", []
+
+
+async def test_a_channel_request_without_the_signed_headers_is_refused(
+    nursery: trio.Nursery,
+) -> None:
+    called = []
+
+    async def handler(path: str, body: bytes, headers: Mapping[str, str]) -> Reply:
+        called.append(path)
+        return Reply(200, {}, b"served")
+
+    base, _ = await _channel_server(nursery, handler)
+    pool = ChannelPool()
+    await nursery.start(pool.run)
+    async with pool.post(base, "/v1/chat/completions", b"{}", {"x-request-id": "r"}) as r:
+        assert r.status == 401
+        assert json.loads(await r.read())["error"]["code"] == "invalid_internal_headers"
+    signed = {"x-quorum-forwarded": "node-a", "x-quorum-signature": "v2 1 00"}
+    async with pool.post(base, "/v1/chat/completions", b"{}", signed) as r:
+        assert r.status == 200 and await r.read() == b"served"  # the handler checks it
+    assert called == ["/v1/chat/completions"]
+
+
+async def test_garbage_on_the_channel_closes_it(nursery: trio.Nursery) -> None:
+    async def handler(path: str, body: bytes, headers: Mapping[str, str]) -> Reply:
+        raise AssertionError("never called")
+
+    base, _ = await _channel_server(nursery, handler)
+    port = int(base.rsplit(":", 1)[1])
+    for junk in (b"\x00\x00\x00\x03abc", b"\x7f\xff\xff\xff", frame("x", 1), frame(OPEN, 1)):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(PREFACE + junk)
+        with trio.fail_after(5):
+            received = b""
+            while more := await stream.receive_some(1024):
+                received += more
+        assert received.startswith(b"QUORUM-CHANNEL/1 OK")  # then closed, nothing served
+        await stream.aclose()
+
+
+async def test_a_slow_reader_holds_the_server_to_its_credit(nursery: trio.Nursery) -> None:
+    produced = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(64):  # 2 MiB in 32 KiB pieces
+            produced.append(i)
+            yield bytes([i % 256]) * 32768
+
+    async def handler(path: str, data: bytes, headers: Mapping[str, str]) -> Reply:
+        return Reply(200, {}, body())
+
+    base, _ = await _channel_server(nursery, handler)
+    port = int(base.rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    signed = {"x-quorum-forwarded": "a"}
+    await stream.send_all(PREFACE + frame(OPEN, 1, "/v1/chat/completions", signed, b"{}"))
+    reader = FrameReader(stream, 1 << 22)
+    accepted = await stream.receive_some(len(b"QUORUM-CHANNEL/1 OK\r\n\r\n"))
+    assert accepted.startswith(b"QUORUM-CHANNEL/1 OK")
+    got = 0
+    with trio.move_on_after(1.0):  # read without ever granting credit
+        while True:
+            fields = await reader.next()
+            assert fields is not None
+            if fields[0] == DATA:
+                got += len(fields[2])
+            else:
+                assert fields[0] == HEAD
+    assert got == WINDOW  # no more than the window without credit
+    assert len(produced) <= WINDOW // 32768 + 2
+    await stream.aclose()
