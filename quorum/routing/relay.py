@@ -363,6 +363,8 @@ def decode(data: str | bytes) -> dict[str, Any]:
         obj = json.loads(data)
     except ValueError:
         raise SSEProtocolError("an event is not JSON") from None
+    except RecursionError:  # nested past what the interpreter's recursion limit leaves
+        raise SSEProtocolError("an event nests arrays and objects too deep to read") from None
     if not isinstance(obj, dict):
         raise SSEProtocolError(f"an event is JSON {type(obj).__name__}, not an object")
     return obj

@@ -370,3 +370,13 @@ def test_an_unusual_event_is_read_as_before(data: str | bytes) -> None:
 @example([b'{"choices":[{"delta":{"content":"x"}}]}', b"[DONE]"])
 def test_generated_events_are_read_as_before(stream: list[str | bytes]) -> None:
     assert_same_reading(stream)
+
+
+@pytest.mark.parametrize("where", ["id", "usage", "choices"])
+@pytest.mark.parametrize("depth", [2000, 5000])  # shorter, and longer, than the fast path reads
+def test_an_event_nested_too_deep_breaks_the_stream(where: str, depth: int) -> None:
+    data = '{"' + where + '":' + "[" * depth + "]" * depth + "}"
+    with pytest.raises(SSEProtocolError, match="too deep"):
+        kind(data)
+    with pytest.raises(SSEProtocolError, match="too deep"):
+        new_bookkeeping(hide_usage=False)._account(b"", data.encode())
