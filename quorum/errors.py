@@ -5,11 +5,14 @@
     QuorumError
     ├── ApiError                  an OpenAI-style error answer: status + envelope
     │   ├── InvalidRequest        400 invalid_request_error (``param`` says which field)
+    │   │   └── ConversationTooLong   400 a conversation would pass its message limit
     │   ├── Unauthorized          401 a missing, wrong or unsigned credential
     │   ├── PermissionDenied      403 the caller may not do this
     │   ├── ModelNotFound         404 model_not_found
+    │   ├── ConversationNotFound  404 conversation_not_found (unknown, deleted or another key's)
     │   ├── RequestTimeout        408 the request body did not arrive in time
     │   ├── PayloadTooLarge       413 request body over the node's limit
+    │   │   └── MessageTooLarge   413 one message over the conversation store's limit
     │   ├── Saturated             429 rate_limit_exceeded, with ``Retry-After``
     │   ├── UpstreamFailed        502 every candidate failed before the first byte
     │   └── Unavailable           503 no node can serve the request now
@@ -34,7 +37,10 @@ __all__ = [
     "BackendError",
     "BackendSaturated",
     "BackendUnavailable",
+    "ConversationNotFound",
+    "ConversationTooLong",
     "InvalidRequest",
+    "MessageTooLarge",
     "ModelNotFound",
     "PayloadTooLarge",
     "PermissionDenied",
@@ -120,6 +126,13 @@ class PermissionDenied(ApiError):
     code = "permission_denied"
 
 
+class ConversationTooLong(InvalidRequest):
+    """400: appending would take a stored conversation past its store's ``max_messages``;
+    nothing was appended (``code`` ``conversation_too_long``)."""
+
+    code = "conversation_too_long"
+
+
 class RequestTimeout(ApiError):
     """408: the client did not send its whole request body within the node's deadline."""
 
@@ -136,12 +149,28 @@ class ModelNotFound(ApiError):
     code = "model_not_found"
 
 
+class ConversationNotFound(ApiError):
+    """404: no conversation has this id for this caller: never created, deleted, or owned by
+    another API key (the three are not told apart, so ids of other keys do not leak)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "conversation_not_found"
+
+
 class PayloadTooLarge(ApiError):
     """413: the body is larger than the node's ``max_body_bytes``."""
 
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class MessageTooLarge(PayloadTooLarge):
+    """413: one message, as stored JSON, is larger than the conversation store's
+    ``max_message_bytes``; nothing was appended (``code`` ``message_too_large``)."""
+
+    code = "message_too_large"
 
 
 class Saturated(ApiError):

@@ -1,0 +1,201 @@
+"""The conversation store's interface, what it returns, and the bounds every store enforces.
+
+A store keeps, per conversation id: the owning API key (None when auth is off), the creation
+time, and an ordered list of messages, each a JSON object as the chat API has it (``role``,
+``content``, ``reasoning_content``, ``tool_calls``, ...). Messages are only ever appended,
+a whole turn at a time, and read back in the order they were appended.
+
+The engines (:mod:`quorum.conversations.sqlite`, :mod:`quorum.conversations.postgres`) do
+their blocking work in threads; everything here is pure.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from quorum.errors import (
+    ConversationNotFound,
+    ConversationTooLong,
+    InvalidRequest,
+    MessageTooLarge,
+    Unavailable,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Conversation",
+    "ConversationStore",
+    "Limits",
+    "not_found",
+    "unavailable",
+]
+
+DEFAULT_MAX_MESSAGES = 1000
+"""Messages one conversation may hold unless a store is told otherwise (500 turns)."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+"""Bytes of one stored message (compact JSON, UTF-8) unless a store is told otherwise."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """One stored conversation. ``id``: see :mod:`quorum.conversations.ids`. ``created``:
+    int, unix seconds. ``messages``: the chat messages in the order they were appended."""
+
+    id: str
+    created: int
+    messages: list[dict[str, Any]]
+
+    def as_json(self) -> dict[str, Any]:
+        """The answer of ``GET /c1/conversations/{id}``: ``{"id", "created", "messages"}``."""
+        return {"id": self.id, "created": self.created, "messages": list(self.messages)}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one store accepts. ``max_messages``: messages per conversation (a turn is
+    usually two: the user's and the assistant's). ``max_message_bytes``: bytes of one
+    message as stored, compact JSON in UTF-8.
+
+    A route can call :meth:`check` before it asks a backend for an answer, so a turn that
+    could not be stored is refused before any tokens are spent on it.
+    """
+
+    max_messages: int = DEFAULT_MAX_MESSAGES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 1 or self.max_message_bytes < 2:
+            raise ValueError("max_messages must be >= 1 and max_message_bytes >= 2")
+
+    def encode(self, messages: Sequence[dict[str, Any]]) -> list[str]:
+        """Each message as the JSON text a store keeps. Raises ``InvalidRequest`` when a
+        message is not a JSON object (or holds NaN, infinity, or a non-JSON value), and
+        ``MessageTooLarge`` when one is over ``max_message_bytes`` bytes."""
+        encoded = []
+        for index, message in enumerate(messages):
+            text = _to_json(message, index)
+            size = len(text.encode("utf-8"))
+            if size > self.max_message_bytes:
+                raise MessageTooLarge(
+                    f"message {index} of this turn is {size} bytes as stored JSON; a "
+                    f"conversation keeps messages of at most {self.max_message_bytes} bytes",
+                    param=f"messages[{index}]",
+                )
+            encoded.append(text)
+        return encoded
+
+    def check_count(self, stored: int, adding: int) -> None:
+        """Raises ``ConversationTooLong`` when ``stored`` + ``adding`` messages are more than
+        ``max_messages``."""
+        if stored + adding > self.max_messages:
+            raise ConversationTooLong(
+                f"this conversation has {stored} messages and may hold at most "
+                f"{self.max_messages}; adding {adding} more would pass that: start a new one"
+            )
+
+    def check(self, conversation: Conversation | None, messages: Sequence[dict[str, Any]]) -> None:
+        """Raises what :meth:`ConversationStore.append` would raise for the bounds, without
+        storing: ``InvalidRequest``, ``MessageTooLarge``, ``ConversationTooLong``."""
+        self.encode(messages)
+        self.check_count(len(conversation.messages) if conversation else 0, len(messages))
+
+
+def not_found() -> ConversationNotFound:
+    """The error for an id that is unknown to the caller (the id is not echoed: it is the
+    client's text)."""
+    return ConversationNotFound(
+        "no such conversation: it was never created, was deleted, or belongs to another API key"
+    )
+
+
+def unavailable() -> Unavailable:
+    """The error for an engine failure. Raise it ``from`` the engine's exception: the
+    message goes to the client, which is not told the database's address or error."""
+    return Unavailable(
+        "the conversation store cannot be used now; try again later",
+        code="conversation_store_unavailable",
+    )
+
+
+def _to_json(message: object, index: int) -> str:
+    if not isinstance(message, dict):
+        raise InvalidRequest(
+            f"message {index} of this turn is not a JSON object", param=f"messages[{index}]"
+        )
+    try:
+        text = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON allows "\ud800"); escaped, it is stored and read back as is.
+        text = json.dumps(message, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(
+            f"message {index} of this turn cannot be stored as JSON: {exc}",
+            param=f"messages[{index}]",
+        ) from None
+    return text
+
+
+class ConversationStore(abc.ABC):
+    """Where conversations live: one interface over SQLite (a file per node) and PostgreSQL
+    (shared by a cluster). Every method is async (trio) and safe to call from many tasks at
+    once; engines run their blocking calls in threads.
+
+    ``key`` is the owning API key's identity as the gateway names it (never the secret), or
+    None when auth is off; it is compared exactly, None only matching None. A conversation of
+    another key is treated as unknown. Ids that are not valid
+    (:func:`quorum.conversations.ids.valid_id`) are unknown too, without a query.
+
+    Engine failures (the database unreachable, locked too long, out of disk) raise
+    ``quorum.errors.Unavailable`` with ``code`` ``conversation_store_unavailable``.
+    """
+
+    limits: Limits
+
+    @abc.abstractmethod
+    async def create(self, id: str, key: str | None, created: int) -> None:
+        """Store a new, empty conversation. ``created``: unix seconds. Raises ``ValueError``
+        when ``id`` is not a valid id or already exists (ids come from ``new_id``: either is
+        a bug)."""
+
+    @abc.abstractmethod
+    async def get(self, id: str, key: str | None) -> Conversation | None:
+        """The conversation with its messages in order, or None when ``id`` is unknown,
+        deleted, invalid, or belongs to another key."""
+
+    @abc.abstractmethod
+    async def append(self, id: str, key: str | None, messages: list[dict[str, Any]]) -> None:
+        """Append ``messages`` (a turn: the user's message and the assistant's, with its
+        ``reasoning_content`` and ``tool_calls`` kept as fields) atomically: all of them, after
+        every message appended before, or none. Concurrent appends to one conversation are
+        serialized, each turn kept contiguous.
+
+        Raises ``ConversationNotFound`` when the conversation is unknown to ``key`` (deleted
+        meanwhile included), and what :meth:`Limits.check` raises; nothing is stored then.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, id: str, key: str | None) -> bool:
+        """Remove the conversation and its messages; False when there was none for ``key``."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the engine (connection, pool). Idempotent; no method may be called after."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
