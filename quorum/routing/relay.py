@@ -272,7 +272,12 @@ class StreamRelay:
                     raise BackendBroken(f"no chunk from node {self.node} in {limit} s")
             out: list[bytes] = []
             for raw, data in batch:
-                relayed = self._account(raw, data)
+                try:
+                    relayed = self._account(raw, data)
+                except SSEProtocolError:
+                    if out:  # counted as sent: send them before the stream breaks
+                        yield b"".join(out)
+                    raise
                 if relayed is False:
                     if out:
                         yield b"".join(out)
