@@ -35,6 +35,20 @@
     tokens_per_minute = 20000
     max_concurrent = 8
 
+    [conversations]                    # absent: /c1 answers 404 on this node
+    store = "sqlite"                   # "sqlite": a file per node; "postgres": shared
+    path = "conversations"             # sqlite: the directory of <node name>.sqlite3,
+                                       # relative to this file
+    # dsn = "postgresql://quorum@db/quorum"  # postgres: the database
+    max_messages = 1000                # per conversation
+    max_message_bytes = 1048576        # one message as stored JSON
+
+    [[policies]]                       # governance rules (quorum.gateway.policy)
+    name = "no-emails"
+    detect = "email"                   # or regex = "..." with max_match_chars = N
+    on = "both"                        # "input", "output" or "both"
+    action = "block"                   # or "redact"
+
     [[backends]]
     model = "mock-chat"
     kind = "mock"                      # "mock", "upstream" or "llamacpp"
@@ -72,6 +86,7 @@ from quorum.backends.headers import HeaderPolicy
 from quorum.backends.mock import MockOptions
 from quorum.backends.upstream import UpstreamOptions
 from quorum.gateway.keys import ApiKey, ApiKeys, AuthTable, DuplicateKey, KeysFile
+from quorum.gateway.policy import DuplicatePolicy, Policies, Policy
 from quorum.routing.config import RoutingConfig
 
 __all__ = [
@@ -155,6 +170,19 @@ class GossipSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationSettings:
+    """The ``[conversations]`` table: ``store`` "sqlite" (``path``: the SQLite file of this
+    node) or "postgres" (``dsn``: the database every node shares), and the store's bounds
+    (``quorum.conversations.store.Limits``)."""
+
+    store: Literal["sqlite", "postgres"]
+    path: Path | None = None
+    dsn: str | None = None
+    max_messages: int = 1000
+    max_message_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A node's whole configuration.
 
@@ -172,6 +200,8 @@ class NodeConfig:
     ``auth``, serve /metrics without a key (else it needs an admin key). ``headers``: which
     client headers may reach an upstream server and which of its headers may reach the
     client (``[headers] to_upstream`` / ``to_client``, ``quorum.backends.headers``).
+    ``conversations``: the ``/c1`` store (``[conversations]``), None when /c1 is off.
+    ``policies``: the governance rules (``[[policies]]``, ``quorum.gateway.policy``).
     """
 
     name: str
@@ -191,6 +221,8 @@ class NodeConfig:
     auth: ApiKeys | None = None
     open_metrics: bool = False
     headers: HeaderPolicy = field(default_factory=HeaderPolicy)
+    conversations: ConversationSettings | None = None
+    policies: Policies = field(default_factory=Policies)
     source: str = "<config>"
 
     def hop_secrets(self) -> tuple[bytes, ...]:
@@ -270,6 +302,24 @@ class NodeConfig:
                 preset=g.preset,
                 advertise=parse_hostport(g.advertise) if g.advertise is not None else None,
             )
+        try:
+            policies = Policies(file.policies)
+        except DuplicatePolicy as exc:
+            raise ConfigError(f"{source}: policies[{exc.index}].name: {exc}") from None
+        conversations = None
+        if file.conversations is not None:
+            c = file.conversations
+            path = None
+            if c.store == "sqlite":
+                folder = Path(c.path)
+                if not folder.is_absolute() and base_dir is not None:
+                    folder = base_dir / folder
+                path = folder / f"{file.node.name}.sqlite3"
+            elif c.dsn is None:
+                raise ConfigError(f"{source}: conversations.dsn: missing (required for postgres)")
+            conversations = ConversationSettings(
+                c.store, path, c.dsn, c.max_messages, c.max_message_bytes
+            )
         host, port = parse_hostport(file.node.listen)
         return cls(
             name=file.node.name,
@@ -289,6 +339,8 @@ class NodeConfig:
             auth=auth,
             open_metrics=file.auth is not None and file.auth.open_metrics,
             headers=file.headers,
+            conversations=conversations,
+            policies=policies,
             source=source,
         )
 
@@ -363,6 +415,17 @@ class DebugTable(_Table):
     faults: bool = False
 
 
+class ConversationsTable(_Table):
+    """``[conversations]``: see ``ConversationSettings``; ``path`` is a directory, relative
+    to the config file's."""
+
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    path: str = Field(default="conversations", min_length=1)
+    dsn: str | None = Field(default=None, min_length=1)
+    max_messages: int = Field(default=1000, ge=2, le=100_000)
+    max_message_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+
+
 class BackendTable(BaseModel):
     """``[[backends]]``: ``model``, ``kind``; the kind's own options are checked by its
     ``Options`` (``validate_backend_options``)."""
@@ -383,6 +446,8 @@ class ConfigFile(_Table):
     headers: HeaderPolicy = HeaderPolicy()
     debug: DebugTable = DebugTable()
     auth: AuthTable | None = None
+    conversations: ConversationsTable | None = None
+    policies: list[Policy] = []
     backends: list[BackendTable] = []
 
 
