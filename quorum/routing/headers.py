@@ -4,7 +4,8 @@ internal ones trustworthy.
 Three kinds of header, never confused (DESIGN.md, "Trust boundaries"):
 
 - **Client headers** a client may send: ``x-request-id``, ``x-quorum-pin``, ``x-quorum-fault``
-  (only where the node's ``[debug] faults`` allows it), ``x-quorum-single-flight``.
+  (only where the node's ``[debug] faults`` allows it), ``x-quorum-single-flight``,
+  ``x-conversation-id`` (``/c1``, where it is also a response header).
 - **Internal headers** only a node of the cluster may send, on the hop:
   ``x-quorum-forwarded`` (the entry node's name), ``x-quorum-created`` (the stream's
   ``created``), ``x-quorum-caller`` (the name of the API key the entry node admitted the
@@ -22,7 +23,8 @@ hop. Timestamps older or newer than ``window_s`` are refused: a captured request
 replayed later than that. Nodes need clocks within that window of each other (NTP).
 
 Wire form: ``x-quorum-signature: v2 <unix seconds> <hex HMAC>`` (v2 signs ``x-quorum-caller``
-too; a v1 node and a v2 node refuse each other's hop, so upgrade a cluster all at once).
+and ``x-conversation-id`` too; a v1 node and a v2 node refuse each other's hop, so upgrade a
+cluster all at once).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from quorum.errors import InvalidRequest, Unauthorized
 __all__ = [
     "ATTEMPTS",
     "CALLER",
+    "CONVERSATION_ID",
     "CREATED",
     "FAULT",
     "FORWARDED",
@@ -64,6 +67,7 @@ REQUEST_ID = "x-request-id"
 PIN = "x-quorum-pin"
 FAULT = "x-quorum-fault"
 SINGLE_FLIGHT = "x-quorum-single-flight"
+CONVERSATION_ID = "x-conversation-id"  # /c1: request and response
 # Internal headers: accepted only with a valid signature.
 FORWARDED = "x-quorum-forwarded"
 CREATED = "x-quorum-created"
@@ -79,7 +83,7 @@ SHARED = "x-quorum-shared"
 
 # What the signature covers besides method, path and body: every header that changes what
 # the serving node does. A missing header is signed as empty, so none can be added later.
-_SIGNED = (FORWARDED, CREATED, CALLER, REQUEST_ID, PIN, FAULT)
+_SIGNED = (FORWARDED, CREATED, CALLER, REQUEST_ID, PIN, FAULT, CONVERSATION_ID)
 _VERSION = "v2"
 _INFO = b"quorum internal headers v1"
 

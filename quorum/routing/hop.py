@@ -160,17 +160,24 @@ class HopPool:
 
     @asynccontextmanager
     async def post(
-        self, base: str, path: str, body: bytes, headers: Mapping[str, str]
+        self,
+        base: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        method: str = "POST",
     ) -> AsyncIterator[HopResponse]:
-        """POST ``body`` to ``base + path``; yields the response once its head arrived.
-        The connection goes back to the pool if the body was read to its end, else it is
-        closed. Raises ``HopError``."""
+        """POST ``body`` to ``base + path`` (or another ``method``: the conversation routes
+        forward GET and DELETE with an empty body); yields the response once its head
+        arrived. The connection goes back to the pool if the body was read to its end, else
+        it is closed. Raises ``HopError``."""
         url = urlsplit(base)
         if url.scheme != "http" or url.hostname is None:
             raise HopError(f"the hop speaks plain http, not {base!r}")
         peer = (url.hostname, url.port or 80)
         head = [("host", url.netloc), ("content-length", str(len(body))), *headers.items()]
-        request = h11.Request(method="POST", target=path, headers=head)
+        request = h11.Request(method=method, target=path, headers=head)
         for attempt in (1, 2):
             connection = await self._connection(peer)
             try:
