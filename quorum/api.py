@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API of one node: a quart-trio app.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``POST /c1/chat`` and ``GET``/``DELETE /c1/conversations/{id}`` (``quorum.c1``),
 ``GET /health``, ``GET /cluster/members``. Every error, including 404/405/413 raised by the
 framework, is answered in OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -25,6 +26,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from quorum.c1 import C1_CHAT, Conversations
 from quorum.errors import (
     ApiError,
     InvalidRequest,
@@ -151,15 +153,17 @@ class FastPath:
         max_body_bytes: int,
         body_timeout_s: float = 30.0,
         gate: Gate | None = None,
+        conversations: Conversations | None = None,
     ) -> None:
         self.app = app
+        self.conversations = conversations or Conversations(dispatcher, None, shared=True)
         self.dispatcher = dispatcher
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in PARSERS:
+        if scope["type"] != "http" or (scope["path"] not in PARSERS and scope["path"] != C1_CHAT):
             await self.app(scope, receive, send)
             return
         arrived = time.perf_counter()
@@ -181,7 +185,12 @@ class FastPath:
                     if body is None:
                         return  # the client left before sending its whole body
                     nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                    reply = await answer(self.dispatcher, scope["path"], body, headers, admission)
+                    if scope["path"] == C1_CHAT:
+                        reply = await self._c1_chat(body, headers, admission)
+                    else:
+                        reply = await answer(
+                            self.dispatcher, scope["path"], body, headers, admission
+                        )
                 except ApiError as exc:
                     self._count(admission, exc.status)
                     extra = admission.grant.headers if admission and admission.grant else {}
@@ -210,6 +219,28 @@ class FastPath:
         if self.gate is None or any(name in headers for name in INTERNAL):
             return None
         return Admission(self.gate, self.gate.caller(headers))
+
+    async def _c1_chat(
+        self, body: bytes, headers: Mapping[str, str], admission: Admission | None
+    ) -> Reply:
+        """``POST /c1/chat`` (``quorum.c1``), counted in the metrics as the others are."""
+        requests = self.dispatcher.metrics.requests
+        try:
+            if admission is None:
+                reply = await self.conversations.chat(body, headers)
+            else:
+                reply = await self.conversations.chat(
+                    body,
+                    headers,
+                    caller=admission.caller.name,
+                    admit=admission.admit,
+                    allow_debug=admission.caller.is_admin,
+                )
+        except ApiError as exc:
+            requests.labels(C1_CHAT, "-", str(exc.status)).inc()
+            raise
+        requests.labels(C1_CHAT, "-", str(reply.status)).inc()
+        return reply
 
     def _count(self, admission: Admission | None, status: int) -> None:
         if admission is not None:
@@ -324,6 +355,7 @@ def create_app(
     body_timeout_s: float = 30.0,
     created: int | None = None,
     gate: Gate | None = None,
+    conversations: Conversations | None = None,
 ) -> FastPath:
     """Build the ASGI app of one node: ``FastPath`` for the completion endpoints in front of
     a quart-trio app for everything else.
@@ -335,7 +367,8 @@ def create_app(
     unix seconds reported for models. ``gate``: the ``[auth]`` checks, None for an open
     node: then ``/v1/*`` needs a key of any role; ``/metrics`` (unless ``open_metrics``),
     ``/cluster/*`` and ``/admin/*`` an admin key; ``/health`` and the static status page
-    stay open.
+    stay open. ``conversations``: the ``/c1`` routes (``quorum.c1``; None: they answer
+    404), which need a key of any role under ``[auth]``.
     """
     app = QuartTrio("quorum")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
@@ -355,6 +388,10 @@ def create_app(
             return  # the drain checks its own two credentials; the page is static
         if path.startswith("/v1/"):
             gate.caller(lowered())
+        elif path.startswith("/c1/"):
+            headers = lowered()
+            if not any(name in headers for name in INTERNAL):  # a node's: checked by the route
+                gate.caller(headers)
         elif not (path == "/metrics" and gate.open_metrics):
             gate.admin(lowered(), f"{request.method} {path}")
 
@@ -383,6 +420,18 @@ def create_app(
             for m, nodes in sorted(names.items())
         ]
         return _json(200, {"object": "list", "data": data})
+
+    c1 = conversations or Conversations(dispatcher, None, shared=True)
+
+    @app.route("/c1/conversations/<conversation_id>", methods=["GET", "DELETE"])
+    async def conversation(conversation_id: str) -> Response:
+        """One stored conversation (``quorum.c1``): read it, or delete it."""
+        headers = lowered()
+        caller = None
+        if gate is not None and not any(name in headers for name in INTERNAL):
+            caller = gate.caller(headers).name
+        status, body = await c1.read(request.method, conversation_id, headers, caller)
+        return _json(status, body)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -452,8 +501,8 @@ def create_app(
         if status == 404:
             msg = (
                 f"There is no endpoint {request.method} {request.path}. Quorum serves "
-                "/v1/chat/completions, /v1/completions, /v1/models, /health and "
-                "/cluster/members."
+                "/v1/chat/completions, /v1/completions, /v1/models, /c1/chat, "
+                "/c1/conversations/{id}, /health and /cluster/members."
             )
         elif status == 405:
             msg = f"{request.method} is not allowed on {request.path}."
@@ -472,5 +521,10 @@ def create_app(
         )
 
     return FastPath(
-        app, dispatcher, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s, gate=gate
+        app,
+        dispatcher,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
+        gate=gate,
+        conversations=c1,
     )

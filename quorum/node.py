@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -36,8 +37,10 @@ from quorum.backends.headers import HeaderPolicy
 from quorum.backends.llamacpp import LlamaCppBackend
 from quorum.backends.mock import MockBackend
 from quorum.backends.upstream import UpstreamBackend
+from quorum.c1 import Conversations
 from quorum.channel import serve_channel
-from quorum.config import BackendConfig, ConfigError, NodeConfig
+from quorum.config import BackendConfig, ConfigError, ConversationSettings, NodeConfig
+from quorum.conversations import ConversationStore, SQLiteStore
 from quorum.errors import InvalidRequest
 from quorum.gateway.gate import Gate
 from quorum.gateway.quota import QuotaBoard
@@ -57,7 +60,7 @@ from quorum.routing.membership import (
 )
 from quorum.server import ConnectionGuard, serve
 
-__all__ = ["Node", "drain_token_path", "hop_signer", "make_backend"]
+__all__ = ["Node", "drain_token_path", "hop_signer", "make_backend", "open_store"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,40 @@ def make_backend(
         return UpstreamBackend.from_config(config.model, config.options, policy=policy)
     except ValueError as exc:
         raise ConfigError(f"{source}: backend {config.model!r}: {exc}") from None
+
+
+async def open_store(settings: ConversationSettings, source: str) -> ConversationStore:
+    """The conversation store ``[conversations]`` names, opened (migrations applied). Raises
+    ``ConfigError`` in one line when it cannot be: a directory that cannot be made, a
+    database that cannot be reached, PostgreSQL without the ``postgres`` extra."""
+    limits = {
+        "max_messages": settings.max_messages,
+        "max_message_bytes": settings.max_message_bytes,
+    }
+    if settings.store == "sqlite":
+        assert settings.path is not None
+        try:
+            await trio.to_thread.run_sync(
+                lambda: settings.path.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            )
+            return await SQLiteStore.open(settings.path, **limits)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"{source}: conversations.path: {settings.path}: {exc}") from None
+    try:
+        from quorum.conversations.postgres import PostgresStore
+    except ImportError:
+        raise ConfigError(
+            f'{source}: conversations.store = "postgres" needs psycopg: '
+            "pip install 'quorum[postgres]'"
+        ) from None
+    assert settings.dsn is not None
+    try:
+        return await PostgresStore.open(settings.dsn, **limits)
+    except Exception as exc:  # psycopg's errors, the pool's timeout: the database is not there
+        raise ConfigError(
+            f"{source}: conversations.dsn: cannot open the database: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
 
 
 def drain_token_path(url: str) -> Path:
@@ -185,6 +222,10 @@ class Node:
                 "quota (`quorum keys new NAME` makes a key)",
                 config.name,
             )
+        settings = config.conversations
+        self.conversations = Conversations(
+            self.dispatcher, shared=settings is not None and settings.store == "postgres"
+        )
         self.drain_token = secrets.token_urlsafe(32)
         self.app = create_app(
             self.dispatcher,
@@ -194,6 +235,7 @@ class Node:
             max_body_bytes=config.max_body_bytes,
             body_timeout_s=config.body_timeout_s,
             gate=self.gate,
+            conversations=self.conversations,
         )
         self.dispatcher.metrics.watch(
             in_flight=lambda: {
@@ -419,6 +461,10 @@ class Node:
         hconfig.backlog = 4096  # the default 100 reset connections at 256 concurrent connects
         token_files: list[Path] = []
         try:
+            if self.config.conversations is not None:
+                self.conversations.store = await open_store(
+                    self.config.conversations, self.config.source
+                )
             async with trio.open_nursery() as nursery:
                 for backend in self.backends.values():
                     await nursery.start(backend.run)
@@ -447,5 +493,7 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await self.dispatcher.aclose()
+                if self.conversations.store is not None:
+                    await self.conversations.store.aclose()
             for token_file in token_files:
                 token_file.unlink(missing_ok=True)
