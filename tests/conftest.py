@@ -12,8 +12,11 @@ import trio
 # FAST, NODES and ROOT are re-exported for the test modules that still import them from here
 # (tests/test_upstream.py); new code imports tests.helpers.
 from tests.helpers import FAST, NODES, ROOT, Cluster, node_config, start_cluster
+from tests.postgres import postgres_dsn, postgres_server
 
-__all__ = ["FAST", "NODES", "ROOT", "Cluster", "cluster", "http", "node_config", "start_cluster"]
+__all__ = ["postgres_dsn", "postgres_server"]  # fixtures: a real PostgreSQL server
+
+__all__ += ["FAST", "NODES", "ROOT", "Cluster", "cluster", "http", "node_config", "start_cluster"]
 
 
 @pytest.fixture

@@ -92,7 +92,8 @@ def member(
 
 def node_config(name: str, *, fast: bool = True, **overrides: Any) -> NodeConfig:
     """The shipped ``nodes/<name>.toml`` on port 0: gossip on port 0 with the LOCAL preset
-    and no seeds (``start_cluster`` points each node at the first), no static peers."""
+    and no seeds (``start_cluster`` points each node at the first), no static peers, no
+    conversation store (pass ``conversations=``)."""
     config = NodeConfig.from_toml(NODES / f"{name}.toml")
     backends = config.backends
     if fast:
@@ -103,8 +104,9 @@ def node_config(name: str, *, fast: bool = True, **overrides: Any) -> NodeConfig
     gossip = config.gossip
     if gossip is not None:
         gossip = dataclasses.replace(gossip, bind=("127.0.0.1", 0), seeds=(), preset="local")
-    # The tests inject faults (x-quorum-fault), as the scenarios do.
-    overrides = {"debug_faults": True, **overrides}
+    # The tests inject faults (x-quorum-fault), as the scenarios do. The shipped configs keep
+    # conversations under nodes/data: a test that uses /c1 gives its own store.
+    overrides = {"debug_faults": True, "conversations": None, **overrides}
     return dataclasses.replace(
         config, port=0, peers=(), backends=backends, gossip=gossip, **overrides
     )

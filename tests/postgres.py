@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the store tests, started once per session.
+"""A real PostgreSQL server for the conversation tests (tests/conversations, tests/test_c1.py),
+started once per session; tests/conftest.py makes its fixtures visible to every test.
 
 ``initdb`` makes a cluster in a temporary directory, ``pg_ctl start`` runs it on a free port of
 127.0.0.1 (its unix socket in the same directory, fsync off), and ``pg_ctl stop -m fast`` on that
