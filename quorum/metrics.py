@@ -13,6 +13,9 @@ Counters are updated on the request path; cluster and gossip figures are read wh
                                       node's backends) or ``relaying`` (entry node of)
 ``quorum_members``                    members of the cluster as this node sees them, by state
 ``quorum_gossip_packets_total``       gossip datagrams by outcome (accepted, dropped_*...)
+``quorum_policy_actions_total``       entry node: governance rules that fired, by ``policy``
+                                      (configured names only), ``on`` (input, output) and
+                                      ``action`` (block; redact: one per match replaced)
 ====================================  =====================================================
 """
 
@@ -116,6 +119,19 @@ class Metrics:
             ["key"],
             registry=self.registry,
         )
+
+        # by policy name: the configured names only (a bounded label set)
+        self.policy_actions = Counter(
+            "quorum_policy_actions",
+            "Entry node: governance rules that fired, by policy, direction and action",
+            ["policy", "on", "action"],
+            registry=self.registry,
+        )
+
+    def policy_action(self, policy: str, on: str, action: str) -> None:
+        """Count one firing of ``policy`` (a configured name) ``on`` "input" or "output",
+        ``action`` "block" or "redact" (each redacted match counts once)."""
+        self.policy_actions.labels(policy, on, action).inc()
 
     def watch(
         self,

@@ -208,6 +208,7 @@ class Node:
             allow_faults=config.debug_faults,
             tap=tap,
             headers=config.headers,
+            policies=config.policies,
         )
         if config.auth is not None:
             board = QuotaBoard(

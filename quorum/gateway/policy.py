@@ -100,6 +100,7 @@ __all__ = [
     "OutputFilter",
     "Policies",
     "Policy",
+    "PolicyViolation",
     "TextKind",
     "Verdict",
     "detector",
@@ -403,6 +404,16 @@ def _regex_detector(regex: str, name: str) -> Detector:
     return Detector(pattern, bounds, prefix_matcher(pattern), name)
 
 
+class PolicyViolation(InvalidRequest):
+    """400 ``content_policy_violation``: an input policy blocked the request. ``policy``:
+    the name of the policy that blocked (for metrics; the message names it too, never the
+    matched text)."""
+
+    def __init__(self, message: str, *, policy: str, param: str) -> None:
+        super().__init__(message, param=param, code=POLICY_CODE)
+        self.policy = policy
+
+
 class DuplicatePolicy(ValueError):
     """Two policies share a name. ``index``: position of the second in the sequence given
     to ``Policies``."""
@@ -644,9 +655,9 @@ class Policies:
 
     def scan_input(self, texts: Iterable[str], *, param: str = "messages") -> Verdict:
         """Apply the input policies to ``texts`` (each scanned on its own: no match spans
-        two). Returns the ``Verdict``; raises ``InvalidRequest`` (400, code
-        ``content_policy_violation``, ``param`` as given) naming the first policy that
-        blocks, never the matched text."""
+        two). Returns the ``Verdict``; raises ``PolicyViolation`` (an ``InvalidRequest``:
+        400, code ``content_policy_violation``, ``param`` as given) naming the first policy
+        that blocks, never the matched text."""
         out: list[str] = []
         redacted: list[str] = []
         for text in texts:
@@ -654,21 +665,25 @@ class Policies:
             a, b = f.feed(text), f.finish()
             block = a.block or b.block
             if block is not None:
-                raise InvalidRequest(
+                raise PolicyViolation(
                     f"The request was refused by the content policy '{block.name}'.",
+                    policy=block.name,
                     param=param,
-                    code=POLICY_CODE,
                 )
             out.append(a.text + b.text)
             redacted.extend(p.name for p in (*a.redacted, *b.redacted))
         return Verdict(tuple(out), tuple(redacted))
 
-    def screen_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def screen_chat(
+        self, body: Mapping[str, Any], *, redacted: list[str] | None = None
+    ) -> dict[str, Any]:
         """Apply the input policies to a chat completions body: each message's string
         ``content`` and each ``{"type": "text"}`` part's ``text``. Returns a new body with
         redactions applied (objects it did not change are shared with ``body``, which is
         never modified); raises ``InvalidRequest`` as ``scan_input`` (``param``
-        ``messages``). Other fields (tool call arguments, names) are not scanned."""
+        ``messages``). Other fields (tool call arguments, names) are not scanned.
+        ``redacted``: when given, extended with the name of the policy behind each
+        replacement (``Verdict.redacted``)."""
         messages = body.get("messages")
         if not self._input or not isinstance(messages, list):
             return dict(body)
@@ -689,6 +704,8 @@ class Policies:
                         slots.append((i, j))
                         texts.append(part["text"])
         verdict = self.scan_input(texts, param="messages")
+        if redacted is not None:
+            redacted.extend(verdict.redacted)
         new_messages = list(messages)
         for (i, slot), old, new in zip(slots, texts, verdict.texts, strict=True):
             if new == old:
@@ -703,18 +720,26 @@ class Policies:
             new_messages[i] = message
         return {**body, "messages": new_messages}
 
-    def screen_completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
+    def screen_completion(
+        self, body: Mapping[str, Any], *, redacted: list[str] | None = None
+    ) -> dict[str, Any]:
         """Apply the input policies to a (legacy) completions body's ``prompt``: a string, or
         the strings of a list (token ids are not text and are not scanned). Returns a new
-        body; raises ``InvalidRequest`` as ``scan_input`` (``param`` ``prompt``)."""
+        body; raises ``InvalidRequest`` as ``scan_input`` (``param`` ``prompt``).
+        ``redacted``: as for ``screen_chat``."""
         prompt = body.get("prompt")
         if not self._input:
             return dict(body)
         if isinstance(prompt, str):
-            return {**body, "prompt": self.scan_input([prompt], param="prompt").texts[0]}
+            verdict = self.scan_input([prompt], param="prompt")
+            if redacted is not None:
+                redacted.extend(verdict.redacted)
+            return {**body, "prompt": verdict.texts[0]}
         if isinstance(prompt, list):
             where = [k for k, x in enumerate(prompt) if isinstance(x, str)]
             verdict = self.scan_input([prompt[k] for k in where], param="prompt")
+            if redacted is not None:
+                redacted.extend(verdict.redacted)
             new = list(prompt)
             for k, text in zip(where, verdict.texts, strict=True):
                 new[k] = text

@@ -56,6 +56,8 @@ from quorum.errors import (
     Unauthorized,
     Unavailable,
 )
+from quorum.gateway.enforce import Enforcer
+from quorum.gateway.policy import Policies
 from quorum.metrics import Metrics
 from quorum.routing.attempts import (
     AttemptFailed,
@@ -147,7 +149,9 @@ class Dispatcher:
     the client (``quorum.backends.headers``). ``on_tokens``: called with ``(caller,
     tokens)`` when a request admitted under an API key ends (prompt + completion from the
     usage chunk; for a stream the client left before usage, the prompt's estimate plus one
-    token per chunk relayed).
+    token per chunk relayed). ``policies``: the governance rules (``[[policies]]``),
+    applied to client requests only: input screening in ``handle``, output filtering of
+    the answers (``quorum.gateway.enforce``); None or empty: neither.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class Dispatcher:
         policy: RoutingPolicy | None = None,
         hop: HopPool | None = None,
         headers: HeaderPolicy = DEFAULT_HEADERS,
+        policies: Policies | None = None,
     ) -> None:
         self.name = name
         self.backends = dict(backends)
@@ -182,6 +187,9 @@ class Dispatcher:
         self.selector = Selector(name, self.policy, rng=self._rng)
         self.single_flight = SingleFlight()
         self.metrics = Metrics()
+        self.enforcer: Enforcer | None = None
+        if policies is not None and len(policies):
+            self.enforcer = Enforcer(policies, self.metrics.policy_action)
         self.on_tokens: Callable[[str, int], None] | None = None
         self.channel: ChannelPool | None = None
         if self.config.channel and hop is None:
@@ -275,7 +283,10 @@ class Dispatcher:
         ``allow_debug``: the caller is an admin, whose ``x-quorum-fault`` is obeyed even
         where ``[debug] faults`` is off. Raises ``ApiError`` before any byte: 401 for
         internal headers without a valid signature, 403 for a fault this node does not
-        allow, 400/404/429/502/503/504 as the request path decides."""
+        allow, 400 ``content_policy_violation`` for a request an input policy blocks,
+        400/404/429/502/503/504 as the request path decides. A client's request (never a
+        signed forward) goes through the input policies here, before anything else sees it:
+        a redacted request is routed, shared and forwarded as its re-encoded body."""
         if any(name in headers for name in INTERNAL):
             self.signer.verify("POST", path, body, headers)
             if FORWARDED not in headers:
@@ -300,6 +311,8 @@ class Dispatcher:
                 f"'{RESUME_FIELD}' is set by Quorum nodes between themselves; remove it.",
                 param=RESUME_FIELD,
             )
+        if self.enforcer is not None:
+            request, body = self.enforcer.screen(request, body)
         job = Job(
             request,
             body,
@@ -415,11 +428,16 @@ class Dispatcher:
         self.relaying += 1
         if not job.request.stream:
             try:
-                return await self._unary(job, order)
+                reply = await self._unary(job, order)
             finally:
                 self.relaying -= 1
+            if self.enforcer is not None and reply.status == 200:
+                assert isinstance(reply.body, bytes)
+                reply.body = self.enforcer.filter_answer(job.request, reply.body)
+            return reply
         try:
-            relay = StreamRelay(self, job, order)
+            guard = self.enforcer.stream_guard(job.request) if self.enforcer else None
+            relay = StreamRelay(self, job, order, guard)
             first = await relay.start()
         except BaseException:
             self.relaying -= 1  # after start() succeeds, the stream's body owns the count

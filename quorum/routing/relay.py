@@ -8,6 +8,12 @@ deltas it has had. When the stream breaks (reset, EOF without ``[DONE]``, an err
 event that is not a chunk object, no chunk within ``inter_token_timeout_s``) it resumes on
 another node through the same attempt loop as the first try (``quorum.routing.attempts``);
 when nobody can continue, the client gets one error event and ``[DONE]``.
+
+With output policies (``quorum.gateway.enforce.StreamGuard``), each event goes through the
+guard after it is counted: the bookkeeping stays on the events as the serving node produced
+them, so a resume continues the original text and the guard just goes on. A block ends the
+stream there (``finish_reason: "content_filter"``, ``[DONE]``): the source is closed, not
+drained, which cancels the generation, and nothing resumes it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from quorum.sse import DONE, SSEParser, SSEProtocolError
 from quorum.wire import error_event
 
 if TYPE_CHECKING:
+    from quorum.gateway.enforce import StreamGuard
     from quorum.routing.dispatch import Dispatcher, Job
 
 __all__ = [
@@ -80,9 +87,17 @@ def stream_error(message: str) -> bytes:
 class StreamRelay:
     """One streamed request at the entry node: attempts until the first token, then the
     relay, then resumes on other nodes if the serving one breaks. ``body(first)`` is the
-    client's stream; it owns one count of ``dispatcher.relaying`` from ``start()`` on."""
+    client's stream; it owns one count of ``dispatcher.relaying`` from ``start()`` on.
+    ``guard``: the output policies' filter for this stream, None without output policies
+    (the events then go out byte for byte)."""
 
-    def __init__(self, dispatcher: Dispatcher, job: Job, order: list[Member]) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        job: Job,
+        order: list[Member],
+        guard: StreamGuard | None = None,
+    ) -> None:
         self.d = dispatcher
         self.job = job
         self.request = job.request
@@ -97,6 +112,8 @@ class StreamRelay:
         self.tokens: int | None = None  # prompt + completion, from the usage chunk
         self.answer_headers: dict[str, str] = {}  # the serving answer's, for the client
         self.done = False
+        self.guard = guard
+        self.cut = False  # the guard ended the stream: closed, not drained nor resumed
         self._stack = AsyncExitStack()
         self._source: AsyncIterator[list[Event]] | None = None
         self._pending: list[Event] = []  # events read but not relayed yet
@@ -237,7 +254,8 @@ class StreamRelay:
                             f"continue it ({exc})."
                         )
                         return
-            await self._drain()
+            if not self.cut:
+                await self._drain()
         finally:
             await self._close()
             self.d.relaying -= 1
@@ -271,9 +289,12 @@ class StreamRelay:
                     limit = self.d.config.inter_token_timeout_s
                     raise BackendBroken(f"no chunk from node {self.node} in {limit} s")
             out: list[bytes] = []
+            guard = self.guard
             for raw, data in batch:
                 try:
                     relayed = self._account(raw, data)
+                    if relayed and guard is not None:
+                        raw = guard.event(raw, data)  # after the count: see the docstring
                 except SSEProtocolError:
                     if out:  # counted as sent: send them before the stream breaks
                         yield b"".join(out)
@@ -282,8 +303,10 @@ class StreamRelay:
                     if out:
                         yield b"".join(out)
                     raise BackendBroken(f"node {self.node} sent an error event")
-                if relayed:
+                if relayed and raw:
                     out.append(raw)
+                if guard is not None and guard.ended:
+                    self.done = self.cut = True
                 if self.done:
                     break
             if out:
