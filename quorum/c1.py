@@ -40,6 +40,7 @@ import trio
 from quorum.conversations import ConversationStore, new_id, owner_of
 from quorum.conversations.store import not_found
 from quorum.errors import ApiError, Unauthorized, Unavailable
+from quorum.gateway.policy import PolicyViolation
 from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.routing.headers import (
     CALLER,
@@ -260,9 +261,13 @@ class Conversations:
                 raise not_found()
             history = conversation.messages
         turn = list(raw["messages"])
-        policies = getattr(self.d, "policies", None)
-        if policies is not None and len(policies):
-            turn = policies.screen_chat({"messages": turn})["messages"]  # stored as sent on
+        enforcer = self.d.enforcer
+        if enforcer is not None and enforcer.screens_input:
+            try:  # stored as it was sent on: redacted, and a blocked turn never stored
+                turn = enforcer.policies.screen_chat({"messages": turn})["messages"]
+            except PolicyViolation as exc:
+                enforcer.record(exc.policy, "input", "block")
+                raise
         store.limits.encode(turn)
         store.limits.check_count(len(history), len(turn) + 1)  # + the assistant's message
         merged = {**raw, "messages": [*history, *turn]}

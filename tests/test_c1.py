@@ -20,6 +20,7 @@ from quorum.c1 import TurnRecorder
 from quorum.config import ConversationSettings
 from quorum.conversations import new_id, owner_of
 from quorum.gateway.keys import ApiKey, ApiKeys, digest
+from quorum.gateway.policy import Policies, Policy
 from tests.helpers import Cluster, node_config, start_cluster, stream_events
 
 NODES = ("node-a", "node-b", "node-c")
@@ -343,3 +344,39 @@ def test_the_recorder_puts_the_assistants_message_together_from_deltas() -> None
         broken.add(chunks[-1])
         broken.add(json.loads(garbage) if isinstance(garbage, str) else garbage)
         assert not broken.finished
+
+
+async def test_policies_apply_to_conversations_as_they_do_to_v1(
+    nursery: trio.Nursery, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    policies = Policies(
+        Policy.model_validate(p)
+        for p in (
+            {"name": "no-e", "regex": "[eE]", "max_match_chars": 1, "on": "output"},
+            {"name": "no-ip", "detect": "ipv4", "on": "input"},
+            {"name": "mails", "detect": "email", "on": "input", "action": "redact"},
+        )
+    )
+    c = await start_cluster(
+        nursery, [node_config("node-a", conversations=sqlite(tmp_path, "a"), policies=policies)]
+    )
+    a = c.url("node-a")
+    first, _ = await chat(http, a, turn("Write to bob@example.com, please.", max_tokens=3))
+    assert first.status_code == 200, first.text
+    conversation = first.headers["x-conversation-id"]
+    blocked, error = await chat(http, a, turn("Ping 10.1.2.3 for me."), conversation)
+    assert blocked.status_code == 400 and error["error"]["code"] == "content_policy_violation"
+    # the mock's answers are English-like words: the first "e" ends the stream
+    body = turn("Count to five.", max_tokens=12, stream=True)
+    filtered, streamed = await chat(http, a, body, conversation)
+    assert filtered.status_code == 200
+    finishes = [ch["finish_reason"] for e in streamed["events"] for ch in e.get("choices", [])]
+    assert "content_filter" in finishes and "e" not in streamed["text"].lower()
+    stored = (await http.get(a + f"/c1/conversations/{conversation}")).json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+    assert "bob@example.com" not in stored[0]["content"]
+    assert "[REDACTED" in stored[0]["content"] or "email" in stored[0]["content"].lower()
+    assert stored[2]["content"] == "Count to five."  # the blocked turn left no trace
+    assert stored[3]["content"] == streamed["text"]  # what the client saw, not the backend
+    for node in c.nodes.values():
+        node.stop()
