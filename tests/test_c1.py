@@ -102,6 +102,7 @@ async def test_the_stored_history_is_what_the_backend_is_asked_for(
     second, answer = await chat(
         http, cluster.url("node-b"), turn("Two.", max_tokens=3, seed=7), conversation
     )
+    assert second.status_code == 200, second.text
     stored = (await http.get(cluster.url("node-b") + f"/c1/conversations/{conversation}")).json()
     # the same request on /v1 with the whole history by hand gives the same answer
     whole = {"model": "mock-chat", "messages": stored["messages"][:3], "max_tokens": 3, "seed": 7}
@@ -150,7 +151,7 @@ async def test_an_abandoned_or_broken_stream_stores_nothing_of_its_turn(
             break
     # a stream that breaks where no node can continue it (pinned): an error event, no turn
     broken = turn("Break.", max_tokens=50, stream=True)
-    response, events, raw = await stream_events(
+    _, events, raw = await stream_events(
         http,
         a + "/c1/chat",
         broken,
