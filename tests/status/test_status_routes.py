@@ -111,9 +111,15 @@ async def test_feed_over_its_subscriber_cap_answers_503(
     feed = feed_of(cluster, "node-b")
     feed.max_subscribers = 1
     url = cluster.url("node-b") + "/cluster/events"
-    async with http.stream("GET", url) as first:
-        await first.aiter_bytes().__anext__()
-        refused = await http.get(url)
+    # bounded: a regression that admits the second stream would otherwise read it forever
+    with trio.fail_after(10):
+        async with http.stream("GET", url) as first:
+            # the iterator is kept: a dropped one is finalized, which closes the first stream
+            chunks = first.aiter_bytes()
+            await chunks.__anext__()
+            assert len(feed.subscribers) == 1
+            refused = await http.get(url)
+            assert len(feed.subscribers) == 1
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "5"
     assert refused.json()["error"]["code"] == "too_many_status_streams"
