@@ -26,7 +26,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from quorum.c1 import C1_CHAT, Conversations
+from quorum.c1 import C1_CHAT, C1_CHAT_PATHS, Conversations
 from quorum.errors import (
     ApiError,
     InvalidRequest,
@@ -163,7 +163,9 @@ class FastPath:
         self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["path"] not in PARSERS and scope["path"] != C1_CHAT):
+        if scope["type"] != "http" or (
+            scope["path"] not in PARSERS and scope["path"] not in C1_CHAT_PATHS
+        ):
             await self.app(scope, receive, send)
             return
         arrived = time.perf_counter()
@@ -185,7 +187,7 @@ class FastPath:
                     if body is None:
                         return  # the client left before sending its whole body
                     nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                    if scope["path"] == C1_CHAT:
+                    if scope["path"] in C1_CHAT_PATHS:
                         reply = await self._c1_chat(body, headers, admission)
                     else:
                         reply = await answer(
@@ -501,7 +503,7 @@ def create_app(
         if status == 404:
             msg = (
                 f"There is no endpoint {request.method} {request.path}. Quorum serves "
-                "/v1/chat/completions, /v1/completions, /v1/models, /c1/chat, "
+                "/v1/chat/completions, /v1/completions, /v1/models, /c1/chat(/completions), "
                 "/c1/conversations/{id}, /health and /cluster/members."
             )
         elif status == 405:

@@ -1,8 +1,9 @@
 """Server-side conversations: ``POST /c1/chat``, ``GET`` and ``DELETE /c1/conversations/{id}``
 (issue #14; the shape comes from NVIDIA's DGX gateway).
 
-``POST /c1/chat`` takes the body of ``/v1/chat/completions`` and answers the same JSON or SSE,
-but the node keeps the history:
+``POST /c1/chat`` (also ``/c1/chat/completions``, so a stock OpenAI SDK with base URL
+``.../c1`` can use it) takes the body of ``/v1/chat/completions`` and answers the same JSON or
+SSE, but the node keeps the history:
 
 - without ``x-conversation-id`` a new conversation is made (id: ``conv_`` + 24 random
   characters + the creating node, ``quorum.conversations.ids``) and its id is the answer's
@@ -61,11 +62,13 @@ from quorum.routing.relay import stream_error
 from quorum.sse import SSEParser, SSEProtocolError
 from quorum.wire import error_event, parse_chat_request, parse_json_body
 
-__all__ = ["C1_CHAT", "Conversations", "TurnRecorder"]
+__all__ = ["C1_CHAT", "C1_CHAT_PATHS", "Conversations", "TurnRecorder"]
 
 log = logging.getLogger(__name__)
 
 C1_CHAT = "/c1/chat"
+# the same, where an OpenAI SDK whose base URL is ``http://node/c1`` sends its chat requests
+C1_CHAT_PATHS = frozenset({C1_CHAT, "/c1/chat/completions"})
 CHAT = "/v1/chat/completions"
 
 # Client headers a forward to the owning node carries (besides [headers] to_upstream's).

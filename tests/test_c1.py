@@ -197,17 +197,23 @@ async def test_conversations_belong_to_the_key_that_made_them(
 
     def run() -> None:
         with sdk("node-a", ALICE) as alice:
-            # the stock SDK on /c1: /c1 + /chat/completions is not the route; post by path
-            made = alice.post(
-                "/chat",
-                body=turn("Mine.", max_tokens=2),
-                cast_to=httpx.Response,
+            # the stock SDK with base URL .../c1: chat.completions posts to /c1/chat/completions
+            made = alice.chat.completions.with_raw_response.create(
+                model="mock-chat", messages=[{"role": "user", "content": "Mine."}], max_tokens=2
             )
             conversation = made.headers["x-conversation-id"]
+            going_on = alice.chat.completions.with_raw_response.create(
+                model="mock-chat",
+                messages=[{"role": "user", "content": "More."}],
+                max_tokens=2,
+                extra_headers={"x-conversation-id": conversation},
+            )
+            assert going_on.headers["x-conversation-id"] == conversation
+            assert going_on.parse().usage.prompt_tokens > made.parse().usage.prompt_tokens  # type: ignore[union-attr]
         for node in NODES[:2]:
             with sdk(node, BOB) as bob:
                 with pytest.raises(openai.NotFoundError) as refused:
-                    bob.post(
+                    bob.post(  # /c1/chat, the short name, by path
                         "/chat",
                         body=turn("Yours?"),
                         cast_to=httpx.Response,
@@ -218,7 +224,8 @@ async def test_conversations_belong_to_the_key_that_made_them(
                     bob.get(f"/conversations/{conversation}", cast_to=httpx.Response)
             with sdk(node, ALICE) as alice:
                 got = alice.get(f"/conversations/{conversation}", cast_to=httpx.Response)
-                assert [m["role"] for m in got.json()["messages"]] == ["user", "assistant"]
+                roles = [m["role"] for m in got.json()["messages"]]
+                assert roles == ["user", "assistant", "user", "assistant"]
         with httpx.Client() as anonymous:
             assert anonymous.post(c.url("node-b") + "/c1/chat", json=turn("?")).status_code == 401
             forged = anonymous.get(
