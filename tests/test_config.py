@@ -80,6 +80,19 @@ UPSTREAM = '[node]\nname = "a"\n[[backends]]\nmodel = "m"\nkind = "upstream"\nur
             "gossip.keys[0]: expected a key of 16, 24 or 32 bytes",
         ),
         ('[node]\nname = "a"\n[nodes]\n', "nodes: unknown key"),
+        (
+            '[node]\nname = "a"\n[conversations]\nstore = "postgres"\n',
+            "conversations.dsn: missing (required for postgres)",
+        ),
+        ('[node]\nname = "a"\n[conversations]\nstore = "redis"\n', "conversations.store"),
+        (
+            '[node]\nname = "a"\n[conversations]\nstore = "sqlite"\nmax_messages = 0\n',
+            "conversations.max_messages",
+        ),
+        (
+            '[node]\nname = "a"\n' + '[[policies]]\nname = "p"\ndetect = "email"\n' * 2,
+            "policies[1].name",
+        ),
         ("[node\n", "not valid TOML"),
     ],
 )
@@ -150,3 +163,12 @@ def test_an_unset_environment_variable_names_the_key(tmp_path: Path) -> None:
     path.write_text('[node]\nname = "a"\n[gossip]\nkeys = ["${QUORUM_GOSSIP_KEY}"]\n')
     with pytest.raises(ConfigError, match=r"gossip\.keys\[0\].*QUORUM_GOSSIP_KEY is not set"):
         NodeConfig.from_toml(path, environ={})
+
+
+def test_conversations_path_is_a_directory_beside_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "n.toml"
+    path.write_text('[node]\nname = "a"\n[conversations]\nstore = "sqlite"\npath = "data"\n')
+    settings = NodeConfig.from_toml(path).conversations
+    assert settings is not None and settings.store == "sqlite"
+    assert settings.path == tmp_path / "data" / "a.sqlite3"
+    assert NodeConfig.from_mapping({"node": {"name": "a"}}).conversations is None
