@@ -26,14 +26,14 @@ import trio
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
-from quorum.conversations.ids import valid_id
 from quorum.conversations.schema import migrations
 from quorum.conversations.store import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_MESSAGES,
     Conversation,
-    ConversationStore,
     Limits,
+    Operations,
+    SQLStore,
     not_found,
     unavailable,
 )
@@ -46,7 +46,7 @@ MIGRATION_LOCK = 0x71756F72756D
 """The ``pg_advisory_xact_lock`` key migrations hold (``"quorum"`` in ASCII)."""
 
 
-class PostgresStore(ConversationStore):
+class PostgresStore(SQLStore):
     """Conversations in the PostgreSQL database at ``dsn`` (a libpq connection string or
     URI). Opening connects, then applies the migrations under ``migrations/postgres/`` not
     yet recorded in ``schema_migrations``; the tables go in the connection's default schema
@@ -111,27 +111,6 @@ class PostgresStore(ConversationStore):
                 timeout_s=timeout_s,
             )
         )
-
-    async def create(self, id: str, key: str | None, created: int) -> None:
-        if not valid_id(id):
-            raise ValueError(f"not a conversation id: {id!r}")
-        await self._run(_create, id, key, created)
-
-    async def get(self, id: str, key: str | None) -> Conversation | None:
-        if not valid_id(id):
-            return None
-        return await self._run(_get, id, key)
-
-    async def append(self, id: str, key: str | None, messages: list[dict[str, Any]]) -> None:
-        bodies = self.limits.encode(messages)
-        if not valid_id(id):
-            raise not_found()
-        await self._run(_append, id, key, bodies, self.limits)
-
-    async def delete(self, id: str, key: str | None) -> bool:
-        if not valid_id(id):
-            return False
-        return await self._run(_delete, id, key)
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
@@ -231,3 +210,6 @@ def _migrate(conn: psycopg.Connection) -> None:
                 "INSERT INTO schema_migrations (version, applied) VALUES (%s, %s)",
                 (migration.version, int(time.time())),
             )
+
+
+PostgresStore.ops = Operations(_create, _get, _append, _delete)

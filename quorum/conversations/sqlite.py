@@ -20,14 +20,14 @@ from typing import Any, Self, TypeVar
 
 import trio
 
-from quorum.conversations.ids import valid_id
 from quorum.conversations.schema import migrations
 from quorum.conversations.store import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_MESSAGES,
     Conversation,
-    ConversationStore,
     Limits,
+    Operations,
+    SQLStore,
     not_found,
     unavailable,
 )
@@ -37,7 +37,7 @@ __all__ = ["SQLiteStore"]
 _T = TypeVar("_T")
 
 
-class SQLiteStore(ConversationStore):
+class SQLiteStore(SQLStore):
     """Conversations in the SQLite file at ``path`` (created when missing; its directory must
     exist). Opening sets WAL and ``foreign_keys`` and applies the migrations under
     ``migrations/sqlite/`` not yet recorded in the file's ``schema_migrations``.
@@ -101,27 +101,6 @@ class SQLiteStore(ConversationStore):
                 busy_timeout_s=busy_timeout_s,
             )
         )
-
-    async def create(self, id: str, key: str | None, created: int) -> None:
-        if not valid_id(id):
-            raise ValueError(f"not a conversation id: {id!r}")
-        await self._run(_create, id, key, created)
-
-    async def get(self, id: str, key: str | None) -> Conversation | None:
-        if not valid_id(id):
-            return None
-        return await self._run(_get, id, key)
-
-    async def append(self, id: str, key: str | None, messages: list[dict[str, Any]]) -> None:
-        bodies = self.limits.encode(messages)
-        if not valid_id(id):
-            raise not_found()
-        await self._run(_append, id, key, bodies, self.limits)
-
-    async def delete(self, id: str, key: str | None) -> bool:
-        if not valid_id(id):
-            return False
-        return await self._run(_delete, id, key)
 
     async def aclose(self) -> None:
         async with self._lock:
@@ -241,3 +220,6 @@ def _statements(sql: str) -> Iterator[str]:
 
 def _has_code(sql: str) -> bool:
     return any(line.strip() and not line.strip().startswith("--") for line in sql.splitlines())
+
+
+SQLiteStore.ops = Operations(_create, _get, _append, _delete)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, NamedTuple, Self, TypeVar
 
+from quorum.conversations.ids import valid_id
 from quorum.errors import (
     ConversationNotFound,
     ConversationTooLong,
@@ -32,6 +33,8 @@ __all__ = [
     "Conversation",
     "ConversationStore",
     "Limits",
+    "Operations",
+    "SQLStore",
     "not_found",
     "unavailable",
 ]
@@ -199,3 +202,53 @@ class ConversationStore(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+_T = TypeVar("_T")
+
+
+class Operations(NamedTuple):
+    """One SQL engine's blocking halves, each called as ``fn(connection, *args)`` in a worker
+    thread by its store's ``_run``: ``create(id, key, created)``, ``get(id, key)``,
+    ``append(id, key, bodies, limits)`` (``bodies``: ``Limits.encode``'s JSON texts),
+    ``delete(id, key)``; they return what the store method of that name returns."""
+
+    create: Callable[..., None]
+    get: Callable[..., Conversation | None]
+    append: Callable[..., None]
+    delete: Callable[..., bool]
+
+
+class SQLStore(ConversationStore):
+    """What both SQL engines do the same way around their statements: invalid ids are
+    unknown without a query, a turn is encoded and bounded (``Limits.encode``) before any
+    I/O. An engine gives its ``ops`` and ``_run``, which runs one of them with a connection
+    in a worker thread and turns the engine's operational errors into ``unavailable()``."""
+
+    ops: ClassVar[Operations]
+
+    @abc.abstractmethod
+    def _run(self, fn: Callable[..., _T], *args: Any) -> Awaitable[_T]:
+        """``fn(connection, *args)`` in a worker thread; raises ``Unavailable`` when the
+        engine fails, ``trio.ClosedResourceError`` after ``aclose``."""
+
+    async def create(self, id: str, key: str | None, created: int) -> None:
+        if not valid_id(id):
+            raise ValueError(f"not a conversation id: {id!r}")
+        await self._run(self.ops.create, id, key, created)
+
+    async def get(self, id: str, key: str | None) -> Conversation | None:
+        if not valid_id(id):
+            return None
+        return await self._run(self.ops.get, id, key)
+
+    async def append(self, id: str, key: str | None, messages: list[dict[str, Any]]) -> None:
+        bodies = self.limits.encode(messages)
+        if not valid_id(id):
+            raise not_found()
+        await self._run(self.ops.append, id, key, bodies, self.limits)
+
+    async def delete(self, id: str, key: str | None) -> bool:
+        if not valid_id(id):
+            return False
+        return await self._run(self.ops.delete, id, key)
