@@ -365,7 +365,7 @@ def test_an_unusual_event_is_read_as_before(data: str | bytes) -> None:
     assert_same_reading([data])
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(events(), min_size=1, max_size=6))
 @example([b'{"choices":[{"delta":{"content":"x"}}]}', b"[DONE]"])
 def test_generated_events_are_read_as_before(stream: list[str | bytes]) -> None:
