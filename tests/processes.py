@@ -75,7 +75,7 @@ def start_node_processes(
             nodes.append(
                 NodeProcess(name, f"http://127.0.0.1:{http_ports[name]}", process, log, models)
             )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a busy CI machine starts three Pythons slowly
         with httpx.Client(timeout=1.0) as http:
             while True:
                 try:
