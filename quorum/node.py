@@ -74,7 +74,7 @@ def make_backend(
         if config.kind == "mock":
             return MockBackend.from_config(config.model, config.options)
         if config.kind == "llamacpp":
-            return LlamaCppBackend.from_config(config.model, config.options)
+            return LlamaCppBackend.from_config(config.model, config.options, policy=policy)
         return UpstreamBackend.from_config(config.model, config.options, policy=policy)
     except ValueError as exc:
         raise ConfigError(f"{source}: backend {config.model!r}: {exc}") from None

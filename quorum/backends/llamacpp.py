@@ -60,6 +60,7 @@ from typing import Any
 
 import trio
 
+from quorum.backends.headers import DEFAULT, HeaderPolicy
 from quorum.backends.upstream import UpstreamBackend
 
 __all__ = ["SMOLLM2_FILE", "LlamaCppBackend", "LlamaCppError", "default_model_path"]
@@ -146,6 +147,7 @@ class LlamaCppBackend(UpstreamBackend):
         read_timeout_s: float = 60.0,
         health_interval_s: float = 5.0,
         weight: float = 1.0,
+        policy: HeaderPolicy = DEFAULT,
     ) -> None:
         super().__init__(
             model,
@@ -157,6 +159,7 @@ class LlamaCppBackend(UpstreamBackend):
             read_timeout_s=read_timeout_s,
             health_interval_s=health_interval_s,
             weight=weight,
+            policy=policy,
         )
         self.model_path = model_path
         self.threads = threads
@@ -168,8 +171,11 @@ class LlamaCppBackend(UpstreamBackend):
         self.process: trio.Process | None = None
 
     @classmethod
-    def from_config(cls, model: str, table: Mapping[str, Any]) -> LlamaCppBackend:
-        """Build from a ``[[backends]]`` table; raises ``ValueError`` naming the bad key, or
+    def from_config(
+        cls, model: str, table: Mapping[str, Any], *, policy: HeaderPolicy = DEFAULT
+    ) -> LlamaCppBackend:
+        """Build from a ``[[backends]]`` table and the node's header ``policy``
+        (``[headers]``, as for any upstream); raises ``ValueError`` naming the bad key, or
         saying what to install when llama.cpp or the default model is missing."""
         unknown = set(table) - _OPTIONS
         if unknown:
@@ -224,7 +230,7 @@ class LlamaCppBackend(UpstreamBackend):
                 ):
                     raise ValueError(f"'{key}' must be a positive number")
                 kwargs[key] = float(value)
-        return cls(model, model_path=path, **kwargs)
+        return cls(model, model_path=path, policy=policy, **kwargs)
 
     def command(self) -> list[str]:
         """The server process's argv."""

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from quorum.backends import llamacpp
+from quorum.backends.headers import HeaderPolicy
 from quorum.backends.llamacpp import SMOLLM2_FILE, LlamaCppBackend, default_model_path
 from quorum.config import BackendConfig, ConfigError, NodeConfig
 from quorum.node import make_backend
@@ -161,3 +162,11 @@ async def test_a_server_that_cannot_load_stops_the_backend_with_a_clear_error(
     monkeypatch.setattr(backend, "command", lambda: [sys.executable, "-c", "raise SystemExit(1)"])
     with pytest.raises(llamacpp.LlamaCppError, match=r"model 'smollm2' .* exited with status 1"):
         await backend.run()
+
+
+@pytest.mark.usefixtures("installed")
+def test_the_nodes_header_allowlists_reach_a_llamacpp_backend(gguf: Path) -> None:
+    policy = HeaderPolicy(to_upstream=["x-tenant"], to_client=["x-upstream-region"])
+    table = BackendConfig("smollm2", "llamacpp", {"model_path": str(gguf)})
+    backend = make_backend(table, policy=policy)
+    assert isinstance(backend, LlamaCppBackend) and backend.policy is policy
