@@ -101,11 +101,11 @@ async def serve_channel(
                             len(served) > max_streams,
                         )
                     elif kind == CANCEL and len(fields) == 2:
-                        if (one := served.get(fields[1])) is not None:
-                            one.scope.cancel()
+                        if (target := served.get(fields[1])) is not None:
+                            target.scope.cancel()
                     elif kind == CREDIT and len(fields) == 3 and type(fields[2]) is int:
-                        if (one := served.get(fields[1])) is not None and fields[2] > 0:
-                            one.credit += fields[2]
+                        if (target := served.get(fields[1])) is not None and fields[2] > 0:
+                            target.credit += fields[2]
                             one.credited.set()
                     else:
                         raise ChannelError(f"an unexpected frame of type {kind!r}")

@@ -78,11 +78,18 @@ class Figures(NamedTuple):
 
 
 class _Heard(Protocol):
-    key: str
-    window: int
-    requests: int
-    tokens: int
-    concurrent: int
+    """A peer's figures for one key (``quorum.gossip.messages.Usage``), read only."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def concurrent(self) -> int: ...
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import trio
 
 from quorum.routing.hop import HopError
@@ -69,7 +69,7 @@ class ChannelError(HopError):
 
 def frame(*fields: Any) -> bytes:
     """One frame: the 4-byte length and the msgpack array of ``fields``."""
-    payload = msgpack.packb(fields, use_bin_type=True)
+    payload: bytes = msgpack.packb(fields, use_bin_type=True)
     return len(payload).to_bytes(4, "big") + payload
 
 

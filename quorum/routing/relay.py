@@ -24,7 +24,7 @@ import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 import trio
@@ -38,7 +38,7 @@ from quorum.routing.attempts import (
     exhausted,
     final_error,
 )
-from quorum.routing.hop import HopError, HopResponse
+from quorum.routing.hop import HopError
 from quorum.routing.membership import Member
 from quorum.sse import DONE, SSEParser, SSEProtocolError
 from quorum.wire import error_event
@@ -358,8 +358,15 @@ async def local_events(events: AsyncIterator[bytes]) -> AsyncGenerator[list[Even
         yield [(e.raw, e.data) for e in SSEParser().feed(raw)]
 
 
-async def remote_events(response: HopResponse) -> AsyncGenerator[list[Event]]:
-    """A peer's streamed answer as batches of events, as the bytes arrive."""
+class PeerBody(Protocol):
+    """A peer's answer whose body arrives in chunks: ``HopResponse`` (HTTP) or the channel's
+    ``ChannelResponse``."""
+
+    def body(self) -> AsyncGenerator[bytes]: ...
+
+
+async def remote_events(response: PeerBody) -> AsyncGenerator[list[Event]]:
+    """A peer's streamed answer (either hop) as batches of events, as the bytes arrive."""
     parser = SSEParser()
     async with aclosing(response.body()) as chunks:
         async for chunk in chunks:
