@@ -1,22 +1,26 @@
 """Where a forwarding hop spends its CPU: py-spy flame graphs of both nodes under load.
 
-    python3 -m pip install py-spy                  # once; recording another pid needs root
-    python benchmarks/profile_hop.py               # c=1 and c=64, 15 s each at 200 Hz (~1 min)
+    python3 -m pip install py-spy                  # once; sampling another pid needs root
+    python benchmarks/profile_hop.py               # c=1 and c=64, 15 s each at 200 Hz (~2 min)
     python benchmarks/profile_hop.py --seconds 5   # quicker, noisier
+    python benchmarks/profile_hop.py --summarize   # only read the SVGs already written
 
 The same two nodes as ``compare_hop.py`` (a serving node with the zero-latency mock
 ``mock-zero``, and an entry node that serves nothing and forwards to it), started with
 ``quorum.launch`` on free 127.0.0.1 ports. At each concurrency, streamed requests go to the
-entry node (``quorum.bench.run_bench``, in this process) while two ``py-spy record`` runs, one
-per node pid, sample both at once for ``--seconds``. Written to ``--out`` (default
+entry node (``quorum.bench.run_bench``, in this process): first ``--seconds`` without
+profiling, then ``--seconds`` while two ``py-spy record`` runs, one per node pid, sample both
+at once. Each run prints its req/s and the CPU that each node, the load generator and py-spy
+used (``/proc/<pid>/stat``), as a share of one core. Written to ``--out`` (default
 ``benchmarks/profiles/``): ``entry-c1.svg``, ``serving-c1.svg``, ``entry-c64.svg``,
 ``serving-c64.svg``.
 
-Then, from each SVG's own sample counts (the ``fg:x``/``fg:w`` of every frame), the self time
-of each function and of each layer (the package of the innermost Python frame: hypercorn/h11,
-quart, httpx/httpcore, trio, json, quorum's modules) is printed as a share of that node's
-samples. py-spy leaves out samples where the thread is idle (in ``epoll_wait``), so the shares
-are of the time the node was running Python; "busy" is samples / (rate * seconds).
+Then, from each SVG's own sample counts (the ``fg:x``/``fg:w`` py-spy gives every box), it
+prints the self time of the top functions; the samples by layer (the package of the innermost
+frame, passing over contextlib and such helpers: hypercorn/h11, quart, trio, json, quorum's
+modules); and the samples inside trio by their nearest caller outside it. Samples in
+``epoll_wait`` and in an idle worker thread are counted apart as "waiting" (py-spy keeps some
+of them although it drops idle threads), and each layer is also given as a share of the rest.
 
 The load generator shares the machine's cores with both nodes and both samplers; the figures
 say where each node's time goes, not how fast it could go alone.
@@ -56,11 +60,13 @@ SETTLE_S = 2.0  # traffic runs this long before the samplers start, and after th
 
 @dataclass(frozen=True)
 class Spy:
-    """One ``py-spy record`` of ``pid`` into ``svg``, its output appended to ``log``."""
+    """One ``py-spy record`` of ``pid`` into ``svg``, its output appended to ``log``;
+    ``title`` replaces the SVG's (py-spy's command line, with this machine's paths)."""
 
     pid: int
     svg: Path
     log: Path
+    title: str
 
 
 async def record(pyspy: str, spy: Spy, seconds: float, rate: int, failures: list[str]) -> None:
@@ -88,6 +94,13 @@ async def record(pyspy: str, spy: Spy, seconds: float, rate: int, failures: list
         tail = spy.log.read_text(errors="replace").strip().splitlines()[-2:]
         why = "did not finish in time" if status is None else f"exited with {status}"
         failures.append(f"py-spy on pid {spy.pid} {why}: {' / '.join(tail)}")
+        return
+    svg = spy.svg.read_text()
+    title = html.escape(spy.title)
+    spy.svg.write_text(TITLE.sub(lambda m: m[1] + title + m[2], svg, count=1))
+
+
+TITLE = re.compile(r'(<text id="title"[^>]*>)[^<]*(</text>)')
 
 
 async def load_and_record(
@@ -114,13 +127,15 @@ async def load_and_record(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(traffic)
         await trio.sleep(SETTLE_S)
-        before, began = cpu_seconds(pids), trio.current_time()
+        before, began, cores = cpu_seconds(pids), trio.current_time(), all_cores()
         if not spies:
             await trio.sleep(args.seconds)
         async with trio.open_nursery() as samplers:
             for spy in spies:
                 samplers.start_soon(record, args.pyspy, spy, args.seconds, args.rate, failures)
         after, wall = cpu_seconds(pids), trio.current_time() - began
+        (busy_ticks, ticks), (busy_ticks0, ticks0) = all_cores(), cores
+        machine = (busy_ticks - busy_ticks0) / max(ticks - ticks0, 1)
     names = ["entry node", "serving node", "load generator", "py-spy"][: len(pids) + 2]
     busy = ", ".join(
         f"{name} {(b - a) / wall:.0%}" for name, a, b in zip(names, before, after, strict=True)
@@ -129,7 +144,7 @@ async def load_and_record(
     print(
         f"  c={concurrency:<3} {'profiled' if spies else 'unprofiled':<10} "
         f"{r.completed} ok, {r.failed} failed, {r.req_per_s:.0f} req/s; "
-        f"CPU (share of one core): {busy}"
+        f"CPU (share of one core): {busy}; all cores {machine:.0%} busy"
     )
     return r
 
@@ -144,6 +159,12 @@ def cpu_seconds(pids: list[int]) -> list[float]:
         out.append((int(fields[11]) + int(fields[12])) / tick)  # utime, stime: fields 14, 15
     times = os.times()
     return [*out, times.user + times.system, times.children_user + times.children_system]
+
+
+def all_cores() -> tuple[int, int]:
+    """Busy (not idle, not iowait) and total jiffies of all cores so far (``/proc/stat``)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
 
 
 # --- reading a py-spy flame graph -----------------------------------------------------------
@@ -204,12 +225,16 @@ def read_frames(svg: Path) -> tuple[int, list[Frame]]:
 # (a context manager's __exit__ counts for whoever used it).
 WAITING = {("EpollIOManager.get_events", "trio/_core/_io_epoll.py"),
            ("WorkerThread._work", "trio/_core/_thread_cache.py")}  # fmt: skip
+# fmt: off
 LAYERS = (
     ("HTTP server (hypercorn, h11)", ("hypercorn/", "h11/", "quorum/server.py")),
     ("ASGI app (quart, quorum/api.py)", ("quart/", "quart_trio/", "werkzeug/", "quorum/api")),
-    ("node-to-node channel (msgpack frames)", ("quorum/channel", "quorum/routing/channel")),
+    ("node-to-node channel (msgpack frames)",
+        ("quorum/channel", "quorum/routing/channel", "msgpack/")),
     ("SSE parsing (quorum/sse.py)", ("quorum/sse",)),
-    ("relay and routing (quorum/routing, gateway)", ("quorum/routing/", "quorum/gateway/")),
+    ("relay: per-event bookkeeping (routing/relay.py)", ("quorum/routing/relay",)),
+    ("routing: dispatch, select, headers, membership",
+        ("quorum/routing/", "quorum/gateway/", "quorum/backends/headers")),
     ("mock generation", ("quorum/backends/mock", "quorum/backends/schema_values")),
     ("chunk encoding (quorum/wire.py)", ("quorum/wire",)),
     ("JSON (stdlib json)", ("json/",)),
@@ -219,8 +244,19 @@ LAYERS = (
     ("trio: scheduling, cancel scopes, channels", ("trio/", "outcome/", "<attrs generated")),
     ("httpx/httpcore", ("httpx/", "httpcore/")),
 )
-NEUTRAL = ("contextlib", "<frozen abc>", "typing.py", "<string>", "functools", "enum.py",
-           "dataclasses", "threading.py", "abc.py")  # fmt: skip
+# fmt: on
+NEUTRAL = (
+    "contextlib",
+    "<frozen abc>",
+    "typing.py",
+    "<string>",
+    "functools",
+    "enum.py",
+    "dataclasses",
+    "threading.py",
+    "abc.py",
+    "<frozen _collections_abc>",
+)  # fmt: skip
 
 
 def layer_of(f: Frame) -> str:
@@ -329,10 +365,13 @@ async def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         await run_bench(warm)
         for c in CONCURRENCIES:
-            spies = [
-                Spy(pid, out / f"{name}-c{c}.svg", tmp / f"py-spy-{name}.log")
-                for name, pid in (("entry", entry.pid), ("serving", serving.pid))
-            ]
+            spies = []
+            for name, pid in (("entry", entry.pid), ("serving", serving.pid)):
+                title = (
+                    f"{name} node, c={c}, forwarded streams of {args.output_tokens} tokens: "
+                    f"py-spy {args.seconds:.0f} s at {args.rate} Hz (benchmarks/profile_hop.py)"
+                )
+                spies.append(Spy(pid, out / f"{name}-c{c}.svg", tmp / f"{name}.log", title))
             pids = [entry.pid, serving.pid]
             await load_and_record(entry.url, c, args, pids, [], failures)
             reports[c] = await load_and_record(entry.url, c, args, pids, spies, failures)
