@@ -1,7 +1,7 @@
 """Where a forwarding hop spends its CPU: py-spy flame graphs of both nodes under load.
 
     python3 -m pip install py-spy                  # once; sampling another pid needs root
-    python benchmarks/profile_hop.py               # c=1 and c=64, 15 s each at 200 Hz (~2 min)
+    python benchmarks/profile_hop.py               # c=1 and c=64, 15 s each at 200 Hz (~1.5 min)
     python benchmarks/profile_hop.py --seconds 5   # quicker, noisier
     python benchmarks/profile_hop.py --summarize   # only read the SVGs already written
 
@@ -69,12 +69,12 @@ class Spy:
     title: str
 
 
-async def record(pyspy: str, spy: Spy, seconds: float, rate: int, failures: list[str]) -> None:
+async def record(pyspy: str, spy: Spy, seconds: int, rate: int, failures: list[str]) -> None:
     """``py-spy record`` of ``spy.pid`` for ``seconds`` at ``rate`` Hz into ``spy.svg``.
     Appends a line to ``failures`` when py-spy exits with an error or has not finished
     ``seconds + 30`` s later; py-spy is ended by its own pid whatever happens."""
     argv = [
-        pyspy, "record", "--pid", str(spy.pid), "--duration", str(int(seconds)),
+        pyspy, "record", "--pid", str(spy.pid), "--duration", str(seconds),
         "--rate", str(rate), "--format", "flamegraph", "--output", str(spy.svg),
     ]  # fmt: skip
     with spy.log.open("ab") as out:
@@ -387,18 +387,23 @@ async def run(args: argparse.Namespace) -> int:
     return 0 if all(r.failed == 0 for r in reports.values()) else 1
 
 
-def report_all(out: Path, rate: int, seconds: float, top: int) -> None:
+def report_all(out: Path, top: int) -> int:
+    """Print the summary of every SVG in ``out``; 1 (said in one line) when one is missing."""
     for c in CONCURRENCIES:
         for name in ("entry", "serving"):
             svg = out / f"{name}-c{c}.svg"
+            if not svg.is_file():
+                print(f"profile_hop: no {svg}: run without --summarize first")
+                return 1
             print_profile(summarize(f"{name} node, c={c}", svg), top)
             print(f"    ({svg}, {svg.stat().st_size / 1024:.0f} KiB)")
+    return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     here = Path(__file__).resolve().parent
-    parser.add_argument("--seconds", type=float, default=15.0, help="per recording")
+    parser.add_argument("--seconds", type=int, default=15, help="per recording")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -411,8 +416,7 @@ def main() -> int:
         parser.error("--seconds must be 1-120 and --rate 1-1000")
     out = Path(args.out)
     if args.summarize:
-        report_all(out, args.rate, args.seconds, args.top)
-        return 0
+        return report_all(out, args.top)
     args.pyspy = shutil.which("py-spy")
     if args.pyspy is None:
         print("profile_hop: py-spy is not installed: python3 -m pip install py-spy")
@@ -423,9 +427,7 @@ def main() -> int:
     except RuntimeError as exc:
         print(f"profile_hop: {exc}")
         return 1
-    if status == 0:
-        report_all(out, args.rate, args.seconds, args.top)
-    return status
+    return report_all(out, args.top) if status == 0 else status
 
 
 if __name__ == "__main__":
