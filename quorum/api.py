@@ -21,7 +21,7 @@ import trio
 from hypercorn.typing import ASGIFramework as ASGIApp
 from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
-from hypercorn.typing import Scope
+from hypercorn.typing import HTTPResponseStartEvent, Scope
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -255,17 +255,18 @@ class FastPath:
         if admission is not None and admission.grant is not None:
             headers.update(admission.grant.headers)
         headers.update(latency(arrived))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": reply.status,
-                "headers": _encoded(headers),
-            }
-        )
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": reply.status,
+            "headers": _encoded(headers),
+        }
         if isinstance(reply.body, bytes):
+            await send(start)
             await send({"type": "http.response.body", "body": reply.body, "more_body": False})
         else:
+            # closed even when the head cannot be sent (the client left): see Reply
             async with aclosing(reply.body) as chunks:  # type: ignore[type-var]
+                await send(start)
                 async for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

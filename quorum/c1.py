@@ -58,7 +58,7 @@ from quorum.routing.headers import (
 )
 from quorum.routing.hop import HopError
 from quorum.routing.membership import Member, MemberState
-from quorum.routing.relay import stream_error
+from quorum.routing.relay import StreamBody, stream_error
 from quorum.sse import SSEParser, SSEProtocolError
 from quorum.wire import error_event, parse_chat_request, parse_json_body
 
@@ -292,7 +292,8 @@ class Conversations:
                 await store.create(conversation_id, caller, int(time.time()))
         except BaseException:
             if not isinstance(reply.body, bytes):
-                await reply.body.aclose()  # type: ignore[attr-defined]
+                with trio.CancelScope(shield=True):
+                    await reply.body.aclose()  # type: ignore[attr-defined]
             raise
         reply.headers[CONVERSATION_ID] = conversation_id
         if isinstance(reply.body, bytes):
@@ -300,7 +301,9 @@ class Conversations:
             if message is not None:
                 await store.append(conversation_id, caller, [*turn, message])
             return reply
-        reply.body = self._recorded(reply.body, store, conversation_id, caller, turn)
+        reply.body = await StreamBody.start(
+            self._recorded(reply.body, store, conversation_id, caller, turn)
+        )
         return reply
 
     async def _recorded(
@@ -372,7 +375,8 @@ class Conversations:
             finally:
                 await stack.aclose()
             return Reply(response.status, answer_headers, data)
-        return Reply(200, answer_headers, self._relayed(stack, response.body(), owner.name))
+        stream = await StreamBody.start(self._relayed(stack, response.body(), owner.name))
+        return Reply(200, answer_headers, stream)
 
     async def _relayed(
         self, stack: AsyncExitStack, chunks: AsyncGenerator[bytes], owner: str

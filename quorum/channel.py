@@ -168,10 +168,11 @@ async def _serve_one(
                 await send(frame(HEAD, sid, 500, {"content-type": "application/json"}))
                 await _send_body(send, sid, one, _once(json.dumps(error.body()).encode()))
                 return
-            await send(frame(HEAD, sid, reply.status, reply.headers))
             chunks = _once(reply.body) if isinstance(reply.body, bytes) else reply.body
             try:
-                await _send_body(send, sid, one, chunks)
+                await _send_body(
+                    send, sid, one, chunks, frame(HEAD, sid, reply.status, reply.headers)
+                )
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 raise
             except Exception as exc:  # the body broke after its head
@@ -188,8 +189,13 @@ async def _send_body(
     sid: int,
     one: _Served,
     chunks: AsyncIterator[bytes],
+    head: bytes | None = None,
 ) -> None:
+    """``head`` (when given), then ``chunks`` as DATA frames within the stream's credit, then
+    END; ``chunks`` is closed whatever happens, even when ``head`` cannot be sent."""
     async with aclosing(chunks) as body:  # type: ignore[type-var]
+        if head is not None:
+            await send(head)
         async for chunk in body:
             for start in range(0, len(chunk), _CHUNK):
                 piece = chunk[start : start + _CHUNK]

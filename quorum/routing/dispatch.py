@@ -92,6 +92,7 @@ from quorum.routing.membership import Member, Membership, MemberState, NodeState
 from quorum.routing.relay import (
     Event,
     Reply,
+    StreamBody,
     StreamRelay,
     local_events,
     remote_events,
@@ -443,7 +444,8 @@ class Dispatcher:
             self.relaying -= 1  # after start() succeeds, the stream's body owns the count
             raise
         headers = {REQUEST_ID: job.request_id, NODE: relay.node, ATTEMPTS: str(relay.attempts)}
-        return Reply(200, relay.answer_headers | headers | STREAM_HEADERS, relay.body(first))
+        body = await StreamBody.start(relay.body(first))
+        return Reply(200, relay.answer_headers | headers | STREAM_HEADERS, body)
 
     async def _unary(self, job: Job, order: list[Member]) -> Reply:
         attempts = self.attempts(job, order, [])

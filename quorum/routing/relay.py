@@ -52,6 +52,7 @@ __all__ = [
     "Chunk",
     "Event",
     "Reply",
+    "StreamBody",
     "StreamRelay",
     "decode",
     "kind",
@@ -71,11 +72,57 @@ Event = tuple[bytes, str | bytes]
 @dataclass(slots=True)
 class Reply:
     """What the HTTP layer sends: ``status``, ``headers``, and ``body`` — bytes, or an async
-    iterator of bytes for a stream (closed with ``aclose`` when the client goes away)."""
+    iterator of bytes for a stream. Whoever takes a stream's ``body`` closes it (``aclose``)
+    whatever happens, even when it never sends a byte of it: a stream holds a generation,
+    a hop, the relay's count and its tokens' accounting until it is closed."""
 
     status: int
     headers: dict[str, str]
     body: bytes | AsyncIterator[bytes] = field(default=b"")
+
+
+class StreamBody:
+    """A stream's bytes from an async generator that has already been run to its first
+    chunk (``await StreamBody.start(gen)``), so that ``aclose`` runs the generator's
+    ``finally`` even when nobody iterated it: Python runs nothing of a generator closed
+    before its first step, which would leave its generation running, its hop open and its
+    counts unreleased until the garbage collector came by.
+
+    Every streamed ``Reply.body`` a node makes is one of these (or a ``Follower``, which
+    closes alike)."""
+
+    __slots__ = ("_first", "_gen")
+
+    def __init__(self, first: bytes | None, gen: AsyncGenerator[bytes]) -> None:
+        self._first = first
+        self._gen = gen
+
+    @classmethod
+    async def start(cls, gen: AsyncGenerator[bytes]) -> StreamBody:
+        """``gen`` run to its first chunk. If that raises, ``gen`` is closed and the error
+        raised."""
+        try:
+            first = await anext(gen)
+        except StopAsyncIteration:
+            return cls(None, gen)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await gen.aclose()
+            raise
+        return cls(first, gen)
+
+    def __aiter__(self) -> StreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._gen)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._gen.aclose()
 
 
 def stream_error(message: str) -> bytes:

@@ -25,7 +25,7 @@ from quorum.errors import (
 )
 from quorum.routing.attempts import AttemptFailed, api_error
 from quorum.routing.headers import ATTEMPTS, NODE, REQUEST_ID
-from quorum.routing.relay import Reply, decode, local_events, stream_error
+from quorum.routing.relay import Reply, StreamBody, decode, local_events, stream_error
 from quorum.sse import SSEProtocolError
 from quorum.wire import aggregate_chat, aggregate_completion
 
@@ -106,7 +106,8 @@ class LocalServer:
                 await stack.aclose()
             raise
         passed = generation.answer_headers
-        return Reply(200, passed | headers | STREAM_HEADERS, _local_stream(first, items, stack))
+        body = await StreamBody.start(_local_stream(first, items, stack))
+        return Reply(200, passed | headers | STREAM_HEADERS, body)
 
 
 @asynccontextmanager

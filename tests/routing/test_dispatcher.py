@@ -352,6 +352,25 @@ async def test_a_client_that_leaves_mid_stream_frees_the_slot_across_the_hop(
     assert entry.dispatcher.busy == 0
 
 
+@pytest.mark.parametrize("where", ["local", "forwarded"])
+async def test_a_stream_closed_before_its_first_byte_is_read_frees_everything(
+    cluster: dict[str, Node], autojump_clock: trio.testing.MockClock, where: str
+) -> None:
+    # the HTTP layer could not send the head (the client left) and closes the body unread
+    entry = cluster["n1"]
+    entry.dispatcher.membership.down.update(  # type: ignore[attr-defined]
+        {"n2", "n3"} if where == "local" else {"n1"}
+    )
+    payload = {"model": "m", "messages": MESSAGES, "stream": True, "max_tokens": 500}
+    reply = await answer(entry.dispatcher, CHAT, json.dumps(payload).encode(), {})
+    assert not isinstance(reply.body, bytes)
+    assert busy(cluster) == 1
+    await reply.body.aclose()  # type: ignore[attr-defined]
+    await trio.sleep(0.01)
+    assert busy(cluster) == 0
+    assert (entry.dispatcher.busy, entry.dispatcher.relaying) == (0, 0)
+
+
 async def test_the_client_s_own_error_from_another_node_keeps_its_type(
     cluster: dict[str, Node], autojump_clock: trio.testing.MockClock
 ) -> None:
