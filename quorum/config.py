@@ -42,6 +42,7 @@
     # dsn = "postgresql://quorum@db/quorum"  # postgres: the database
     max_messages = 1000                # per conversation
     max_message_bytes = 1048576        # one message as stored JSON
+    max_conversations = 10000          # kept at once per API key (no [auth]: all clients)
 
     [[policies]]                       # governance rules (quorum.gateway.policy)
     name = "no-emails"
@@ -180,6 +181,7 @@ class ConversationSettings:
     dsn: str | None = None
     max_messages: int = 1000
     max_message_bytes: int = 1 << 20
+    max_conversations: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +320,7 @@ class NodeConfig:
             elif c.dsn is None:
                 raise ConfigError(f"{source}: conversations.dsn: missing (required for postgres)")
             conversations = ConversationSettings(
-                c.store, path, c.dsn, c.max_messages, c.max_message_bytes
+                c.store, path, c.dsn, c.max_messages, c.max_message_bytes, c.max_conversations
             )
         host, port = parse_hostport(file.node.listen)
         return cls(
@@ -424,6 +426,7 @@ class ConversationsTable(_Table):
     dsn: str | None = Field(default=None, min_length=1)
     max_messages: int = Field(default=1000, ge=2, le=100_000)
     max_message_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    max_conversations: int = Field(default=10_000, ge=1, le=100_000_000)
 
 
 class BackendTable(BaseModel):

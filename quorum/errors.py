@@ -47,6 +47,7 @@ __all__ = [
     "QuorumError",
     "RequestTimeout",
     "Saturated",
+    "TooManyConversations",
     "Unauthorized",
     "Unavailable",
     "UpstreamFailed",
@@ -131,6 +132,14 @@ class ConversationTooLong(InvalidRequest):
     nothing was appended (``code`` ``conversation_too_long``)."""
 
     code = "conversation_too_long"
+
+
+class TooManyConversations(InvalidRequest):
+    """400: the caller's key already keeps its store's ``max_conversations``; nothing was
+    created (``code`` ``too_many_conversations``). Not retried by the SDKs: deleting one is
+    the fix."""
+
+    code = "too_many_conversations"
 
 
 class RequestTimeout(ApiError):

@@ -87,6 +87,7 @@ async def open_store(settings: ConversationSettings, source: str) -> Conversatio
     limits = {
         "max_messages": settings.max_messages,
         "max_message_bytes": settings.max_message_bytes,
+        "max_conversations": settings.max_conversations,
     }
     if settings.store == "sqlite":
         assert settings.path is not None

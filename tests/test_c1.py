@@ -388,3 +388,26 @@ async def test_policies_apply_to_conversations_as_they_do_to_v1(
     assert stored[3]["content"] == streamed["text"]  # what the client saw, not the backend
     for node in c.nodes.values():
         node.stop()
+
+
+async def test_a_key_over_max_conversations_is_told_to_delete_one(
+    nursery: trio.Nursery, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    settings = dataclasses.replace(sqlite(tmp_path, "a"), max_conversations=1)
+    c = await start_cluster(nursery, [node_config("node-a", conversations=settings)])
+    a = c.url("node-a")
+    first, _ = await chat(http, a, turn("One.", max_tokens=2))
+    conversation = first.headers["x-conversation-id"]
+    for stream in (False, True):
+        refused = await http.post(a + "/c1/chat", json=turn("Two.", max_tokens=2, stream=stream))
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["code"] == "too_many_conversations" and "DELETE" in error["message"]
+        assert "x-conversation-id" not in refused.headers
+    going_on, _ = await chat(http, a, turn("Still one.", max_tokens=2), conversation)
+    assert going_on.status_code == 200  # the one it keeps goes on
+    assert (await http.delete(a + f"/c1/conversations/{conversation}")).status_code == 200
+    again, _ = await chat(http, a, turn("Two.", max_tokens=2))
+    assert again.status_code == 200 and again.headers["x-conversation-id"] != conversation
+    for node in c.nodes.values():
+        node.stop()

@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool
 
 from quorum.conversations.schema import migrations
 from quorum.conversations.store import (
+    DEFAULT_MAX_CONVERSATIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_MESSAGES,
     Conversation,
@@ -45,6 +46,9 @@ _T = TypeVar("_T")
 MIGRATION_LOCK = 0x71756F72756D
 """The ``pg_advisory_xact_lock`` key migrations hold (``"quorum"`` in ASCII)."""
 
+CREATE_LOCK = 0x7163
+"""The first half of the two-int advisory lock a create holds on its key (``"qc"``)."""
+
 
 class PostgresStore(SQLStore):
     """Conversations in the PostgreSQL database at ``dsn`` (a libpq connection string or
@@ -52,7 +56,8 @@ class PostgresStore(SQLStore):
     yet recorded in ``schema_migrations``; the tables go in the connection's default schema
     (give Quorum its own database, or a schema through ``options=-csearch_path=...``).
 
-    ``max_messages``, ``max_message_bytes``: see :class:`~quorum.conversations.store.Limits`.
+    ``max_messages``, ``max_message_bytes``, ``max_conversations``: see
+    :class:`~quorum.conversations.store.Limits`.
     ``max_connections``: the pool's size (and how many calls run at once). ``timeout_s``:
     seconds to wait for a connection, at open and for each call, before ``Unavailable``.
 
@@ -67,10 +72,11 @@ class PostgresStore(SQLStore):
         *,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_conversations: int = DEFAULT_MAX_CONVERSATIONS,
         max_connections: int = 8,
         timeout_s: float = 10.0,
     ) -> None:
-        self.limits = Limits(max_messages, max_message_bytes)
+        self.limits = Limits(max_messages, max_message_bytes, max_conversations)
         self._limiter = trio.CapacityLimiter(max_connections)
         self._pool: ConnectionPool | None = ConnectionPool(
             dsn,
@@ -97,6 +103,7 @@ class PostgresStore(SQLStore):
         *,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_conversations: int = DEFAULT_MAX_CONVERSATIONS,
         max_connections: int = 8,
         timeout_s: float = 10.0,
     ) -> Self:
@@ -107,6 +114,7 @@ class PostgresStore(SQLStore):
                 dsn,
                 max_messages=max_messages,
                 max_message_bytes=max_message_bytes,
+                max_conversations=max_conversations,
                 max_connections=max_connections,
                 timeout_s=timeout_s,
             )
@@ -138,7 +146,18 @@ def _with_connection(pool: ConnectionPool, fn: Callable[..., _T], *args: Any) ->
 # The blocking halves, each run in a worker thread with a pooled connection.
 
 
-def _create(conn: psycopg.Connection, id: str, key: str | None, created: int) -> None:
+def _create(
+    conn: psycopg.Connection, id: str, key: str | None, created: int, limits: Limits
+) -> None:
+    # one key's creates take turns (a transaction-scoped advisory lock on the key), so two
+    # nodes cannot both see room for the last conversation
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(%s::integer, hashtext(coalesce(%s, '')))", (CREATE_LOCK, key)
+    )
+    row = conn.execute(
+        "SELECT count(*) FROM conversations WHERE api_key IS NOT DISTINCT FROM %s", (key,)
+    ).fetchone()
+    limits.check_conversations(key, row[0] if row else 0)
     try:
         conn.execute(
             "INSERT INTO conversations (id, api_key, created) VALUES (%s, %s, %s)",

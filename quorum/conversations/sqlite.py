@@ -22,6 +22,7 @@ import trio
 
 from quorum.conversations.schema import migrations
 from quorum.conversations.store import (
+    DEFAULT_MAX_CONVERSATIONS,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_MESSAGES,
     Conversation,
@@ -42,7 +43,8 @@ class SQLiteStore(SQLStore):
     exist). Opening sets WAL and ``foreign_keys`` and applies the migrations under
     ``migrations/sqlite/`` not yet recorded in the file's ``schema_migrations``.
 
-    ``max_messages``, ``max_message_bytes``: see :class:`~quorum.conversations.store.Limits`.
+    ``max_messages``, ``max_message_bytes``, ``max_conversations``: see
+    :class:`~quorum.conversations.store.Limits`.
     ``busy_timeout_s``: seconds to wait for another connection's write lock before a call
     raises ``Unavailable``.
 
@@ -57,9 +59,10 @@ class SQLiteStore(SQLStore):
         *,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_conversations: int = DEFAULT_MAX_CONVERSATIONS,
         busy_timeout_s: float = 5.0,
     ) -> None:
-        self.limits = Limits(max_messages, max_message_bytes)
+        self.limits = Limits(max_messages, max_message_bytes, max_conversations)
         self.path = os.fspath(path)
         self._lock = trio.Lock()
         try:
@@ -89,6 +92,7 @@ class SQLiteStore(SQLStore):
         *,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_conversations: int = DEFAULT_MAX_CONVERSATIONS,
         busy_timeout_s: float = 5.0,
     ) -> Self:
         """The constructor, run in a worker thread."""
@@ -98,6 +102,7 @@ class SQLiteStore(SQLStore):
                 path,
                 max_messages=max_messages,
                 max_message_bytes=max_message_bytes,
+                max_conversations=max_conversations,
                 busy_timeout_s=busy_timeout_s,
             )
         )
@@ -122,13 +127,22 @@ class SQLiteStore(SQLStore):
 # The blocking halves, each run in the worker thread with the connection.
 
 
-def _create(conn: sqlite3.Connection, id: str, key: str | None, created: int) -> None:
-    try:
-        conn.execute(
-            "INSERT INTO conversations (id, api_key, created) VALUES (?, ?, ?)", (id, key, created)
-        )
-    except sqlite3.IntegrityError:
-        raise ValueError(f"conversation {id} already exists") from None
+def _create(
+    conn: sqlite3.Connection, id: str, key: str | None, created: int, limits: Limits
+) -> None:
+    # BEGIN IMMEDIATE: the count and the insert see no other writer in between
+    with _transaction(conn):
+        (kept,) = conn.execute(
+            "SELECT count(*) FROM conversations WHERE api_key IS ?", (key,)
+        ).fetchone()
+        limits.check_conversations(key, kept)
+        try:
+            conn.execute(
+                "INSERT INTO conversations (id, api_key, created) VALUES (?, ?, ?)",
+                (id, key, created),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"conversation {id} already exists") from None
 
 
 def _get(conn: sqlite3.Connection, id: str, key: str | None) -> Conversation | None:

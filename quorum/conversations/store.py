@@ -24,10 +24,12 @@ from quorum.errors import (
     ConversationTooLong,
     InvalidRequest,
     MessageTooLarge,
+    TooManyConversations,
     Unavailable,
 )
 
 __all__ = [
+    "DEFAULT_MAX_CONVERSATIONS",
     "DEFAULT_MAX_MESSAGES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Conversation",
@@ -44,6 +46,10 @@ DEFAULT_MAX_MESSAGES = 1000
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 """Bytes of one stored message (compact JSON, UTF-8) unless a store is told otherwise."""
+
+DEFAULT_MAX_CONVERSATIONS = 10_000
+"""Conversations one API key (or, with auth off, all clients together) may keep at once
+unless a store is told otherwise: every table a client can grow is bounded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +70,8 @@ class Conversation:
 class Limits:
     """What one store accepts. ``max_messages``: messages per conversation (a turn is
     usually two: the user's and the assistant's). ``max_message_bytes``: bytes of one
-    message as stored, compact JSON in UTF-8.
+    message as stored, compact JSON in UTF-8. ``max_conversations``: conversations one key
+    keeps at once (the clients of a node without auth count as one key).
 
     A route can call :meth:`check` before it asks a backend for an answer, so a turn that
     could not be stored is refused before any tokens are spent on it.
@@ -72,10 +79,24 @@ class Limits:
 
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_conversations: int = DEFAULT_MAX_CONVERSATIONS
 
     def __post_init__(self) -> None:
-        if self.max_messages < 1 or self.max_message_bytes < 2:
-            raise ValueError("max_messages must be >= 1 and max_message_bytes >= 2")
+        if self.max_messages < 1 or self.max_message_bytes < 2 or self.max_conversations < 1:
+            raise ValueError(
+                "max_messages and max_conversations must be >= 1, max_message_bytes >= 2"
+            )
+
+    def check_conversations(self, key: str | None, kept: int) -> None:
+        """Raises ``TooManyConversations`` when ``key`` already keeps ``kept`` >=
+        ``max_conversations`` conversations."""
+        if kept >= self.max_conversations:
+            who = f"API key {key!r}" if key is not None else "This node's clients (no [auth])"
+            raise TooManyConversations(
+                f"{who} already keep(s) {kept} conversations, the most this cluster allows "
+                f"([conversations] max_conversations = {self.max_conversations}); delete one "
+                "with DELETE /c1/conversations/{id} to start another"
+            )
 
     def encode(self, messages: Sequence[dict[str, Any]]) -> list[str]:
         """Each message as the JSON text a store keeps. Raises ``InvalidRequest`` when a
@@ -164,9 +185,10 @@ class ConversationStore(abc.ABC):
 
     @abc.abstractmethod
     async def create(self, id: str, key: str | None, created: int) -> None:
-        """Store a new, empty conversation. ``created``: unix seconds. Raises ``ValueError``
-        when ``id`` is not a valid id or already exists (ids come from ``new_id``: either is
-        a bug)."""
+        """Store a new, empty conversation. ``created``: unix seconds. Raises
+        ``TooManyConversations`` when ``key`` already keeps ``limits.max_conversations``, and
+        ``ValueError`` when ``id`` is not a valid id or already exists (ids come from
+        ``new_id``: either is a bug)."""
 
     @abc.abstractmethod
     async def get(self, id: str, key: str | None) -> Conversation | None:
@@ -209,7 +231,8 @@ _T = TypeVar("_T")
 
 class Operations(NamedTuple):
     """One SQL engine's blocking halves, each called as ``fn(connection, *args)`` in a worker
-    thread by its store's ``_run``: ``create(id, key, created)``, ``get(id, key)``,
+    thread by its store's ``_run``: ``create(id, key, created, limits)`` (counts the key's
+    conversations first: ``Limits.check_conversations``), ``get(id, key)``,
     ``append(id, key, bodies, limits)`` (``bodies``: ``Limits.encode``'s JSON texts),
     ``delete(id, key)``; they return what the store method of that name returns."""
 
@@ -235,7 +258,7 @@ class SQLStore(ConversationStore):
     async def create(self, id: str, key: str | None, created: int) -> None:
         if not valid_id(id):
             raise ValueError(f"not a conversation id: {id!r}")
-        await self._run(self.ops.create, id, key, created)
+        await self._run(self.ops.create, id, key, created, self.limits)
 
     async def get(self, id: str, key: str | None) -> Conversation | None:
         if not valid_id(id):

@@ -21,6 +21,7 @@ from quorum.errors import (
     ConversationTooLong,
     InvalidRequest,
     MessageTooLarge,
+    TooManyConversations,
     Unavailable,
 )
 
@@ -189,6 +190,40 @@ async def test_append_past_max_messages_stores_nothing(engine: Engine) -> None:
         await store.append(conversation_id, None, turn(1)[:1])
         conversation = await store.get(conversation_id, None)
         assert conversation is not None and len(conversation.messages) == 3
+
+
+async def test_a_key_keeps_at_most_max_conversations(engine: Engine) -> None:
+    async with await engine.open(max_conversations=2) as store:
+        for key in ("team-a", None):
+            kept = [await new_conversation(store, key) for _ in range(2)]
+            with pytest.raises(TooManyConversations, match="max_conversations = 2") as caught:
+                await new_conversation(store, key)
+            assert (caught.value.status, caught.value.code) == (400, "too_many_conversations")
+            assert await store.delete(kept[0], key)
+            await new_conversation(store, key)  # room again
+        await new_conversation(store, "team-b")  # each key has its own bound
+        rows = engine.query("SELECT count(*) FROM conversations")
+        assert rows == [(5,)]
+
+
+async def test_two_nodes_creating_at_once_never_pass_max_conversations(engine: Engine) -> None:
+    made: list[str] = []
+    refused = 0
+    async with await engine.open(max_conversations=3) as one:
+        async with await engine.open(max_conversations=3) as other:
+
+            async def create(i: int) -> None:
+                nonlocal refused
+                try:
+                    made.append(await new_conversation((one, other)[i % 2], "team-a"))
+                except TooManyConversations:
+                    refused += 1
+
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(create, i)
+    assert (len(made), refused) == (3, 7)
+    assert engine.query("SELECT count(*) FROM conversations") == [(3,)]
 
 
 async def test_turn_with_one_message_too_large_stores_nothing(engine: Engine) -> None:
