@@ -275,36 +275,50 @@ class Conversations:
         store.limits.check_count(len(history), len(turn) + 1)  # + the assistant's message
         merged = {**raw, "messages": [*history, *turn]}
         merged_body = json.dumps(merged).encode()
-        reply = await self.d.handle(
-            parse_chat_request(merged),
-            merged_body,
-            CHAT,
-            headers,
-            caller=caller,
-            count_usage=caller is not None and self.d.on_tokens is not None,
-            allow_debug=allow_debug,
-        )
-        if reply.status != 200:
-            return reply  # the client's own error, as the serving node said it
+        made = None  # a conversation made here: deleted unless its id reaches the client
+        if conversation_id is None:
+            made = conversation_id = new_id(self.d.name)
+            # before any token: a key over max_conversations is refused for free
+            await store.create(made, caller, int(time.time()))
         try:
-            if conversation_id is None:
-                conversation_id = new_id(self.d.name)
-                await store.create(conversation_id, caller, int(time.time()))
-        except BaseException:
-            if not isinstance(reply.body, bytes):
-                with trio.CancelScope(shield=True):
-                    await reply.body.aclose()  # type: ignore[attr-defined]
-            raise
-        reply.headers[CONVERSATION_ID] = conversation_id
-        if isinstance(reply.body, bytes):
-            message = _answer_message(reply.body)
-            if message is not None:
-                await store.append(conversation_id, caller, [*turn, message])
+            reply = await self.d.handle(
+                parse_chat_request(merged),
+                merged_body,
+                CHAT,
+                headers,
+                caller=caller,
+                count_usage=caller is not None and self.d.on_tokens is not None,
+                allow_debug=allow_debug,
+            )
+            if reply.status != 200:
+                if made is not None:
+                    await self._forget(store, made, caller)
+                return reply  # the client's own error, as the serving node said it
+            reply.headers[CONVERSATION_ID] = conversation_id
+            if isinstance(reply.body, bytes):
+                message = _answer_message(reply.body)
+                if message is not None:
+                    await store.append(conversation_id, caller, [*turn, message])
+                return reply
+            reply.body = await StreamBody.start(
+                self._recorded(reply.body, store, conversation_id, caller, turn)
+            )
             return reply
-        reply.body = await StreamBody.start(
-            self._recorded(reply.body, store, conversation_id, caller, turn)
-        )
-        return reply
+        except BaseException:
+            if made is not None:
+                await self._forget(store, made, caller)
+            raise
+
+    async def _forget(
+        self, store: ConversationStore, conversation_id: str, caller: str | None
+    ) -> None:
+        """Delete a conversation this request made whose id never reached the client (it
+        could neither use nor delete it, and it would count toward ``max_conversations``)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await store.delete(conversation_id, caller)
+            except (ApiError, trio.ClosedResourceError) as exc:
+                log.warning("could not delete unused conversation %s: %r", conversation_id, exc)
 
     async def _recorded(
         self,

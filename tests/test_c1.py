@@ -396,14 +396,27 @@ async def test_a_key_over_max_conversations_is_told_to_delete_one(
     settings = dataclasses.replace(sqlite(tmp_path, "a"), max_conversations=1)
     c = await start_cluster(nursery, [node_config("node-a", conversations=settings)])
     a = c.url("node-a")
+    # a request that fails leaves no conversation behind to count against the key
+    for bad in ({"model": "no-such-model"}, {"x-quorum-fault": "status=500"}):
+        body = turn("Zero.", max_tokens=2, **{k: v for k, v in bad.items() if k == "model"})
+        failed = await http.post(
+            a + "/c1/chat", json=body, headers={k: v for k, v in bad.items() if k != "model"}
+        )
+        assert failed.status_code >= 400 and "x-conversation-id" not in failed.headers
     first, _ = await chat(http, a, turn("One.", max_tokens=2))
     conversation = first.headers["x-conversation-id"]
+    registry = c["node-a"].dispatcher.metrics.registry
+    generated = registry.get_sample_value("quorum_ttft_seconds_count", {"model": "mock-chat"})
     for stream in (False, True):
         refused = await http.post(a + "/c1/chat", json=turn("Two.", max_tokens=2, stream=stream))
         assert refused.status_code == 400
         error = refused.json()["error"]
         assert error["code"] == "too_many_conversations" and "DELETE" in error["message"]
         assert "x-conversation-id" not in refused.headers
+    # refused before any token was generated for it
+    assert (
+        registry.get_sample_value("quorum_ttft_seconds_count", {"model": "mock-chat"}) == generated
+    )
     going_on, _ = await chat(http, a, turn("Still one.", max_tokens=2), conversation)
     assert going_on.status_code == 200  # the one it keeps goes on
     assert (await http.delete(a + f"/c1/conversations/{conversation}")).status_code == 200

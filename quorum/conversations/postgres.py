@@ -154,9 +154,12 @@ def _create(
     conn.execute(
         "SELECT pg_advisory_xact_lock(%s::integer, hashtext(coalesce(%s, '')))", (CREATE_LOCK, key)
     )
-    row = conn.execute(
-        "SELECT count(*) FROM conversations WHERE api_key IS NOT DISTINCT FROM %s", (key,)
-    ).fetchone()
+    if key is None:  # "IS NOT DISTINCT FROM" would not use the index
+        row = conn.execute("SELECT count(*) FROM conversations WHERE api_key IS NULL").fetchone()
+    else:
+        row = conn.execute(
+            "SELECT count(*) FROM conversations WHERE api_key = %s", (key,)
+        ).fetchone()
     limits.check_conversations(key, row[0] if row else 0)
     try:
         conn.execute(
