@@ -167,6 +167,8 @@ def node_table(name: str, http: int, gossip: int, seeds: list[str], key: str) ->
         },
         "routing": ROUTING,
         "backends": backends,
+        # /c1 too (the grammar sends some chat cases there): a SQLite file beside the config
+        "conversations": {"store": "sqlite", "path": "conversations"},
     }
 
 

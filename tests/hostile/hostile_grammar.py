@@ -22,6 +22,7 @@ the issue "Hostile input never hurts a node" found, and their neighbours.
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import json
@@ -654,6 +655,19 @@ OPERATIONS = {
 }
 HEADER_PERCENT = 6  # each internal header is forged in this share of cases
 
+C1_PERCENT = 15  # chat cases sent to /c1/chat instead (the shipped nodes keep conversations)
+# malformed x-conversation-id values (a well-formed one naming a target is drawn as well)
+CONVERSATION_IDS = (
+    "",
+    "conv_",
+    "conv_short.bm9kZS1h",
+    f"conv_{'A' * 24}.%%%",
+    f"conv_{'A' * 24}.{'x' * 300}",
+    "../../etc/passwd",
+    "\u00e9t\u00e9",
+    "conv_" + "A" * 24 + ".bm9kZS1h; x-quorum-forwarded=node-a",
+)
+
 
 @st.composite
 def hostile_cases(draw: st.DrawFn, models: tuple[str, ...], targets: tuple[str, ...]) -> Case:
@@ -684,6 +698,10 @@ def hostile_cases(draw: st.DrawFn, models: tuple[str, ...], targets: tuple[str, 
     paths = CHAT_PATHS if kind == "chat" else COMPLETION_PATHS
     raw_body: bytes | None = None
     path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    c1 = kind == "chat" and draw(_chance(C1_PERCENT))
+    if c1:
+        path = "/c1/chat"
+        notes.append("c1")
     method = "POST"
     for _ in range(draw(st.sampled_from(MUTATION_COUNTS))):
         op = draw(_weighted(OPERATIONS))
@@ -739,6 +757,14 @@ def hostile_cases(draw: st.DrawFn, models: tuple[str, ...], targets: tuple[str, 
             headers = [h for h in headers if h[0] != name.encode()]
             headers.append((name.encode(), _header_bytes(value)))
             notes.append(f"header:{name}")
+    if c1 and draw(st.booleans()):
+        if draw(st.booleans()):  # well formed, kept by that node, and unknown there: 404
+            owner = draw(st.sampled_from(targets)).encode()
+            value = f"conv_{'A' * 24}." + base64.urlsafe_b64encode(owner).rstrip(b"=").decode()
+        else:
+            value = draw(st.sampled_from(CONVERSATION_IDS))
+        headers.append((b"x-conversation-id", _header_bytes(value)))
+        notes.append("header:x-conversation-id")
     return Case(
         target=draw(st.sampled_from(targets)),
         method=method,
