@@ -1,7 +1,7 @@
 """The cost of a forwarding hop, measured against a direct request and against nginx.
 
-    python benchmarks/compare_hop.py            # full run, concurrency 1, 64, 256 (~3-4 min)
-    python benchmarks/compare_hop.py --quick    # fewer requests (under a minute)
+    python benchmarks/compare_hop.py            # full run, concurrency 1, 64, 256 (~1 min)
+    python benchmarks/compare_hop.py --quick    # fewer requests (~20 s)
 
 One zero-latency mock backend (``ttft_ms = 0``, ``itl_ms = 0``, a fixed output length, 4096
 slots) on a serving node; the same streamed requests reach it three ways:
