@@ -1,7 +1,7 @@
 """The cost of a forwarding hop, measured against a direct request and against nginx.
 
-    python benchmarks/compare_hop.py            # full run, concurrency 1, 64, 256 (~3-4 min)
-    python benchmarks/compare_hop.py --quick    # fewer requests (under a minute)
+    python benchmarks/compare_hop.py            # full run, concurrency 1, 64, 256 (~1 min)
+    python benchmarks/compare_hop.py --quick    # fewer requests (~20 s)
 
 One zero-latency mock backend (``ttft_ms = 0``, ``itl_ms = 0``, a fixed output length, 4096
 slots) on a serving node; the same streamed requests reach it three ways:
@@ -17,6 +17,25 @@ Every process is started with ``quorum.launch`` on a free 127.0.0.1 port from te
 configs and ended by its own pid. The load generator is ``quorum.bench.run_bench`` in this
 process: on a small machine it shares the CPU with the nodes, which the figures include.
 Paths are interleaved at each concurrency so that drift affects them alike.
+
+What it prints, besides each path's TTFT, E2E and req/s at each concurrency:
+
+- the TTFT a forward and nginx add at concurrency 1, at p50 and at p99 (the path's
+  percentile minus direct's, same run, in ms);
+- req/s ÷ direct's req/s, for forward and for nginx, at concurrency 64 and 256;
+- CPU seconds per 1,000 requests (= CPU ms per request) of each process that carried a
+  phase: user + system time (``utime + stime`` of ``/proc/<pid>/stat``, every thread) read
+  before and after the phase, divided by the requests sent in it (warm-up included, since it
+  ran inside that window): the forwarding node for what it relayed, the serving node on every
+  path, nginx (master and workers) for what it proxied, and this process (the load generator);
+  the clock tick is ``1/CLK_TCK`` s (10 ms at the usual 100), so a short phase's figure is coarse;
+- peak RSS (VmHWM) of every process;
+- issue #13's targets, each met or missed: a forward adds ≤ 0.5 ms median TTFT at
+  concurrency 1, or at most nginx's added median TTFT + 0.3 ms in the same run; forward
+  req/s ÷ direct ≥ 0.9 at concurrency 64 and at 256.
+
+``--json PATH`` writes every report (``"<concurrency>/<path>"``), ``"rss_kb"``, and those
+figures under ``"summary"`` (see ``summarize``).
 """
 
 from __future__ import annotations
@@ -52,11 +71,16 @@ from quorum.launch import (
 MODEL = "mock-zero"
 console = Console(highlight=False, width=max(132, shutil.get_terminal_size().columns))
 
-# (concurrency, measured requests, warm-up requests)
-FULL = ((1, 400, 20), (64, 1600, 128), (256, 2048, 512))
-QUICK = ((1, 60, 5), (64, 400, 64), (256, 768, 256))
-TARGET_ADDED_TTFT_MS = 0.5  # DESIGN.md: forwarding hop, added TTFT at concurrency 1
-TARGET_THROUGHPUT = 0.8  # DESIGN.md: forward vs direct at concurrency 64
+# (concurrency, measured requests, warm-up requests); c=1 has enough requests for its p99 to
+# lie between the 10th and 11th largest (full) or the 2nd and 3rd (quick)
+FULL = ((1, 1000, 20), (64, 1600, 128), (256, 2048, 512))
+QUICK = ((1, 200, 5), (64, 400, 64), (256, 768, 256))
+# issue #13's targets
+TARGET_ADDED_TTFT_MS = 0.5  # a forward's added median TTFT at concurrency 1, in ms ...
+TARGET_OVER_NGINX_MS = 0.3  # ... or at most nginx's added median TTFT + this, same run
+TARGET_THROUGHPUT = 0.9  # forward req/s ÷ direct req/s, at concurrency 64 and at 256
+THROUGHPUT_AT = (64, 256)
+CLK_TCK = os.sysconf("SC_CLK_TCK")  # /proc/<pid>/stat counts CPU time in these ticks per s
 
 
 def node_config(name: str, *, output_tokens: int | None) -> dict[str, Any]:
@@ -149,6 +173,21 @@ def nginx_pids(nginx: ServerProcess) -> list[int]:
     return [pid, *map(int, children)]
 
 
+def cpu_s(pids: list[int]) -> float | None:
+    """User + system CPU seconds used so far by ``pids`` together (each with all its threads;
+    ``utime`` and ``stime``, fields 14 and 15 of ``/proc/<pid>/stat``, in ``CLK_TCK`` ticks);
+    None when any of them is gone or there are none."""
+    total = 0
+    for pid in pids:
+        try:
+            # the command name, field 2, is in parentheses and may hold spaces
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            return None
+    return total / CLK_TCK if pids else None
+
+
 async def wait_forwarder_knows(url: str, serving: str, timeout_s: float = 15.0) -> None:
     """Until the forwarding node lists ``MODEL`` on ``serving`` (its peer poll ran)."""
     async with httpx.AsyncClient(timeout=2.0) as client:
@@ -167,6 +206,16 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+# The processes that carry a path's requests (the load generator carries every path); a
+# process's CPU per 1,000 requests is given for these only.
+CARRIERS = {
+    "direct": ("serving node",),
+    "forward": ("forwarding node", "serving node"),
+    "nginx": ("nginx", "serving node"),
+}
+LOAD_GENERATOR = "load generator"
+
+
 async def run(args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
     tmp = Path(tempfile.mkdtemp(prefix="quorum-hop-"))
@@ -181,6 +230,8 @@ async def run(args: argparse.Namespace) -> int:
     nginx_bin, why = find_nginx()
     paths = {"direct": serving.url, "forward": forwarding.url}
     results: dict[tuple[int, str], Report] = {}
+    cpu: dict[tuple[int, str], dict[str, float | None]] = {}
+    sent: dict[tuple[int, str], int] = {}
     rss: dict[str, int | None] = {}
     began = time.monotonic()
     try:
@@ -203,11 +254,20 @@ async def run(args: argparse.Namespace) -> int:
                 nginx = None
         if "nginx" not in paths:
             console.print(f"[yellow]nginx column skipped: {why}")
+        # whose CPU time is read around each phase: pids known now (nginx's workers too)
+        pids = {
+            "serving node": [serving.pid] if serving.pid else [],
+            "forwarding node": [forwarding.pid] if forwarding.pid else [],
+            LOAD_GENERATOR: [os.getpid()],
+        }
+        if nginx is not None:
+            pids["nginx"] = nginx_pids(nginx)
         console.print(
             f"mock backend: ttft_ms=0 itl_ms=0, {args.output_tokens} output tokens, "
             f"{args.prompt_tokens} prompt tokens; {os.cpu_count()} CPUs; nodes: serving "
             f"pid {serving.pid}, forwarding pid {forwarding.pid}"
-            + (f", nginx pid {nginx_pids(nginx)}" if nginx else "")
+            + (f", nginx pid {pids['nginx']}" if nginx else "")
+            + f"; load generator pid {os.getpid()}"
         )
         for concurrency, count, warmup in plan:
             for name, url in paths.items():
@@ -224,8 +284,17 @@ async def run(args: argparse.Namespace) -> int:
                     seed=args.seed,
                 )
                 t = time.monotonic()
+                before = {proc: cpu_s(p) for proc, p in pids.items()}
                 report = await run_bench(config)
+                after = {proc: cpu_s(p) for proc, p in pids.items()}
                 results[concurrency, name] = report
+                cpu[concurrency, name] = {
+                    proc: None if (b := before[proc]) is None or (a := after[proc]) is None
+                    else a - b
+                    for proc in pids
+                }  # fmt: skip
+                # the warm-up ran inside the same CPU window, so it counts as sent
+                sent[concurrency, name] = warmup + report.completed + report.failed
                 console.print(
                     f"  c={concurrency:<4} {name:<8} {report.completed} ok, "
                     f"{report.failed} failed, {report.req_per_s:8.1f} req/s "
@@ -242,11 +311,14 @@ async def run(args: argparse.Namespace) -> int:
         if nginx is not None:
             await nginx.stop()
         await nodes.close()
-    print_results(results, list(paths), rss, plan, time.monotonic() - began)
+    names = list(paths)
+    summary = summarize(results, names, plan, cpu, sent, rss)
+    print_results(results, names, plan, summary, time.monotonic() - began)
     if args.json:
         Path(args.json).write_text(  # noqa: ASYNC240 - once, after the measurements
             json.dumps(
-                {f"{c}/{name}": r.as_json() for (c, name), r in results.items()} | {"rss_kb": rss},
+                {f"{c}/{name}": r.as_json() for (c, name), r in results.items()}
+                | {"rss_kb": rss, "summary": summary},
                 indent=2,
             )
         )
@@ -254,11 +326,104 @@ async def run(args: argparse.Namespace) -> int:
     return 0 if all(r.failed == 0 for r in results.values()) else 1
 
 
+def summarize(
+    results: dict[tuple[int, str], Report],
+    names: list[str],
+    plan: tuple[tuple[int, int, int], ...],
+    cpu: dict[tuple[int, str], dict[str, float | None]],
+    sent: dict[tuple[int, str], int],
+    rss: dict[str, int | None],
+) -> dict[str, Any]:
+    """The run's headline figures, as written under ``"summary"`` by ``--json``; phases are
+    keyed ``"<concurrency>/<path>"``, missing figures are None.
+
+    - ``added_ttft_ms``: per concurrency and path other than direct, ``{"p50", "p99"}``: that
+      percentile of the path's TTFT minus the same percentile of direct's, in ms.
+    - ``req_per_s_vs_direct``: per concurrency and path, its req/s ÷ direct's req/s.
+    - ``cpu_s``: per phase and process, user + system CPU seconds over the phase (warm-up
+      included); ``requests``: per phase, the requests sent in it (warm-up included).
+    - ``cpu_s_per_1000_requests``: per phase, 1000 * ``cpu_s`` ÷ ``requests`` for the
+      processes that carried that path's requests (``CARRIERS``) and the load generator.
+    - ``peak_rss_kb``: per process, VmHWM in KiB.
+    - ``targets``: issue #13's, each ``{"target", "measured", "met"}`` (``met`` None when
+      not measured in this run)."""
+    added: dict[str, dict[str, dict[str, float | None]]] = {}
+    ratios: dict[str, dict[str, float | None]] = {}
+    for concurrency, _, _ in plan:
+        base = results[concurrency, "direct"]
+        added[str(concurrency)] = {}
+        ratios[str(concurrency)] = {}
+        for name in names:
+            r = results[concurrency, name]
+            ratios[str(concurrency)][name] = (
+                r.req_per_s / base.req_per_s if base.req_per_s else None
+            )
+            if name == "direct":
+                continue
+            mine, theirs = r.ttft_ms, base.ttft_ms
+            added[str(concurrency)][name] = (
+                {"p50": mine.p50 - theirs.p50, "p99": mine.p99 - theirs.p99}
+                if mine is not None and theirs is not None
+                else {"p50": None, "p99": None}
+            )
+    per_1000: dict[str, dict[str, float | None]] = {}
+    for (concurrency, name), used in cpu.items():
+        n = sent[concurrency, name]
+        per_1000[f"{concurrency}/{name}"] = {
+            proc: None if s is None or n == 0 else s / n * 1000
+            for proc, s in used.items()
+            if proc in CARRIERS[name] or proc == LOAD_GENERATOR
+        }
+    targets: list[dict[str, Any]] = []
+    c1 = added.get("1", {})
+    fwd = (c1.get("forward") or {}).get("p50")
+    ngx = (c1.get("nginx") or {}).get("p50")
+    if fwd is None:
+        measured, met = "not measured", None
+    else:
+        limit = TARGET_ADDED_TTFT_MS
+        if ngx is not None:
+            limit = max(limit, ngx + TARGET_OVER_NGINX_MS)
+        measured = f"{fwd:+.2f} ms" + (
+            "; no nginx in this run"
+            if ngx is None
+            else f"; nginx {ngx:+.2f} ms, so ≤ {limit:.2f} ms in this run"
+        )
+        met = fwd <= limit
+    targets.append(
+        {
+            "target": f"a forward adds ≤ {TARGET_ADDED_TTFT_MS} ms median TTFT at concurrency "
+            f"1, or ≤ nginx's added median TTFT + {TARGET_OVER_NGINX_MS} ms in the same run",
+            "measured": measured,
+            "met": met,
+        }
+    )
+    for concurrency in THROUGHPUT_AT:
+        ratio = ratios.get(str(concurrency), {}).get("forward")
+        targets.append(
+            {
+                "target": f"forward req/s ÷ direct req/s ≥ {TARGET_THROUGHPUT} at concurrency "
+                f"{concurrency}",
+                "measured": "not measured" if ratio is None else f"{ratio:.2f}",
+                "met": None if ratio is None else ratio >= TARGET_THROUGHPUT,
+            }
+        )
+    return {
+        "added_ttft_ms": added,
+        "req_per_s_vs_direct": ratios,
+        "cpu_s": {f"{c}/{name}": used for (c, name), used in cpu.items()},
+        "requests": {f"{c}/{name}": n for (c, name), n in sent.items()},
+        "cpu_s_per_1000_requests": per_1000,
+        "peak_rss_kb": rss,
+        "targets": targets,
+    }
+
+
 def print_results(
     results: dict[tuple[int, str], Report],
     names: list[str],
-    rss: dict[str, int | None],
     plan: tuple[tuple[int, int, int], ...],
+    summary: dict[str, Any],
     elapsed: float,
 ) -> None:
     table = Table(title="forwarding hop vs direct vs nginx (zero-latency mock, 127.0.0.1)")
@@ -268,73 +433,116 @@ def print_results(
         "ok",
         "failed",
         "TTFT p50 ms",
+        "TTFT p99 ms",
         "E2E p50 ms",
         "req/s",
         "tokens/s",
         "req/s ÷ direct",
         "+TTFT p50 ms",
+        "+TTFT p99 ms",
         "+E2E p50 ms",
     ):
         table.add_column(col, justify="left" if col == "path" else "right")
     for concurrency, _, _ in plan:
         base = results[concurrency, "direct"]
+        added = summary["added_ttft_ms"][str(concurrency)]
         for name in names:
             r = results[concurrency, name]
-            ttft = r.ttft_ms.p50 if r.ttft_ms else None
             e2e = r.e2e_ms.p50 if r.e2e_ms else None
-            base_ttft = base.ttft_ms.p50 if base.ttft_ms else None
             base_e2e = base.e2e_ms.p50 if base.e2e_ms else None
-            ratio = r.req_per_s / base.req_per_s if base.req_per_s else 0.0
-            added = (
-                ""
-                if name == "direct" or ttft is None or base_ttft is None
-                else f"{ttft - base_ttft:+.2f}"
-            )
-            added_e2e = (
-                ""
-                if name == "direct" or e2e is None or base_e2e is None
-                else f"{e2e - base_e2e:+.2f}"
-            )
+            ratio = summary["req_per_s_vs_direct"][str(concurrency)][name]
+            plus = added.get(name, {})
             table.add_row(
                 str(concurrency),
                 name,
                 str(r.completed),
                 str(r.failed),
-                ms(ttft),
+                ms(r.ttft_ms.p50 if r.ttft_ms else None),
+                ms(r.ttft_ms.p99 if r.ttft_ms else None),
                 ms(e2e),
                 f"{r.req_per_s:.1f}",
                 f"{r.output_tok_per_s:.0f}",
-                "" if name == "direct" else f"{ratio:.2f}",
-                added,
-                added_e2e,
+                "" if name == "direct" else ms(ratio),
+                "" if name == "direct" else signed(plus.get("p50")),
+                "" if name == "direct" else signed(plus.get("p99")),
+                ""
+                if name == "direct" or e2e is None or base_e2e is None
+                else f"{e2e - base_e2e:+.2f}",
                 end_section=name == names[-1],
             )
     console.print(table)
+    procs = ["forwarding node", "serving node", *(["nginx"] if "nginx" in names else [])]
+    load = Table(
+        title="CPU seconds per 1,000 requests (user + system, /proc/<pid>/stat, warm-up "
+        "included), by the processes that carried them"
+    )
+    for col in ("conc", "path", "requests", *procs, LOAD_GENERATOR):
+        load.add_column(col, justify="left" if col == "path" else "right")
+    for concurrency, _, _ in plan:
+        for name in names:
+            key = f"{concurrency}/{name}"
+            used = summary["cpu_s_per_1000_requests"][key]
+            load.add_row(
+                str(concurrency),
+                name,
+                str(summary["requests"][key]),
+                *(ms(used[p]) if p in used else "" for p in (*procs, LOAD_GENERATOR)),
+                end_section=name == names[-1],
+            )
+    console.print(load)
+    rss: dict[str, int | None] = summary["peak_rss_kb"]
     mem = Table(title="peak RSS (VmHWM)")
     mem.add_column("process")
     mem.add_column("MiB", justify="right")
     for name, kb in rss.items():
         mem.add_row(name, "-" if kb is None else f"{kb / 1024:.1f}")
     console.print(mem)
-    c1 = [c for c, _, _ in plan if c == 1]
-    c64 = [c for c, _, _ in plan if c == 64]
-    if c1:
-        d, f = results[1, "direct"], results[1, "forward"]
-        if d.ttft_ms and f.ttft_ms:
-            added = f.ttft_ms.p50 - d.ttft_ms.p50
-            ok = "[green]met" if added <= TARGET_ADDED_TTFT_MS else "[red]missed"
-            console.print(
-                f"target: forwarding hop adds ≤ {TARGET_ADDED_TTFT_MS} ms median TTFT "
-                f"at concurrency 1: {added:.2f} ms, {ok}"
-            )
-    if c64:
-        ratio = results[64, "forward"].req_per_s / max(results[64, "direct"].req_per_s, 1e-9)
-        ok = "[green]met" if ratio >= TARGET_THROUGHPUT else "[red]missed"
-        console.print(
-            f"target: throughput through a forwarding node ≥ {TARGET_THROUGHPUT}x "
-            f"direct at concurrency 64: {ratio:.2f}x, {ok}"
+    hop = Table(title="the hop in one table: forward and nginx, each against direct, same run")
+    hop.add_column("figure")
+    for name in names[1:]:
+        hop.add_column(name, justify="right")
+    c1 = summary["added_ttft_ms"].get("1", {})
+    for q in ("p50", "p99"):
+        hop.add_row(
+            f"added TTFT {q} at concurrency 1 (ms)",
+            *(signed((c1.get(n) or {}).get(q)) for n in names[1:]),
         )
+    for concurrency in THROUGHPUT_AT:
+        ratios = summary["req_per_s_vs_direct"].get(str(concurrency), {})
+        hop.add_row(
+            f"req/s ÷ direct at concurrency {concurrency}", *(ms(ratios.get(n)) for n in names[1:])
+        )
+    proxy = {"forward": "forwarding node", "nginx": "nginx"}
+    for concurrency, _, _ in plan:
+        hop.add_row(
+            f"CPU s per 1,000 requests relayed at concurrency {concurrency}",
+            *(
+                ms(summary["cpu_s_per_1000_requests"][f"{concurrency}/{n}"].get(proxy[n]))
+                for n in names[1:]
+            ),
+        )
+    nginx_kb = [kb for name, kb in rss.items() if name.startswith("nginx")]
+    peak_kb = {
+        "forward": rss.get("forwarding node"),
+        "nginx": sum(kb for kb in nginx_kb if kb is not None)
+        if nginx_kb and None not in nginx_kb
+        else None,
+    }
+    hop.add_row(
+        "peak RSS of the proxy (MiB; nginx: master + workers)",
+        *("-" if (kb := peak_kb[n]) is None else f"{kb / 1024:.1f}" for n in names[1:]),
+    )
+    console.print(hop)
+    for target in summary["targets"]:
+        met = target["met"]
+        verdict = "[yellow]not measured" if met is None else "[green]met" if met else "[red]missed"
+        console.print(f"target: {target['target']}: {target['measured']}, {verdict}")
     console.print(f"whole run {elapsed:.0f} s")
+
+
+def signed(value: float | None) -> str:
+    """A difference in ms with its sign; "-" when unknown."""
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def main() -> int:
@@ -343,7 +551,11 @@ def main() -> int:
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write every report as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help='also write every report, and the figures above under "summary", as JSON',
+    )
     args = parser.parse_args()
     try:
         return trio.run(run, args)
