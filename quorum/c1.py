@@ -40,7 +40,7 @@ import trio
 
 from quorum.conversations import ConversationStore, new_id, owner_of
 from quorum.conversations.store import not_found
-from quorum.errors import ApiError, Unauthorized, Unavailable
+from quorum.errors import ApiError, Unavailable
 from quorum.gateway.policy import PolicyViolation
 from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.routing.headers import (
@@ -195,18 +195,6 @@ class Conversations:
             )
         return self.store
 
-    def _forwarded(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> bool:
-        """True for a node's signed forward (checked: 401 otherwise), False for a client."""
-        if not any(name in headers for name in INTERNAL):
-            return False
-        self.d.signer.verify(method, path, body, headers)
-        if FORWARDED not in headers:
-            raise Unauthorized(
-                f"{SIGNATURE} without {FORWARDED}: internal headers come from nodes only.",
-                code="invalid_internal_headers",
-            )
-        return True
-
     def _remote_owner(self, conversation_id: str, forwarded: bool) -> Member | None:
         """The live member that holds ``conversation_id`` when it is not this node (SQLite);
         None when this node does. Raises 404 for an id that is not one, 503 when the owner
@@ -246,7 +234,7 @@ class Conversations:
         store = self._store()
         raw = parse_json_body(body)
         request = parse_chat_request(raw)
-        forwarded = self._forwarded("POST", C1_CHAT, body, headers)
+        forwarded = self.d.is_forward("POST", C1_CHAT, body, headers)
         if forwarded:
             caller = headers.get(CALLER) or None
             # the entry node admitted it and checked its fault; this node serves it anew
@@ -456,7 +444,7 @@ class Conversations:
         Raises 404 ``conversation_not_found``, 503."""
         store = self._store()
         path = f"/c1/conversations/{conversation_id}"
-        forwarded = self._forwarded(method, path, b"", headers)
+        forwarded = self.d.is_forward(method, path, b"", headers)
         if forwarded:
             caller = headers.get(CALLER) or None
         owner = self._remote_owner(conversation_id, forwarded)

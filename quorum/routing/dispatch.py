@@ -268,6 +268,20 @@ class Dispatcher:
 
     # --- who is asking -----------------------------------------------------------------------
 
+    def is_forward(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> bool:
+        """True for a node's signed forward, False for a client's request (no internal
+        header at all). Raises ``Unauthorized`` (401) for internal headers without a valid
+        signature over ``method``, ``path`` and ``body``, or without ``x-quorum-forwarded``."""
+        if not any(name in headers for name in INTERNAL):
+            return False
+        self.signer.verify(method, path, body, headers)
+        if FORWARDED not in headers:
+            raise Unauthorized(
+                f"{SIGNATURE} without {FORWARDED}: internal headers come from nodes only.",
+                code="invalid_internal_headers",
+            )
+        return True
+
     async def handle(
         self,
         request: Request,
@@ -288,13 +302,7 @@ class Dispatcher:
         400/404/429/502/503/504 as the request path decides. A client's request (never a
         signed forward) goes through the input policies here, before anything else sees it:
         a redacted request is routed, shared and forwarded as its re-encoded body."""
-        if any(name in headers for name in INTERNAL):
-            self.signer.verify("POST", path, body, headers)
-            if FORWARDED not in headers:
-                raise Unauthorized(
-                    f"{SIGNATURE} without {FORWARDED}: internal headers come from nodes only.",
-                    code="invalid_internal_headers",
-                )
+        if self.is_forward("POST", path, body, headers):
             return await self._serve_forwarded(request, headers)
         if FAULT in headers and not (self.allow_faults or allow_debug):
             raise PermissionDenied(
