@@ -1,12 +1,22 @@
-"""The SSE parser and encoder, with no I/O."""
+"""The SSE parser and encoder, with no I/O, and the relay's fast split that stands in for the
+parser on whole one-line events."""
 
 from __future__ import annotations
 
 import random
+import tempfile
+from collections.abc import AsyncGenerator
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
+from quorum.routing.relay import remote_events, whole_events
 from quorum.sse import DONE, SSEParser, SSEProtocolError, encode
+
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "quorum-hypothesis")
 
 STREAM = (
     b'data: {"a":1}\n\n'
@@ -68,3 +78,58 @@ def test_encode_round_trips_single_and_multi_line_data() -> None:
         if payload:
             assert [e.data for e in events] == [expected]
     assert encode(b"[DONE]") == DONE
+
+
+# --- the relay's fast split (quorum.routing.relay.whole_events) ---------------------------------
+
+_PIECES = [b"data: ", b"data:", b"data: {}", b"x", b"\xc3\xa9", b"\xff", b"\n", b"\n\n", b"\r"]
+_PIECES += [b"\r\n", b": comment", b"event: e", b"id: 1", b" ", b"[DONE]"]
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=24))
+def test_the_fast_split_finds_exactly_the_parsers_events(pieces: list[bytes]) -> None:
+    raw = b"".join(pieces)
+    fields = whole_events(raw)
+    if fields is None:
+        return
+    parser = SSEParser()
+    events = parser.feed(raw)
+    assert parser.pending == 0
+    assert [(f + b"\n\n", f[6:].decode("utf-8", "replace")) for f in fields] == [
+        (e.raw, e.data) for e in events
+    ]
+
+
+def test_the_fast_split_takes_quorums_own_events_and_leaves_the_rest_to_the_parser() -> None:
+    ours = b'data: {"a":1}\n\n' + DONE
+    assert whole_events(ours) == [b'data: {"a":1}', b"data: [DONE]"]
+    for other in (
+        b'data: {"a":1}\n',  # cut before its blank line
+        b'data: {"a":1}\r\n\r\n',  # CRLF
+        b"data: one\ndata: two\n\n",  # two data lines
+        b": keep-alive\n\n",  # a comment
+        b"event: x\ndata: 1\n\n",  # another field
+        b"data: 1\n\n\n",  # a stray LF after it
+        b"",
+    ):
+        assert whole_events(other) is None, other
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_remote_events_give_the_parsers_events_for_any_cut_of_the_bytes(seed: int) -> None:
+    rng = random.Random(seed)
+    stream = (b'data: {"a":1}\n\n' * 3 + STREAM + b"data: \xff\xfe\n\n" + DONE) * 2
+    cuts = sorted(rng.sample(range(1, len(stream)), 12))
+    # whole events in some pieces (the fast path), cut ones in others (the parser)
+    cuts += [i + len(b'data: {"a":1}\n\n') for i in (0, 15, 30)]
+    cuts = sorted(set(cuts))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+    class Peer:
+        async def body(self) -> AsyncGenerator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+    got = [event async for batch in remote_events(Peer()) for event in batch]
+    assert got == [(e.raw, e.data) for e in SSEParser().feed(stream)]

@@ -61,6 +61,7 @@ __all__ = [
     "remote_events",
     "stream_error",
     "usage_tokens",
+    "whole_events",
 ]
 
 log = logging.getLogger(__name__)
@@ -395,14 +396,28 @@ async def local_events(events: AsyncIterator[bytes]) -> AsyncGenerator[list[Even
     """A backend's items (one or more whole events each) as batches of events. Events from
     Quorum's own encoders are one ``data:`` line each and split without a parser."""
     async for raw in events:
-        if b"\r" not in raw:
-            pieces = raw.split(b"\n\n")
-            if not pieces[-1] and all(
-                p.startswith(b"data: ") and b"\n" not in p for p in pieces[:-1]
-            ):
-                yield [(p + b"\n\n", p[6:]) for p in pieces[:-1]]
-                continue
+        fields = whole_events(raw)
+        if fields is not None:
+            yield [(f + b"\n\n", f[6:]) for f in fields]
+            continue
         yield [(e.raw, e.data) for e in SSEParser().feed(raw)]
+
+
+def whole_events(raw: bytes) -> list[bytes] | None:
+    """``raw`` cut into its events (each without its blank line: ``b"data: {...}"``) when
+    it is nothing but whole one-line ``data: `` events ending in LF, as Quorum's encoders
+    and the usual upstreams write them; None for anything else (CRs, comments, other
+    fields, several data lines, a cut event), which needs ``SSEParser``. For such bytes
+    the parser finds the same events, at a tenth of the cost."""
+    if b"\r" in raw or not raw.endswith(b"\n\n"):
+        return None
+    pieces = raw.split(b"\n\n")
+    if pieces.pop():  # ended in three or more LFs
+        return None
+    for piece in pieces:
+        if not piece.startswith(b"data: ") or b"\n" in piece:
+            return None
+    return pieces
 
 
 class PeerBody(Protocol):
@@ -413,10 +428,17 @@ class PeerBody(Protocol):
 
 
 async def remote_events(response: PeerBody) -> AsyncGenerator[list[Event]]:
-    """A peer's streamed answer (either hop) as batches of events, as the bytes arrive."""
+    """A peer's streamed answer (either hop) as batches of events, as the bytes arrive.
+    Bytes that hold whole one-line events (a DATA frame of the channel is one item of the
+    serving node's stream, so it usually does) are cut without the parser
+    (``whole_events``), and their data decoded as the parser decodes it."""
     parser = SSEParser()
     async with aclosing(response.body()) as chunks:
         async for chunk in chunks:
+            fields = whole_events(chunk) if not parser.pending else None
+            if fields is not None:
+                yield [(f + b"\n\n", f[6:].decode("utf-8", "replace")) for f in fields]
+                continue
             events = parser.feed(chunk)
             if events:
                 yield [(e.raw, e.data) for e in events]
