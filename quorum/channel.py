@@ -30,6 +30,7 @@ from quorum.routing.channel import (
     WINDOW,
     ChannelError,
     FrameReader,
+    FrameWriter,
     frame,
 )
 from quorum.routing.headers import INTERNAL
@@ -67,16 +68,14 @@ async def serve_channel(
     after it) until the client closes it or sends a frame that does not parse. Every error
     of a request becomes its answer; nothing escapes but cancellation."""
     served: dict[int, _Served] = {}
-    lock = trio.Lock()
-
-    async def send(data: bytes) -> None:
-        async with lock:
-            await stream.send_all(data)
+    writer = FrameWriter(stream)
+    send = writer.write
 
     try:
         await stream.send_all(ACCEPTED)
         reader = FrameReader(stream, max_frame, buffered)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_write_frames, writer, stream)
             try:
                 while True:
                     fields = await reader.next()
@@ -106,17 +105,28 @@ async def serve_channel(
                     elif kind == CREDIT and len(fields) == 3 and type(fields[2]) is int:
                         if (target := served.get(fields[1])) is not None and fields[2] > 0:
                             target.credit += fields[2]
-                            one.credited.set()
+                            target.credited.set()
                     else:
                         raise ChannelError(f"an unexpected frame of type {kind!r}")
             except ChannelError as exc:
                 log.info("channel closed: %s", exc)
+            writer.close()
             nursery.cancel_scope.cancel()  # the client is gone: so is its work
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+async def _write_frames(writer: FrameWriter, stream: trio.abc.Stream) -> None:
+    """The connection's writer; a failed send closes the connection, which ends the
+    reader, and with it every request on it."""
+    await writer.run()
+    if writer.error != "the channel is closed":
+        log.info("channel closed: %s", writer.error)
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
 
 
 def _valid_open(fields: list[object]) -> bool:

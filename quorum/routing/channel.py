@@ -48,6 +48,7 @@ __all__ = [
     "ChannelPool",
     "ChannelResponse",
     "FrameReader",
+    "FrameWriter",
     "frame",
 ]
 
@@ -114,6 +115,77 @@ class FrameReader:
             self._buffer += data
 
 
+class FrameWriter:
+    """The one writer of frames to ``stream``: frames queued with :meth:`write` are sent by
+    :meth:`run` (one task per connection), every frame queued while a send was under way
+    joined into the next send. A short answer's HEAD, DATA and END, or the frames of many
+    streams under load, then cost one send instead of one each; and no request's
+    cancellation can stop a send half way through a frame, which would leave the
+    connection unreadable.
+
+    ``limit``: queued bytes over which :meth:`write` waits for the send to take them (the
+    connection's backpressure). After a send fails, or after :meth:`close`, every write
+    raises ``trio.BrokenResourceError``.
+    """
+
+    def __init__(self, stream: trio.abc.SendStream, limit: int = WINDOW) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._has_frames = trio.Event()
+        self._taken = trio.Event()  # set when the queue was taken (or the writer broke)
+        self.error: str | None = None
+
+    async def write(self, data: bytes) -> None:
+        """Queue ``data`` (whole frames) for the next send. Returns at once, without a
+        checkpoint, while the queue is under ``limit``; waits for room otherwise. Raises
+        ``trio.BrokenResourceError`` when the writer is broken or closed."""
+        if self.error is not None:
+            raise trio.BrokenResourceError(self.error)
+        self._queue.append(data)
+        self._queued += len(data)
+        self._has_frames.set()
+        while self._queued > self._limit and self.error is None:
+            if self._taken.is_set():
+                self._taken = trio.Event()
+            await self._taken.wait()
+        if self.error is not None:
+            raise trio.BrokenResourceError(self.error)
+
+    async def run(self) -> None:
+        """Send what is queued, as it is queued, until :meth:`close` or a failed send
+        (whose error is kept in ``error``; the task then returns)."""
+        try:
+            while True:
+                await self._has_frames.wait()
+                if self.error is not None:
+                    return
+                self._has_frames = trio.Event()
+                data = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
+                self._queue.clear()
+                self._queued = 0
+                self._taken.set()
+                await self._stream.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._break(f"the channel broke: {exc!r}")
+        finally:
+            self._break("the channel is closed")
+
+    def close(self) -> None:
+        """Stop: :meth:`run` returns once its send under way (if any) is done; what is
+        still queued is dropped."""
+        self._break("the channel is closed")
+
+    def _break(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+        self._queue.clear()
+        self._queued = 0
+        self._has_frames.set()
+        self._taken.set()
+
+
 class _Stream:
     """One request's receiving side on a client connection."""
 
@@ -138,26 +210,32 @@ class _Stream:
 
 
 class _Connection:
-    """A client's channel to one peer: the stream, a write lock, the open requests."""
+    """A client's channel to one peer: the stream, its writer, the open requests."""
 
     def __init__(self, peer: tuple[str, int], stream: trio.abc.Stream, reader: FrameReader) -> None:
         self.peer = peer
         self.stream = stream
         self.reader = reader
+        self.writer = FrameWriter(stream)
         self.streams: dict[int, _Stream] = {}
         self.next_id = 1
         self.closed = False
-        self._lock = trio.Lock()
 
     async def send(self, data: bytes) -> None:
+        """Queue ``data`` for the writer; ``ChannelError`` when the channel is closed or
+        broken."""
         if self.closed:
             raise ChannelError("the channel is closed")
         try:
-            async with self._lock:
-                await self.stream.send_all(data)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            await self.close(f"the channel broke: {exc!r}")
-            raise ChannelError(f"the channel broke: {exc!r}") from None
+            await self.writer.write(data)
+        except trio.BrokenResourceError as exc:
+            raise ChannelError(str(exc)) from None
+
+    async def write_frames(self) -> None:
+        """The writer's task: when a send fails, the connection is closed."""
+        await self.writer.run()
+        with trio.CancelScope(shield=True):
+            await self.close(self.writer.error or "the channel is closed")
 
     async def read_frames(self, tap: Callable[[bytes], None] | None) -> None:
         """Hand every frame to its stream until the connection ends."""
@@ -207,6 +285,7 @@ class _Connection:
         if self.closed:
             return
         self.closed = True
+        self.writer.close()
         for stream in self.streams.values():
             stream.fail(reason)
         await self.stream.aclose()
@@ -225,9 +304,29 @@ class ChannelResponse:
         self._stream = stream
 
     async def body(self) -> AsyncGenerator[bytes]:
-        """The body's bytes as they arrive; raises ``HopError`` if it breaks."""
+        """The body's bytes as they arrive; raises ``HopError`` if it breaks. DATA frames
+        that arrived while the reader was busy come joined, as one chunk: a relay that fell
+        behind catches up in fewer, larger writes of the same bytes."""
         stream = self._stream
-        async for data in stream.receive:
+        receive = stream.receive
+        while True:
+            data = await receive.receive()
+            if data is not None:
+                parts = None
+                while True:  # whatever else is queued already
+                    try:
+                        more = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    if more is None:
+                        # the end: put it back for the next round, after these bytes
+                        stream.send.send_nowait(None)
+                        break
+                    if parts is None:
+                        parts = [data]
+                    parts.append(more)
+                if parts is not None:
+                    data = b"".join(parts)
             if data is None:
                 if stream.error is not None:
                     raise HopError(stream.error)
@@ -382,6 +481,7 @@ class ChannelPool:
         reader = FrameReader(stream, self._max_frame, answer[len(ACCEPTED) :])
         connection = _Connection(peer, stream, reader)
         self._nursery.start_soon(connection.read_frames, self._tap)
+        self._nursery.start_soon(connection.write_frames)
         return connection
 
 

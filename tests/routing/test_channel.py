@@ -1,6 +1,7 @@
 """The node-to-node channel: forwards share one connection per peer, a peer that does not
 speak it gets the HTTP hop, a channel request without the cluster's signature gets 401,
-garbage closes the channel, and a slow reader holds the sender to its credit."""
+garbage closes the channel, a slow reader holds the sender to its credit (and a credit frees
+the stream it names), and frames queued together leave in one send."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from functools import partial
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from quorum.channel import serve_channel
 from quorum.routing.channel import (
+    CREDIT,
     DATA,
+    END,
     HEAD,
     OPEN,
     PREFACE,
@@ -22,6 +26,7 @@ from quorum.routing.channel import (
     ChannelPool,
     ChannelRefused,
     FrameReader,
+    FrameWriter,
     frame,
 )
 from quorum.routing.relay import Reply
@@ -155,3 +160,126 @@ async def test_a_slow_reader_holds_the_server_to_its_credit(nursery: trio.Nurser
     assert got == WINDOW  # no more than the window without credit
     assert len(produced) <= WINDOW // 32768 + 2
     await stream.aclose()
+
+
+async def test_credit_frees_the_stream_it_names_not_the_newest_one(nursery: trio.Nursery) -> None:
+    async def big() -> AsyncIterator[bytes]:
+        for i in range(32):  # 1 MiB: four windows
+            yield bytes([i]) * 32768
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"x"
+        await trio.sleep_forever()
+
+    async def handler(path: str, data: bytes, headers: Mapping[str, str]) -> Reply:
+        return Reply(200, {}, big() if path == "/big" else stalled())
+
+    base, _ = await _channel_server(nursery, handler)
+    stream = await trio.open_tcp_stream("127.0.0.1", int(base.rsplit(":", 1)[1]))
+    signed = {"x-quorum-forwarded": "a"}
+    await stream.send_all(PREFACE + frame(OPEN, 1, "/big", signed, b"{}"))
+    accepted = b"QUORUM-CHANNEL/1 OK\r\n\r\n"
+    assert await stream.receive_some(len(accepted)) == accepted
+    reader = FrameReader(stream, 1 << 22)
+    got = 0
+    with trio.fail_after(5):
+        while got < WINDOW:  # stream 1 uses up its window ...
+            fields = await reader.next()
+            assert fields is not None
+            got += len(fields[2]) if fields[0] == DATA else 0
+        # ... then stream 2 opens (the newest), and stream 1 is granted a window more
+        await stream.send_all(frame(OPEN, 3, "/stalled", signed, b"{}"))
+        await stream.send_all(frame(CREDIT, 1, WINDOW))
+        while got < 2 * WINDOW:
+            fields = await reader.next()
+            assert fields is not None
+            got += len(fields[2]) if fields[0] == DATA and fields[1] == 1 else 0
+    await stream.aclose()
+
+
+class _CountingStream(trio.abc.Stream):
+    """A socket stream that counts its ``send_all`` calls."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.sends: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends.append(bytes(data))
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_an_answers_frames_leave_in_one_send_and_arrive_as_one_chunk(
+    nursery: trio.Nursery,
+) -> None:
+    counted: list[_CountingStream] = []
+
+    async def accept(stream: trio.SocketStream) -> None:
+        data = b""
+        while len(data) < len(PREFACE):
+            data += await stream.receive_some(1024)
+        counted.append(_CountingStream(stream))
+        await serve_channel(counted[-1], handler, buffered=data[len(PREFACE) :])
+
+    async def body() -> AsyncIterator[bytes]:
+        for event in (b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"):
+            yield event
+
+    async def handler(path: str, data: bytes, headers: Mapping[str, str]) -> Reply:
+        return Reply(200, {"content-type": "text/event-stream"}, body())
+
+    listeners = await nursery.start(partial(trio.serve_tcp, accept, 0, host="127.0.0.1"))
+    base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    pool = ChannelPool()
+    await nursery.start(pool.run)
+    signed = {"x-quorum-forwarded": "a"}
+    with trio.fail_after(5):
+        async with pool.post(base, "/v1/chat/completions", b"{}", signed) as response:
+            await trio.sleep(0.2)  # every DATA frame is queued before the body is read
+            chunks = [chunk async for chunk in response.body()]
+    assert chunks == [b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n"]
+    assert response.complete
+    # the preface's answer, then HEAD, three DATA and END in a single send
+    sends = counted[0].sends
+    assert len(sends) == 2, sends
+    reader = FrameReader(trio.testing.MemoryReceiveStream(), 1 << 20, sends[1])
+    kinds = [(await reader.next() or [None])[0] for _ in range(5)]
+    assert kinds == [HEAD, DATA, DATA, DATA, END]
+
+
+async def test_the_writer_holds_writers_back_over_its_limit_and_breaks_with_its_stream() -> None:
+    send, receive = trio.testing.lockstep_stream_pair()
+    writer = FrameWriter(send, limit=10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await writer.write(b"a" * 4)  # under the limit: returns at once
+        await trio.testing.wait_all_tasks_blocked()  # the writer now sends it, blocked
+        await writer.write(b"b" * 4)
+        done = []
+
+        async def over() -> None:
+            await writer.write(b"c" * 8)  # 12 queued: waits until the writer takes them
+            done.append(True)
+
+        nursery.start_soon(over)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done
+        assert await receive.receive_some() == b"a" * 4
+        await trio.testing.wait_all_tasks_blocked()
+        assert done  # taken by the next send
+        assert await receive.receive_some() == b"b" * 4 + b"c" * 8
+        await receive.aclose()
+        await writer.write(b"d")
+        await trio.testing.wait_all_tasks_blocked()  # its send fails: the writer breaks
+    assert writer.error is not None and "broke" in writer.error
+    with pytest.raises(trio.BrokenResourceError):
+        await writer.write(b"e")
