@@ -42,6 +42,7 @@ from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.routing.headers import INTERNAL, REQUEST_ID
 from quorum.routing.membership import MemberState
+from quorum.routing.relay import HOLD_HEAD, StreamBody
 from quorum.status import StatusFeed, add_status_routes
 from quorum.wire import Request, parse_chat_request, parse_completion_request, parse_json_body
 
@@ -266,6 +267,8 @@ class FastPath:
         else:
             # closed even when the head cannot be sent (the client left): see Reply
             async with aclosing(reply.body) as chunks:  # type: ignore[type-var]
+                if isinstance(chunks, StreamBody) and chunks.ready:
+                    start[HOLD_HEAD] = True  # type: ignore[typeddict-unknown-key]
                 await send(start)
                 async for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})

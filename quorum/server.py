@@ -9,6 +9,12 @@ wrapped so that ``send_all`` gives up after ``send_timeout_s`` (the connection i
 hypercorn sees it as a client that left, the request's nursery is cancelled and the slot is
 freed), and a listener refuses connections over ``max_connections`` by closing them at once.
 
+A streamed answer's head can be held back and written together with its first chunk: an
+ASGI ``http.response.start`` message with ``HOLD_HEAD`` (``quorum.routing.relay``) set
+makes the connection keep the head's bytes and send them with the next write (one send and
+one scheduling round instead of two before the client's first byte). The app sets it only
+when that first chunk is already in hand.
+
 The rest is hypercorn's own trio worker (``hypercorn/trio/run.py``, ``worker_serve``): the same
 ``TCPServer`` per connection, the same lifespan and graceful shutdown. Written against
 hypercorn 0.18 (pinned in pyproject.toml).
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -26,12 +33,26 @@ from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ASGIFramework, ConnectionState, LifespanState
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    ConnectionState,
+    LifespanState,
+    Scope,
+)
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+
+from quorum.routing.relay import HOLD_HEAD
 
 __all__ = ["ConnectionGuard", "serve"]
 
 log = logging.getLogger(__name__)
+
+# True while hypercorn writes a held head: the connection keeps the next write it is given.
+# hypercorn writes from the task that called the app's ``send``, so the flag is seen there.
+_HOLD_NEXT_WRITE: ContextVar[bool] = ContextVar("quorum_hold_next_write", default=False)
 
 
 class ConnectionGuard:
@@ -61,6 +82,7 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         self._guard = guard
         self._closed = False
         self._unread = b""
+        self._held = b""  # a response head, sent with the next write
         self.socket = getattr(stream, "socket", None)
 
     def unread(self, data: bytes) -> None:
@@ -68,6 +90,12 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         self._unread = data + self._unread
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if _HOLD_NEXT_WRITE.get():
+            _HOLD_NEXT_WRITE.set(False)
+            self._held += data
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
         with trio.move_on_after(self._guard.send_timeout_s) as scope:
             await self._stream.send_all(data)
         if scope.cancelled_caught:
@@ -137,6 +165,24 @@ class _GuardedListener(trio.abc.Listener[_GuardedStream]):
         await self._listener.aclose()
 
 
+async def _holding_heads(
+    app: ASGIFramework, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """``app``, whose response heads marked :data:`HOLD_HEAD` are held for the next write."""
+
+    async def holding_send(message: ASGISendEvent) -> None:
+        if message.get(HOLD_HEAD):
+            token = _HOLD_NEXT_WRITE.set(True)
+            try:
+                await send(message)
+            finally:
+                _HOLD_NEXT_WRITE.reset(token)
+        else:
+            await send(message)
+
+    await app(scope, receive, holding_send)
+
+
 async def serve(
     app: ASGIFramework,
     config: Config,
@@ -157,7 +203,7 @@ async def serve(
     node-to-node channel (``quorum.channel``); every other goes to hypercorn with its first
     bytes given back. A connection that sends nothing within ``first_bytes_timeout_s`` is
     closed."""
-    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    wrapped = wrap_app(partial(_holding_heads, app), config.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)

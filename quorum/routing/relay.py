@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from quorum.routing.dispatch import Dispatcher, Job
 
 __all__ = [
+    "HOLD_HEAD",
     "Choice",
     "Chunk",
     "Event",
@@ -65,6 +66,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+HOLD_HEAD: Final = "quorum.hold_head"
+"""A key of an ASGI ``http.response.start`` message that the node's HTTP server
+(``quorum.server``) reads: when true, the head's bytes are sent with the response's next
+write instead of on their own. For a head whose first body chunk follows at once (a
+``StreamBody`` that is ``ready``): until that chunk, the client has nothing to read."""
 
 # One event as relayed: its exact bytes and its data field.
 Event = tuple[bytes, str | bytes]
@@ -111,6 +118,11 @@ class StreamBody:
                 await gen.aclose()
             raise
         return cls(first, gen)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the first chunk is in hand (the next ``__anext__`` returns at once)."""
+        return self._first is not None
 
     def __aiter__(self) -> StreamBody:
         return self

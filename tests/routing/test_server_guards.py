@@ -96,3 +96,28 @@ async def test_drain_needs_the_token_from_this_machine_and_no_browser(node: Node
         accepted = await http.post(url, headers={"authorization": f"Bearer {token}"})
         assert accepted.status_code == 202
     assert node.draining
+
+
+async def test_a_streamed_answers_head_leaves_with_its_first_chunk(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+
+    async def recorded(self: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", recorded)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with httpx.AsyncClient(base_url=node.url, timeout=10) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            text = "".join([chunk async for chunk in response.aiter_text()])
+    assert text.endswith("data: [DONE]\n\n")
+    heads = [w for w in writes if w.startswith(b"HTTP/1.1 200")]
+    assert len(heads) == 1
+    head, _, rest = heads[0].partition(b"\r\n\r\n")
+    assert b"text/event-stream" in head
+    # the same write carries the first chunk: the role and the first token
+    assert b'"role":"assistant"' in rest and b'"content":' in rest
