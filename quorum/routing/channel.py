@@ -310,7 +310,10 @@ class ChannelResponse:
         stream = self._stream
         receive = stream.receive
         while True:
-            data = await receive.receive()
+            try:  # no scheduling round for bytes already there
+                data = receive.receive_nowait()
+            except trio.WouldBlock:
+                data = await receive.receive()
             if data is not None:
                 parts = None
                 while True:  # whatever else is queued already
