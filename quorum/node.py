@@ -404,6 +404,8 @@ class Node:
             handler,
             buffered=buffered,
             max_frame=self.config.max_body_bytes + (1 << 16),
+            # a peer's channel carries up to as many requests as client connections would
+            max_streams=self.config.max_connections,
         )
 
     async def _gossip_node(self) -> GossipNode:

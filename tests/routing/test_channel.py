@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
 from functools import partial
 
 import httpx
@@ -283,3 +284,30 @@ async def test_the_writer_holds_writers_back_over_its_limit_and_breaks_with_its_
     assert writer.error is not None and "broke" in writer.error
     with pytest.raises(trio.BrokenResourceError):
         await writer.write(b"e")
+
+
+async def test_a_peers_channel_takes_as_many_requests_as_the_node_takes_clients(
+    nursery: trio.Nursery,
+) -> None:
+    # node-c takes 3 clients (max_connections), so a peer's channel carries 3 requests
+    # at once (it was a fixed 1,024, so forwards past it were refused whatever the config)
+    cluster = await start_cluster(
+        nursery, [node_config("node-a"), node_config("node-c", max_connections=3)]
+    )
+    body = {"model": "mock-coder", "messages": MESSAGES, "stream": True}
+    stalled = {"x-quorum-fault": "stall_after=2"}
+    async with httpx.AsyncClient(base_url=cluster.url("node-a"), timeout=10) as http:
+        async with AsyncExitStack() as open_streams:
+            for _ in range(3):
+                response = await open_streams.enter_async_context(
+                    http.stream("POST", "/v1/chat/completions", json=body, headers=stalled)
+                )
+                assert response.status_code == 200
+                assert response.headers["x-quorum-node"] == "node-c"
+            over = await http.post("/v1/chat/completions", json=body)
+            assert over.status_code == 502
+            assert "node-c answered 503" in over.json()["error"]["message"]
+            assert "channel holds too many requests" in over.json()["error"]["message"]
+        # the three closed: the channel takes requests again
+        again = await http.post("/v1/chat/completions", json={**body, "stream": False})
+        assert again.status_code == 200
