@@ -12,8 +12,8 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from quorum.c1 import C1_CHAT, C1_CHAT_PATHS, Conversations
+from quorum.edge import CLIENT, HOLD_HEAD
 from quorum.errors import (
     ApiError,
     InvalidRequest,
@@ -42,7 +43,7 @@ from quorum.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from quorum.routing.dispatch import Dispatcher, Reply
 from quorum.routing.headers import INTERNAL, REQUEST_ID
 from quorum.routing.membership import MemberState
-from quorum.routing.relay import HOLD_HEAD, StreamBody
+from quorum.routing.relay import StreamBody
 from quorum.status import StatusFeed, add_status_routes
 from quorum.wire import Request, parse_chat_request, parse_completion_request, parse_json_body
 
@@ -181,13 +182,13 @@ class FastPath:
             return
         admission = None
         try:
-            async with trio.open_nursery() as nursery:
+            async with _left_cancels(receive) as watch:
                 try:
                     admission = self._admission(headers)
                     body = await self._body(receive, headers)
                     if body is None:
                         return  # the client left before sending its whole body
-                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                    watch()
                     if scope["path"] in C1_CHAT_PATHS:
                         reply = await self._c1_chat(body, headers, admission)
                     else:
@@ -198,7 +199,6 @@ class FastPath:
                     self._count(admission, exc.status)
                     extra = admission.grant.headers if admission and admission.grant else {}
                     await _send_error(send, exc, headers.get(REQUEST_ID), extra | latency(arrived))
-                    nursery.cancel_scope.cancel()
                     return
                 except Exception as exc:
                     log.exception("unhandled error on POST %s", scope["path"])
@@ -207,11 +207,9 @@ class FastPath:
                         code="internal_error",
                     )
                     await _send_error(send, error, headers.get(REQUEST_ID), latency(arrived))
-                    nursery.cancel_scope.cancel()
                     return
                 self._count(admission, reply.status)
                 await self._send_reply(send, reply, admission, arrived)
-                nursery.cancel_scope.cancel()
         finally:
             if admission is not None:
                 admission.release()
@@ -326,6 +324,30 @@ def latency(arrived: float) -> dict[str, str]:
     figure as a ``server-timing`` entry (W3C Server Timing), which browsers' tools show."""
     ms = (time.perf_counter() - arrived) * 1000
     return {"x-quorum-latency": f"{ms:.2f}", "server-timing": f"quorum;dur={ms:.2f}"}
+
+
+@asynccontextmanager
+async def _left_cancels(receive: Receive) -> AsyncIterator[Callable[[], None]]:
+    """A block that ends, cancelled, when the client leaves: from the moment the yielded
+    ``watch()`` is called (once the request body is read, since until then ``receive``
+    gives the body), until the block exits. Under ``quorum.server`` the connection's
+    ``Departure`` (``quorum.edge.CLIENT``) says when the client left; anywhere else a task
+    reads ``receive`` for ``http.disconnect``, as quart-trio does."""
+    departure = CLIENT.get()
+    if departure is not None:
+        removers: list[Callable[[], None]] = []
+        with trio.CancelScope() as scope:
+            try:
+                yield lambda: removers.append(departure.call_when_gone(scope.cancel))
+            finally:
+                for remove in removers:
+                    remove()
+        return
+    async with trio.open_nursery() as nursery:
+        try:
+            yield lambda: nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:

@@ -10,10 +10,12 @@ hypercorn sees it as a client that left, the request's nursery is cancelled and 
 freed), and a listener refuses connections over ``max_connections`` by closing them at once.
 
 A streamed answer's head can be held back and written together with its first chunk: an
-ASGI ``http.response.start`` message with ``HOLD_HEAD`` (``quorum.routing.relay``) set
+ASGI ``http.response.start`` message with ``HOLD_HEAD`` (``quorum.edge``) set
 makes the connection keep the head's bytes and send them with the next write (one send and
 one scheduling round instead of two before the client's first byte). The app sets it only
-when that first chunk is already in hand.
+when that first chunk is already in hand. And each connection's ``Departure``
+(``quorum.edge.CLIENT``, seen by the tasks hypercorn runs for it) says when the client has
+gone: its end of file, a failed read, or the connection closed.
 
 The rest is hypercorn's own trio worker (``hypercorn/trio/run.py``, ``worker_serve``): the same
 ``TCPServer`` per connection, the same lifespan and graceful shutdown. Written against
@@ -44,7 +46,7 @@ from hypercorn.typing import (
 )
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
-from quorum.routing.relay import HOLD_HEAD
+from quorum.edge import CLIENT, HOLD_HEAD, Departure
 
 __all__ = ["ConnectionGuard", "serve"]
 
@@ -83,6 +85,7 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._unread = b""
         self._held = b""  # a response head, sent with the next write
+        self.departure = Departure()
         self.socket = getattr(stream, "socket", None)
 
     def unread(self, data: bytes) -> None:
@@ -116,9 +119,17 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
             size = len(self._unread) if max_bytes is None else max_bytes
             data, self._unread = self._unread[:size], self._unread[size:]
             return data
-        return await self._stream.receive_some(max_bytes)
+        try:
+            received = await self._stream.receive_some(max_bytes)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.departure.set_gone()
+            raise
+        if not received:
+            self.departure.set_gone()
+        return received
 
     async def aclose(self) -> None:
+        self.departure.set_gone()
         if not self._closed:
             self._closed = True
             self._guard.active -= 1
@@ -234,6 +245,7 @@ async def serve(
                         await channel(stream, first[len(channel_preface) :])
                         return
                     stream.unread(first)
+                CLIENT.set(stream.departure)  # for the tasks hypercorn starts from this one
                 # hypercorn annotates its stream as SSLStream; it uses only the Stream methods
                 await http(stream)  # type: ignore[arg-type]
 

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from quorum.routing.dispatch import Dispatcher, Job
 
 __all__ = [
-    "HOLD_HEAD",
     "Choice",
     "Chunk",
     "Event",
@@ -66,12 +65,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-HOLD_HEAD: Final = "quorum.hold_head"
-"""A key of an ASGI ``http.response.start`` message that the node's HTTP server
-(``quorum.server``) reads: when true, the head's bytes are sent with the response's next
-write instead of on their own. For a head whose first body chunk follows at once (a
-``StreamBody`` that is ``ready``): until that chunk, the client has nothing to read."""
 
 # One event as relayed: its exact bytes and its data field.
 Event = tuple[bytes, str | bytes]
