@@ -189,24 +189,38 @@ class FrameWriter:
 class _Stream:
     """One request's receiving side on a client connection."""
 
-    __slots__ = ("credit_owed", "done", "error", "head", "headers", "receive", "send", "status")
+    __slots__ = ("arrived", "chunks", "credit_owed", "done", "error", "head", "headers", "status")
 
     def __init__(self) -> None:
         self.head = trio.Event()
         self.status = 0
         self.headers: dict[str, str] = {}
-        self.send, self.receive = trio.open_memory_channel[bytes | None](math.inf)
+        self.chunks: list[bytes] = []  # DATA not read yet
+        self.arrived: trio.Event | None = None  # set for a reader waiting for chunks
         self.error: str | None = None
-        self.done = False
+        self.done = False  # END, or failed: no more chunks
         self.credit_owed = 0
+
+    def put(self, data: bytes) -> None:
+        if not self.done:  # DATA after END is the peer's mistake: dropped
+            self.chunks.append(data)
+            self._wake()
+
+    def end(self) -> None:
+        self.done = True
+        self.head.set()
+        self._wake()
 
     def fail(self, message: str) -> None:
         if self.done:
             return
         self.error = message
-        self.done = True
-        self.head.set()
-        self.send.send_nowait(None)
+        self.end()
+
+    def _wake(self) -> None:
+        if self.arrived is not None:
+            self.arrived.set()
+            self.arrived = None
 
 
 class _Connection:
@@ -271,11 +285,9 @@ class _Connection:
         elif kind == DATA and len(fields) == 3 and isinstance(fields[2], bytes):
             if tap is not None:
                 tap(fields[2])
-            stream.send.send_nowait(fields[2])
+            stream.put(fields[2])
         elif kind == END:
-            stream.done = True
-            stream.head.set()
-            stream.send.send_nowait(None)
+            stream.end()
         elif kind == RESET:
             stream.fail(f"the peer reset the stream: {fields[2] if len(fields) > 2 else ''}")
         else:
@@ -308,33 +320,18 @@ class ChannelResponse:
         that arrived while the reader was busy come joined, as one chunk: a relay that fell
         behind catches up in fewer, larger writes of the same bytes."""
         stream = self._stream
-        receive = stream.receive
         while True:
-            try:  # no scheduling round for bytes already there
-                data = receive.receive_nowait()
-            except trio.WouldBlock:
-                data = await receive.receive()
-            if data is not None:
-                parts = None
-                while True:  # whatever else is queued already
-                    try:
-                        more = receive.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    if more is None:
-                        # the end: put it back for the next round, after these bytes
-                        stream.send.send_nowait(None)
-                        break
-                    if parts is None:
-                        parts = [data]
-                    parts.append(more)
-                if parts is not None:
-                    data = b"".join(parts)
-            if data is None:
+            if not stream.chunks and not stream.done:
+                stream.arrived = arrived = trio.Event()
+                await arrived.wait()
+            if not stream.chunks:  # and done
                 if stream.error is not None:
                     raise HopError(stream.error)
                 self.complete = True
                 return
+            chunks = stream.chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            stream.chunks = []
             stream.credit_owed += len(data)
             if stream.credit_owed >= WINDOW // 2:
                 owed, stream.credit_owed = stream.credit_owed, 0
