@@ -5,8 +5,13 @@ Starts one node process (loopback, a mock with slow tokens and enough slots), op
 event, and reads the node's resident memory (VmRSS) before and after. Then it closes them all
 and checks the node is back to 0 in flight with every slot free (nothing leaked).
 
+With ``--forward``, a second node that serves nothing takes the streams and relays them from
+the first over the node-to-node channel: the figures are then per stream on the entry node
+(relaying) and on the serving node (generating for a forward), and both must end at 0.
+
     python benchmarks/open_streams.py                 # 5,000 streams
     python benchmarks/open_streams.py --streams 500   # quicker
+    python benchmarks/open_streams.py --forward       # 5,000 streams through an entry node
 """
 
 from __future__ import annotations
@@ -65,6 +70,16 @@ async def hold_stream(
         await release.wait()
 
 
+async def wait_routable(client: httpx.AsyncClient, base: str, timeout_s: float = 30.0) -> None:
+    """Until the entry node at ``base`` has a member serving model ``m``."""
+    with trio.fail_after(timeout_s):
+        while True:
+            models = (await client.get(base + "/v1/models")).json()
+            if any(m.get("id") == "m" for m in models.get("data", [])):
+                return
+            await trio.sleep(0.2)
+
+
 async def main(args: argparse.Namespace) -> None:
     config = {
         "node": {"name": "holder"},
@@ -76,16 +91,22 @@ async def main(args: argparse.Namespace) -> None:
             }
         ],
     }  # fmt: skip
+    configs: dict[str, dict[str, object]] = {"holder": config}
+    if args.forward:
+        configs["entry"] = {"node": {"name": "entry"}}
     with tempfile.TemporaryDirectory() as tmp:
-        nodes = write_nodes(Path(tmp), {"holder": config}, membership="static", log_level="warning")
+        nodes = write_nodes(Path(tmp), configs, membership="static", log_level="warning")
         cluster = NodeCluster(nodes)
-        node = cluster.nodes["holder"]
+        holder = cluster.nodes["holder"]
+        node = cluster.nodes["entry"] if args.forward else holder
         port = int(node.url.rsplit(":", 1)[1])
         try:
             await cluster.start_all()
             await cluster.wait_ready(30.0)
             base = node.url
             async with httpx.AsyncClient(timeout=10) as client:
+                if args.forward:
+                    await wait_routable(client, base)
                 for _ in range(20):  # warm the code paths once
                     await client.post(
                         base + "/v1/chat/completions",
@@ -96,6 +117,7 @@ async def main(args: argparse.Namespace) -> None:
                         },
                     )
                 before = rss_kb(node)
+                holder_before = rss_kb(holder)
                 body = json.dumps(
                     {
                         "model": "m",
@@ -116,42 +138,86 @@ async def main(args: argparse.Namespace) -> None:
                         await all_open.wait()
                     open_s = trio.current_time() - started
                     after = rss_kb(node)
+                    holder_after = rss_kb(holder)
                     health = (await client.get(base + "/health")).json()
+                    holder_health = (await client.get(holder.url + "/health")).json()
                     release.set()
                 with trio.fail_after(30):
                     while True:
                         end = (await client.get(base + "/health")).json()
-                        if end["load"]["in_flight"] == 0:
+                        holder_end = (await client.get(holder.url + "/health")).json()
+                        idle = [end["load"]["relaying"], holder_end["load"]["in_flight"]]
+                        if end["load"]["in_flight"] == 0 and idle == [0, 0]:
                             break
                         await trio.sleep(0.1)
         finally:
             await cluster.close()
     per_stream = (after - before) * 1024 / args.streams
+    holder_per_stream = (holder_after - holder_before) * 1024 / args.streams
+    where = "relayed by an entry node from a serving node" if args.forward else "on one node"
     table = Table(
-        title=f"{args.streams} concurrent open streams on one node "
+        title=f"{args.streams} concurrent open streams {where} "
         f"(mock planning {args.output_tokens} tokens each)"
     )
     table.add_column("figure")
     table.add_column("measured", justify="right")
     table.add_column("target")
     table.add_row("streams open at once", f"{opened[0]:,}", "≥ 5,000")
-    table.add_row("in flight as the node saw it", f"{health['load']['in_flight']:,}", "")
+    if args.forward:
+        table.add_row(
+            "relayed by the entry / generating on the serving node, as they saw it",
+            f"{health['load']['relaying']:,} / {holder_health['load']['in_flight']:,}",
+            "",
+        )
+    else:
+        table.add_row("in flight as the node saw it", f"{health['load']['in_flight']:,}", "")
     table.add_row("time to open them all", f"{open_s:.1f} s", "")
-    table.add_row(
-        "node RSS before / with them open", f"{before / 1024:.1f} / {after / 1024:.1f} MiB", ""
-    )
-    table.add_row("memory per open stream", f"{per_stream / 1024:.1f} KB", "≤ 20 KB")
-    table.add_row(
-        "in flight / busy slots after closing them",
-        f"{end['load']['in_flight']} / {end['backends']['m']['busy']}",
-        "0 / 0",
-    )
+    if args.forward:
+        table.add_row(
+            "entry node RSS before / with them open",
+            f"{before / 1024:.1f} / {after / 1024:.1f} MiB",
+            "",
+        )
+        table.add_row(
+            "entry node: memory per relayed stream", f"{per_stream / 1024:.1f} KB", "≤ 20 KB"
+        )
+        table.add_row(
+            "serving node RSS before / with them open",
+            f"{holder_before / 1024:.1f} / {holder_after / 1024:.1f} MiB",
+            "",
+        )
+        table.add_row(
+            "serving node: memory per forwarded stream",
+            f"{holder_per_stream / 1024:.1f} KB",
+            "≤ 20 KB",
+        )
+        table.add_row(
+            "relayed by the entry / in flight and busy slots on the serving node, after closing",
+            f"{end['load']['relaying']} / {holder_end['load']['in_flight']}, "
+            f"{holder_end['backends']['m']['busy']}",
+            "0 / 0, 0",
+        )
+    else:
+        table.add_row(
+            "node RSS before / with them open", f"{before / 1024:.1f} / {after / 1024:.1f} MiB", ""
+        )
+        table.add_row("memory per open stream", f"{per_stream / 1024:.1f} KB", "≤ 20 KB")
+        table.add_row(
+            "in flight / busy slots after closing them",
+            f"{end['load']['in_flight']} / {end['backends']['m']['busy']}",
+            "0 / 0",
+        )
     console.print(table)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=5000)
+    parser.add_argument(
+        "--forward",
+        action="store_true",
+        help="open the streams on an entry node that relays them from the serving node",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     parser.add_argument(
         "--output-tokens",
