@@ -30,6 +30,7 @@ elsewhere), exactly as with the HTTP hop.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -489,6 +490,7 @@ class ChannelRefused(HopError):
     """The channel to a peer could not be opened (before any request was sent on it)."""
 
 
+@functools.lru_cache(maxsize=1024)  # a member's URL, read for every forward to it
 def _peer(base: str) -> tuple[str, int]:
     url = urlsplit(base)
     if url.scheme != "http" or url.hostname is None:

@@ -182,6 +182,8 @@ class StreamRelay:
         )
 
     async def _close(self) -> None:
+        if self._source is None:  # nothing open: the stack is empty
+            return
         with trio.CancelScope(shield=True):
             await self._stack.aclose()
         self._source = None
