@@ -12,6 +12,11 @@ the first over the node-to-node channel: the figures are then per stream on the 
     python benchmarks/open_streams.py                 # 5,000 streams
     python benchmarks/open_streams.py --streams 500   # quicker
     python benchmarks/open_streams.py --forward       # 5,000 streams through an entry node
+    python benchmarks/open_streams.py --floor         # the HTTP server alone, for comparison
+
+``--floor`` measures what an open stream costs before Quorum does anything: the node's HTTP
+server (``quorum.server``: hypercorn on trio, with the connection guard) serving an ASGI app
+that answers each POST with one event and then only waits for the client to leave.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -29,7 +35,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quorum.launch import NodeCluster, ServerProcess, write_nodes
+from quorum.launch import NodeCluster, ServerProcess, free_port, write_nodes
 
 console = Console()
 
@@ -68,6 +74,85 @@ async def hold_stream(
         if opened[0] == total:
             all_open.set()
         await release.wait()
+
+
+async def floor_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The least an ASGI app can do for a streamed answer: one event, then wait for the
+    client to leave. ``GET /health`` answers 200 (for ``ServerProcess.wait_ready``)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["method"] == "GET":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    while (await receive()).get("more_body"):
+        pass
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def serve_floor(port: int) -> None:
+    """``floor_app`` on ``quorum.server.serve`` at 127.0.0.1:``port``, as a node serves."""
+    from hypercorn.config import Config
+
+    from quorum.server import ConnectionGuard, serve
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.backlog = 4096  # as a node's: many connections arrive at once
+    guard = ConnectionGuard(max_connections=20_000, send_timeout_s=30.0)
+    await serve(floor_app, config, guard, shutdown_trigger=trio.sleep_forever)  # type: ignore[arg-type]
+
+
+async def floor(args: argparse.Namespace) -> None:
+    """Open ``args.streams`` streams on ``floor_app`` in a child process; print the memory
+    each costs."""
+    port = free_port()
+    server = ServerProcess(
+        "floor",
+        f"http://127.0.0.1:{port}",
+        [sys.executable, __file__, "--serve-floor", str(port)],
+        health="/health",
+    )
+    try:
+        await server.start()
+        await server.wait_ready(30.0)
+        body = b"{}"
+        warm_open, warm_release = trio.Event(), trio.Event()
+        opened = [0]
+        async with trio.open_nursery() as nursery:  # warm the code paths once
+            for _ in range(20):
+                nursery.start_soon(hold_stream, port, body, opened, warm_open, warm_release, 20)
+            with trio.fail_after(30):
+                await warm_open.wait()
+            warm_release.set()
+        before = rss_kb(server)
+        opened = [0]
+        all_open, release = trio.Event(), trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(args.streams):
+                nursery.start_soon(hold_stream, port, body, opened, all_open, release, args.streams)
+            with trio.fail_after(args.timeout):
+                await all_open.wait()
+            after = rss_kb(server)
+            release.set()
+    finally:
+        server.terminate()
+        if await server.wait_exit(10.0) is None:
+            await server.kill()
+    table = Table(title=f"{args.streams} open streams on the HTTP server alone (quorum.server)")
+    table.add_column("figure")
+    table.add_column("measured", justify="right")
+    table.add_row("RSS before / with them open", f"{before / 1024:.1f} / {after / 1024:.1f} MiB")
+    table.add_row("memory per open stream", f"{(after - before) / args.streams:.1f} KB")
+    console.print(table)
 
 
 async def wait_routable(client: httpx.AsyncClient, base: str, timeout_s: float = 30.0) -> None:
@@ -214,6 +299,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="the HTTP server alone (a trivial app on quorum.server), for comparison",
+    )
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
         "--forward",
         action="store_true",
         help="open the streams on an entry node that relays them from the serving node",
@@ -225,4 +316,8 @@ if __name__ == "__main__":
         default=1000,
         help="the mock plans this many tokens per stream up front (its own memory)",
     )
-    trio.run(main, parser.parse_args())
+    arguments = parser.parse_args()
+    if arguments.serve_floor:
+        trio.run(serve_floor, arguments.serve_floor)
+    else:
+        trio.run(floor if arguments.floor else main, arguments)
