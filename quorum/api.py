@@ -182,7 +182,7 @@ class FastPath:
             return
         admission = None
         try:
-            async with _left_cancels(receive) as watch:
+            async with _left_cancels(scope, receive) as watch:
                 try:
                     admission = self._admission(headers)
                     body = await self._body(receive, headers)
@@ -327,18 +327,19 @@ def latency(arrived: float) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def _left_cancels(receive: Receive) -> AsyncIterator[Callable[[], None]]:
+async def _left_cancels(scope: Scope, receive: Receive) -> AsyncIterator[Callable[[], None]]:
     """A block that ends, cancelled, when the client leaves: from the moment the yielded
     ``watch()`` is called (once the request body is read, since until then ``receive``
-    gives the body), until the block exits. Under ``quorum.server`` the connection's
-    ``Departure`` (``quorum.edge.CLIENT``) says when the client left; anywhere else a task
-    reads ``receive`` for ``http.disconnect``, as quart-trio does."""
+    gives the body), until the block exits. Under ``quorum.server`` an HTTP/1 connection's
+    ``Departure`` (``quorum.edge.CLIENT``) says when the client left; anywhere else, and on
+    HTTP/2 (where a stream's reset leaves its connection open), a task reads ``receive``
+    for ``http.disconnect``, as quart-trio does."""
     departure = CLIENT.get()
-    if departure is not None:
+    if departure is not None and str(scope.get("http_version", "1.1")).startswith("1"):
         removers: list[Callable[[], None]] = []
-        with trio.CancelScope() as scope:
+        with trio.CancelScope() as cancel:
             try:
-                yield lambda: removers.append(departure.call_when_gone(scope.cancel))
+                yield lambda: removers.append(departure.call_when_gone(cancel.cancel))
             finally:
                 for remove in removers:
                     remove()

@@ -114,8 +114,9 @@ class StreamBody:
 
     @property
     def ready(self) -> bool:
-        """Whether the first chunk is in hand (the next ``__anext__`` returns at once)."""
-        return self._first is not None
+        """Whether a first chunk with bytes in it is in hand (the next ``__anext__`` returns
+        them at once): an empty one would leave a head held for it unsent."""
+        return bool(self._first)
 
     def __aiter__(self) -> StreamBody:
         return self

@@ -3,7 +3,7 @@ deadlines on virtual time: while both sides wait, the clock jumps)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,6 +14,7 @@ import trio.testing
 
 from quorum.config import NodeConfig
 from quorum.node import Node, drain_token_path
+from quorum.routing.relay import StreamBody
 
 
 def config(**node: Any) -> NodeConfig:
@@ -121,3 +122,121 @@ async def test_a_streamed_answers_head_leaves_with_its_first_chunk(
     assert b"text/event-stream" in head
     # the same write carries the first chunk: the role and the first token
     assert b'"role":"assistant"' in rest and b'"content":' in rest
+
+
+async def test_only_a_first_chunk_with_bytes_in_it_holds_the_head() -> None:
+    """The head is held for the first write only when that write has bytes to carry."""
+
+    async def chunks(*parts: bytes) -> AsyncGenerator[bytes]:
+        for part in parts:
+            yield part
+
+    for parts, ready in (((b"", b"data: x\n\n"), False), ((b"data: x\n\n",), True), ((), False)):
+        body = await StreamBody.start(chunks(*parts))
+        assert body.ready is ready, parts
+        assert b"".join([c async for c in body]) == b"".join(parts)
+
+
+async def test_a_client_that_leaves_with_a_request_pipelined_behind_its_stream_is_noticed(
+    node: Node,
+) -> None:
+    """With a second request queued behind a stream, the server reads nothing more from
+    the connection until the stream ends: the client's leaving shows first as a failed
+    write, and that must cancel the generation as a read of EOF would."""
+    backend = node.backends["m"]
+    body = (
+        b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":5000}'
+    )
+    post = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    stream = await raw(node)
+    await stream.send_all(post + b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+    with trio.fail_after(5):
+        head = b""
+        while b"data:" not in head:
+            head += await stream.receive_some(65536)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert backend.load().busy == 1
+    await stream.aclose()
+    with trio.fail_after(3):  # 5,000 tokens at 5 ms would take 25 s
+        while backend.load().busy:
+            await trio.sleep(0.01)
+    assert backend.load().queued == 0
+
+
+async def test_an_http2_stream_reset_cancels_its_generation_and_not_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    """On HTTP/2 (prior knowledge) a client drops one answer with RST_STREAM and keeps the
+    connection: the reset stream's generation stops at once, not at its next write (tokens
+    come every 10 s here); the connection still serves."""
+    node = Node(
+        NodeConfig.from_mapping(
+            {
+                "node": {"name": "slow", "listen": "127.0.0.1:0"},
+                "backends": [{"model": "m", "kind": "mock", "ttft_ms": 5, "itl_ms": 10_000}],
+            }
+        )
+    )
+    await nursery.start(node.run)
+    h2_connection = pytest.importorskip("h2.connection", reason="needs the h2 package")
+    h2_events = pytest.importorskip("h2.events", reason="needs the h2 package")
+    h2_errors = pytest.importorskip("h2.errors", reason="needs the h2 package")
+    backend = node.backends["m"]
+    stream = await raw(node)
+    conn = h2_connection.H2Connection()
+    conn.initiate_connection()
+    body = (
+        b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":5000}'
+    )
+    request = [
+        (":method", "POST"),
+        (":path", "/v1/chat/completions"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+    ]
+    conn.send_headers(1, request)
+    conn.send_data(1, body, end_stream=True)
+    await stream.send_all(conn.data_to_send())
+
+    async def until(done: Any) -> list[Any]:
+        seen: list[Any] = []
+        with trio.fail_after(5):
+            while not done(seen):
+                data = await stream.receive_some(65536)
+                assert data, "the server closed the connection"
+                seen += conn.receive_data(data)
+                for event in seen:
+                    if isinstance(event, h2_events.DataReceived):
+                        conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                await stream.send_all(conn.data_to_send())
+        return seen
+
+    await until(lambda seen: any(isinstance(e, h2_events.DataReceived) for e in seen))
+    assert backend.load().busy == 1
+    conn.reset_stream(1, error_code=h2_errors.ErrorCodes.CANCEL)
+    await stream.send_all(conn.data_to_send())
+    with trio.fail_after(3):
+        while backend.load().busy:
+            await trio.sleep(0.01)
+    conn.send_headers(
+        3,
+        [(":method", "GET"), (":path", "/v1/models"), (":scheme", "http"), (":authority", "x")],
+        end_stream=True,
+    )
+    await stream.send_all(conn.data_to_send())
+    seen = await until(
+        lambda seen: any(isinstance(e, h2_events.StreamEnded) and e.stream_id == 3 for e in seen)
+    )
+    statuses = [
+        dict(e.headers).get(b":status")
+        for e in seen
+        if isinstance(e, h2_events.ResponseReceived) and e.stream_id == 3
+    ]
+    assert statuses == [b"200"]
+    await stream.aclose()
+    node.stop()
