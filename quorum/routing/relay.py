@@ -171,6 +171,7 @@ class StreamRelay:
         self._stack = AsyncExitStack()
         self._source: AsyncIterator[list[Event]] | None = None
         self._pending: list[Event] = []  # events read but not relayed yet
+        self._broken: SSEProtocolError | None = None  # the first token broke the stream
         self._started = trio.current_time()
 
     async def _open(self, member: Member, resume: Resume | None, number: int) -> None:
@@ -208,10 +209,25 @@ class StreamRelay:
         finally:
             self.attempts = attempts.count
         self.d.metrics.ttft.labels(self.request.model).observe(trio.current_time() - self._started)
-        return b"".join(raw for raw, data in held if self._account(raw, data))
+        out: list[bytes] = []
+        *roles, (raw, data) = held
+        out.extend(raw for raw, data in roles if self._account(raw, data))
+        try:  # the first token, counted and filtered as _relay does every later event
+            relayed = self._account(raw, data)
+            if relayed and self.guard is not None:
+                raw = self.guard.event(raw, data)
+        except SSEProtocolError as exc:
+            self._broken = exc  # body() sends what is held, then takes its path for a break
+            return b"".join(out)
+        if relayed and raw:
+            out.append(raw)
+        if self.guard is not None and self.guard.ended:
+            self.done = self.cut = True
+        return b"".join(out)
 
     async def _first_token(self, member: Member, number: int) -> list[Event]:
-        """Open ``member`` and read up to its first token; the events held until then."""
+        """Open ``member`` and read up to its first token; the events held until then, that
+        token last (what came with it in the same batch is left in ``_pending``)."""
         ttft = self.d.config.ttft_timeout_s
         self._pending = []
         try:
@@ -219,7 +235,8 @@ class StreamRelay:
                 await self._open(member, None, number)
                 assert self._source is not None
                 held: list[Event] = []
-                while not self._pending:
+                token = False
+                while not token:
                     try:
                         batch = await anext(self._source)
                     except StopAsyncIteration:
@@ -230,10 +247,10 @@ class StreamRelay:
                             raise AttemptFailed(f"node {member.name} sent an error event")
                         held.append(event)
                         if what != "role":
-                            # the first token: sent with what was held; the rest of the
-                            # batch is relayed (and checked) by _relay
-                            self._pending = [event, *batch[i + 1 :]]
-                            held.pop()
+                            # the first token: sent in the same write as what was held,
+                            # before the rest of its batch is read (by _relay)
+                            self._pending = batch[i + 1 :]
+                            token = True
                             break
         except trio.TooSlowError:
             await self._close()
@@ -291,6 +308,9 @@ class StreamRelay:
             yield first
             while not self.done:
                 try:
+                    if self._broken is not None:
+                        broken, self._broken = self._broken, None
+                        raise broken
                     async with aclosing(self._relay()) as relay:
                         async for out in relay:
                             yield out
