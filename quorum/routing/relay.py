@@ -176,6 +176,7 @@ class StreamRelay:
 
     async def _open(self, member: Member, resume: Resume | None, number: int) -> None:
         await self._close()
+        self._pending = []  # what the last source sent is not this one's
         self._stack = AsyncExitStack()
         fault = self.job.fault if number == 1 and resume is None else None
         self.answer_headers = {}

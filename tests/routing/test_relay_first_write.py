@@ -47,13 +47,16 @@ class Attempts:
         return await attempt(SimpleNamespace(name="n2"), self.count)
 
 
-def relay_over(batches: list[list[Event]]) -> tuple[StreamRelay, list[str]]:
-    """A relay whose one candidate sends ``batches``; and the nodes whose breaker heard a
-    failure."""
+def relay_over(*sources: list[list[Event]]) -> tuple[StreamRelay, list[str]]:
+    """A relay whose candidates send ``sources`` (the batches of each, in the order they
+    are opened); and the nodes whose breaker heard a failure."""
     failures: list[str] = []
+    opened = iter(sources)
 
     @asynccontextmanager
     async def open_source(*_: Any) -> AsyncIterator[AsyncGenerator[list[Event]]]:
+        batches = next(opened)
+
         async def source() -> AsyncGenerator[list[Event]]:
             for batch in batches:
                 yield batch
@@ -109,3 +112,16 @@ async def test_a_first_token_that_breaks_the_stream_sends_the_role_then_takes_th
     assert out[0] == ROLE[0]
     assert b"stream_broken" in out[1] and out[1].endswith(b"data: [DONE]\n\n")
     assert failures == ["n2"] and resumed == [2]
+
+
+async def test_a_resume_after_a_broken_first_token_drops_the_rest_of_its_batch() -> None:
+    """What the broken node sent after the token is not the resuming node's: the client
+    gets the role chunk, then only what the resume point asked of the next node."""
+    bad = event({"id": "c", "choices": [{"index": 0, "text": "x"}, {"index": 1, "delta": "?"}]})
+    left, resumed = delta(content="A1"), delta(content="B1")
+    relay, failures = relay_over([[ROLE, bad, left, DONE]], [[resumed, DONE]])
+    with trio.fail_after(5):
+        out = await writes(relay)
+    assert out == [ROLE[0], resumed[0] + DONE[0]]
+    assert failures == ["n2"]
+    assert "".join(relay.text["content"]) == "B1" and relay.events_sent == 3
