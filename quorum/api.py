@@ -143,8 +143,9 @@ class FastPath:
     objects cost about 0.4 ms a request on this hardware (a GET round trip: 0.86 ms through
     quart, 0.44 ms on raw ASGI) plus its per-message send loop on every streamed chunk. The
     behaviour is the same: the body is read under ``max_body_bytes`` (413), errors are
-    OpenAI envelopes, and a client that disconnects cancels the work (the request and a
-    watcher of ``receive`` share one nursery, as quart-trio does).
+    OpenAI envelopes, and a client that disconnects cancels the work (``_left_cancels``:
+    on HTTP/1 under ``quorum.server`` the connection says so; elsewhere a watcher of
+    ``receive`` shares the request's nursery, as quart-trio does).
     """
 
     def __init__(
