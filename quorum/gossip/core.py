@@ -394,12 +394,17 @@ class GossipCore:
         self._self.incarnation += 1
         self._announce()
 
-    def set_load(self, load: Load) -> None:
+    def set_load(self, load: Load, *, resend: bool = False) -> None:
         """Publish new load figures: a new load version, coalesced in the broadcast queue
         (only the newest load of a node waits there). Cheap; call it as often as needed.
         Any change counts, a change of ``load.usage`` alone too; an equal load is not
-        published again. The largest load fits one datagram (``GossipConfig`` checks)."""
+        published again, unless ``resend``: then it is queued again under its version,
+        for members that joined after its retransmits were spent (they would otherwise
+        learn it only at the next push-pull). The largest load fits one datagram
+        (``GossipConfig`` checks)."""
         if load == self._self.load:
+            if resend:
+                self._queue_load(self._self)
             return
         self._self.load = load
         if self._self.load_version >= MAX_LOAD_VERSION:

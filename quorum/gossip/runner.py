@@ -143,12 +143,13 @@ class GossipNode:
             self._core.set_meta(meta)
             self._wakeup.set()
 
-    def set_load(self, load: Load) -> None:
-        """Publish new load figures (cheap: coalesced, sent with the next gossip)."""
+    def set_load(self, load: Load, *, resend: bool = False) -> None:
+        """Publish new load figures (cheap: coalesced, sent with the next gossip);
+        ``resend``: an equal load is queued again (``GossipCore.set_load``)."""
         if self._core is None:
             self._load = load
         else:
-            self._core.set_load(load)
+            self._core.set_load(load, resend=resend)
 
     @property
     def counters(self) -> dict[str, int]:

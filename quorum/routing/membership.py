@@ -298,8 +298,10 @@ class GossipMembership:
             or count != self._member_count
             or now - self._published_at >= self._refresh
         ):
+            # a new member, or time: the same load again, for whoever missed it
+            resend = load == self._load
             self._load, self._member_count, self._published_at = load, count, now
-            self.gossip.set_load(load)
+            self.gossip.set_load(load, resend=resend)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish meta and load every ``publish_interval`` seconds, and after a

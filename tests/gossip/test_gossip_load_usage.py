@@ -114,3 +114,32 @@ def test_a_change_of_usage_alone_is_published_with_a_new_version() -> None:
         if s.addr == b.addr:
             b.receive(15.0, a.addr, s.data)
     assert (b.member("a") or info).load == Load(1, 2, 3)
+
+
+def test_a_load_resent_unchanged_reaches_a_member_that_joined_after_its_retransmits() -> None:
+    """The membership layer republishes an unchanged load when a member joins: without
+    ``resend`` the late member would wait for the next push-pull to learn it."""
+    a, c = make_core("a"), make_core("c", seed=3)
+    join(a, "b")
+    drain(a, 5.0)
+    a.set_load(Load(0, 24, 0))
+    drain(a, 10.0)  # its retransmits are spent, on b
+    join(a, "c")
+    join(c, "a")
+
+    def load_at_c(until: float) -> Load | None:
+        for s in sent(drain(a, until)):
+            if s.addr == c.addr:
+                c.receive(until, a.addr, s.data)
+        info = c.member("a")
+        return None if info is None else info.load
+
+    assert load_at_c(12.0) is None  # an equal load is not news...
+    a.set_load(Load(0, 24, 0))
+    assert load_at_c(13.0) is None
+    before = a.member("a")
+    a.set_load(Load(0, 24, 0), resend=True)  # ...unless resent
+    assert load_at_c(14.0) == Load(0, 24, 0)
+    after = a.member("a")
+    assert before is not None and after is not None
+    assert after.load_version == before.load_version  # the same news, not a new version

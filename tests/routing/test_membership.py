@@ -104,9 +104,9 @@ async def test_a_nudge_publishes_before_the_next_interval(
     gossip = views[0].gossip
     set_load = gossip.set_load
 
-    def recording(load: object) -> None:
+    def recording(load: object, *, resend: bool = False) -> None:
         published.append(trio.current_time())
-        set_load(load)  # type: ignore[arg-type]
+        set_load(load, resend=resend)  # type: ignore[arg-type]
 
     gossip.set_load = recording  # type: ignore[method-assign]
     await trio.sleep(1.0)  # nothing changes: nothing is published
