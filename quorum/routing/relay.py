@@ -213,24 +213,31 @@ class StreamRelay:
         out: list[bytes] = []
         *roles, (raw, data) = held
         out.extend(raw for raw, data in roles if self._account(raw, data))
-        try:  # the first token, counted and filtered as _relay does every later event
-            relayed = self._account(raw, data)
-            if relayed and self.guard is not None:
-                raw = self.guard.event(raw, data)
+        try:  # the first token, as _relay takes every later event
+            relayed, raw = self._take(raw, data)
         except SSEProtocolError as exc:
             self._broken = exc  # body() sends what is held, then takes its path for a break
             return b"".join(out)
         if relayed and raw:
             out.append(raw)
-        if self.guard is not None and self.guard.ended:
-            self.done = self.cut = True
         return b"".join(out)
+
+    def _take(self, raw: bytes, data: str | bytes) -> tuple[bool | None, bytes]:
+        """One event counted (``_account``'s verdict) and, when it is relayed, the bytes
+        the output policies put in its place; ``done`` and ``cut`` set when they ended
+        the stream. Raises ``SSEProtocolError`` as ``_account`` and the guard do."""
+        relayed = self._account(raw, data)
+        guard = self.guard
+        if relayed and guard is not None:
+            raw = guard.event(raw, data)  # after the count: the guard takes counted events
+            if guard.ended:
+                self.done = self.cut = True
+        return relayed, raw
 
     async def _first_token(self, member: Member, number: int) -> list[Event]:
         """Open ``member`` and read up to its first token; the events held until then, that
         token last (what came with it in the same batch is left in ``_pending``)."""
         ttft = self.d.config.ttft_timeout_s
-        self._pending = []
         try:
             with trio.fail_after(ttft):
                 await self._open(member, None, number)
@@ -366,12 +373,9 @@ class StreamRelay:
                     limit = self.d.config.inter_token_timeout_s
                     raise BackendBroken(f"no chunk from node {self.node} in {limit} s")
             out: list[bytes] = []
-            guard = self.guard
             for raw, data in batch:
                 try:
-                    relayed = self._account(raw, data)
-                    if relayed and guard is not None:
-                        raw = guard.event(raw, data)  # after the count: see the docstring
+                    relayed, raw = self._take(raw, data)
                 except SSEProtocolError:
                     if out:  # counted as sent: send them before the stream breaks
                         yield b"".join(out)
@@ -382,8 +386,6 @@ class StreamRelay:
                     raise BackendBroken(f"node {self.node} sent an error event")
                 if relayed and raw:
                     out.append(raw)
-                if guard is not None and guard.ended:
-                    self.done = self.cut = True
                 if self.done:
                     break
             if out:
