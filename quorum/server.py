@@ -100,12 +100,7 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         if self._held:
             data, self._held = self._held + data, b""
         with trio.move_on_after(self._guard.send_timeout_s) as scope:
-            try:
-                await self._stream.send_all(data)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                # A reader parked behind pipelined bytes would never see the client go.
-                self.departure.set_gone()
-                raise
+            await self._stream.send_all(data)
         if scope.cancelled_caught:
             self._guard.send_timeouts += 1
             await self.aclose()

@@ -146,7 +146,8 @@ async def test_a_client_that_leaves_with_a_request_pipelined_behind_its_stream_i
 ) -> None:
     """With a second request queued behind a stream, the server reads nothing more from
     the connection until the stream ends: the client's leaving shows first as a failed
-    write, and that must cancel the generation as a read of EOF would."""
+    write, and that must cancel the generation as a read of EOF would (the failed write
+    raises into the reply, and hypercorn closes the connection, which ends the read)."""
     backend = node.backends["m"]
     body = (
         b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":5000}'
