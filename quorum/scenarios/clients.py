@@ -36,12 +36,13 @@ REASONING_FIELDS = ("reasoning_content", "reasoning")
 def make_client(base_url: str, *, read_timeout_s: float = 15.0) -> openai.AsyncOpenAI:
     """A stock async OpenAI client for ``base_url`` (``http://host:port``): no SDK retries
     (a scenario counts every failure itself), a read timeout that turns a hung stream into
-    an error."""
+    an error. ``openai.Timeout`` is the class of the SDK's own HTTP library (httpx up to
+    openai 2.x, httpx2 from 3.x, which refuses an ``httpx.Timeout``)."""
     return openai.AsyncOpenAI(
         base_url=base_url.rstrip("/") + "/v1",
         api_key="unused",
         max_retries=0,
-        timeout=cast(Any, httpx.Timeout(connect=2.0, read=read_timeout_s, write=10.0, pool=10.0)),
+        timeout=openai.Timeout(connect=2.0, read=read_timeout_s, write=10.0, pool=10.0),
     )
 
 
