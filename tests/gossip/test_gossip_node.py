@@ -29,8 +29,19 @@ async def wait_for(predicate: object, step: float = 0.02) -> None:
         await trio.sleep(step)
 
 
+def worst_case_death_s(config: GossipConfig, n_members: int) -> float:
+    """The longest the protocol may take to call a silent member dead, in seconds: a probe
+    round over every member, its timeout, and a suspicion that no other member confirms
+    (Lifeguard's maximum, ``suspicion_max_timeout_mult`` x the minimum)."""
+    rounds = n_members * (config.probe_interval + config.probe_timeout)
+    return rounds + config.suspicion_max_timeout_mult * config.suspicion_min_timeout(n_members)
+
+
 async def test_three_nodes_find_each_other_and_see_a_cancelled_one_die() -> None:
-    with trio.fail_after(10):
+    # Usually about 2 s. The deadline is the protocol's worst case for the death (about 11 s
+    # here) plus the joins and the leave: on a loaded CI machine a fixed 10 s was too short.
+    config = GossipConfig.local(cluster_name="quorum", keys=(KEY,))
+    with trio.fail_after(worst_case_death_s(config, 3) + 10):
         async with trio.open_nursery() as nursery:
             a = make_node("a", [])
             addr_a = await nursery.start(a.run)
