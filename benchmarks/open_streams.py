@@ -17,12 +17,23 @@ the first over the node-to-node channel: the figures are then per stream on the 
 ``--floor`` measures what an open stream costs before Quorum does anything: the node's HTTP
 server (``quorum.server``: hypercorn on trio, with the connection guard) serving an ASGI app
 that answers each POST with one event and then only waits for the client to leave.
+
+``--attribute`` says where that memory goes: the measured node (the entry node with
+``--forward``) traces its allocations (``tracemalloc``, started by ``SIGUSR1`` once the node is
+warm, read by ``SIGUSR2`` with every stream open; see ``tracemalloc_site/sitecustomize.py``), and
+the script prints what is still alive per stream, by library and by the line of Quorum that
+led to it. Tracing slows the node several times over, so use fewer streams (1,000 is plenty)
+and take the RSS figures from a run without it.
+
+    python benchmarks/open_streams.py --forward --streams 1000 --attribute
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quorum.launch import NodeCluster, ServerProcess, free_port, write_nodes
 
 console = Console()
+TRACEMALLOC_SITE = Path(__file__).resolve().parent / "tracemalloc_site"
 
 
 def rss_kb(node: ServerProcess) -> int:
@@ -185,6 +197,9 @@ async def main(args: argparse.Namespace) -> None:
         holder = cluster.nodes["holder"]
         node = cluster.nodes["entry"] if args.forward else holder
         port = int(node.url.rsplit(":", 1)[1])
+        attribution = Path(tmp) / "attribution.json"
+        if args.attribute:
+            node.env = attribute_env(node.name, attribution)
         try:
             await cluster.start_all()
             await cluster.wait_ready(30.0)
@@ -203,6 +218,9 @@ async def main(args: argparse.Namespace) -> None:
                     )
                 before = rss_kb(node)
                 holder_before = rss_kb(holder)
+                if args.attribute:
+                    node.signal(signal.SIGUSR1)  # start tracing, now that the node is warm
+                    await trio.sleep(0.5)
                 body = json.dumps(
                     {
                         "model": "m",
@@ -224,6 +242,8 @@ async def main(args: argparse.Namespace) -> None:
                     open_s = trio.current_time() - started
                     after = rss_kb(node)
                     holder_after = rss_kb(holder)
+                    if args.attribute:
+                        rows = await read_attribution(node, attribution, args.timeout)
                     health = (await client.get(base + "/health")).json()
                     holder_health = (await client.get(holder.url + "/health")).json()
                     release.set()
@@ -293,6 +313,59 @@ async def main(args: argparse.Namespace) -> None:
             "0 / 0",
         )
     console.print(table)
+    if args.attribute:
+        print_attribution(rows, args.streams, node.name)
+
+
+def attribute_env(name: str, out: Path) -> dict[str, str]:
+    """The environment under which node ``name`` loads ``tracemalloc_site`` and writes its
+    attribution to ``out``."""
+    path = os.pathsep.join(p for p in (str(TRACEMALLOC_SITE), os.environ.get("PYTHONPATH")) if p)
+    return os.environ | {
+        "PYTHONPATH": path,
+        "QUORUM_ATTRIBUTE_OUT": str(out),
+        "QUORUM_ATTRIBUTE_ONLY": f"{name}.toml",
+    }
+
+
+async def read_attribution(node: ServerProcess, out: Path, timeout_s: float) -> list[list[Any]]:
+    """Ask ``node`` for its attribution (``SIGUSR2``) and read it: ``[owner, where, bytes,
+    blocks]`` rows. ``TooSlowError`` when the node writes none within ``timeout_s``."""
+    node.signal(signal.SIGUSR2)
+    path = trio.Path(out)
+    with trio.fail_after(timeout_s):
+        while True:  # another process writes it: nothing to wait on but the file itself
+            if await path.exists():
+                break
+            await trio.sleep(0.5)
+    rows: list[list[Any]] = json.loads(await path.read_text())
+    return rows
+
+
+def print_attribution(rows: list[list[Any]], streams: int, name: str, top: int = 25) -> None:
+    """Two tables of what ``rows`` keep alive per stream (bytes ÷ ``streams``): by owning
+    library, and by the line of Quorum that led to it."""
+    owners: dict[str, int] = {}
+    lines: dict[str, int] = {}
+    for owner, where, size, _blocks in rows:
+        owners[owner] = owners.get(owner, 0) + size
+        lines[where] = lines.get(where, 0) + size
+    total = sum(owners.values())
+    by_owner = Table(
+        title=f"{name}: traced memory per open stream, {total / streams / 1024:.1f} KB in all, "
+        "by the library that allocated it"
+    )
+    by_owner.add_column("library")
+    by_owner.add_column("per stream", justify="right")
+    for owner, size in sorted(owners.items(), key=lambda kv: -kv[1])[:top]:
+        by_owner.add_row(owner, f"{size / streams / 1024:.2f} KB")
+    console.print(by_owner)
+    by_line = Table(title=f"{name}: by the innermost line of Quorum on the allocating stack")
+    by_line.add_column("quorum/…")
+    by_line.add_column("per stream", justify="right")
+    for where, size in sorted(lines.items(), key=lambda kv: -kv[1])[:top]:
+        by_line.add_row(where, f"{size / streams / 1024:.2f} KB")
+    console.print(by_line)
 
 
 if __name__ == "__main__":
@@ -310,6 +383,11 @@ if __name__ == "__main__":
         help="open the streams on an entry node that relays them from the serving node",
     )
     parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    parser.add_argument(
+        "--attribute",
+        action="store_true",
+        help="trace the node's allocations and print where the memory per stream goes",
+    )
     parser.add_argument(
         "--output-tokens",
         type=int,
