@@ -329,8 +329,8 @@ def attribute_env(name: str, out: Path) -> dict[str, str]:
 
 
 async def read_attribution(node: ServerProcess, out: Path, timeout_s: float) -> list[list[Any]]:
-    """Ask ``node`` for its attribution (``SIGUSR2``) and read it: ``[owner, where, bytes,
-    blocks]`` rows. ``TooSlowError`` when the node writes none within ``timeout_s``."""
+    """Ask ``node`` for its attribution (``SIGUSR2``) and read it: ``[owner, where, bytes]``
+    rows. ``TooSlowError`` when the node writes none within ``timeout_s``."""
     node.signal(signal.SIGUSR2)
     path = trio.Path(out)
     with trio.fail_after(timeout_s):
@@ -347,7 +347,7 @@ def print_attribution(rows: list[list[Any]], streams: int, name: str, top: int =
     library, and by the line of Quorum that led to it."""
     owners: dict[str, int] = {}
     lines: dict[str, int] = {}
-    for owner, where, size, _blocks in rows:
+    for owner, where, size in rows:
         owners[owner] = owners.get(owner, 0) + size
         lines[where] = lines.get(where, 0) + size
     total = sum(owners.values())
@@ -395,6 +395,8 @@ if __name__ == "__main__":
         help="the mock plans this many tokens per stream up front (its own memory)",
     )
     arguments = parser.parse_args()
+    if arguments.attribute and arguments.floor:
+        parser.error("--attribute measures a node; --floor runs no node")
     if arguments.serve_floor:
         trio.run(serve_floor, arguments.serve_floor)
     else:

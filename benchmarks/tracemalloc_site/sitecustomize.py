@@ -6,7 +6,7 @@ nothing unless ``QUORUM_ATTRIBUTE_OUT`` names a file and this process's command 
 
 - ``SIGUSR1`` starts ``tracemalloc`` (``QUORUM_ATTRIBUTE_FRAMES`` frames a trace, 30 by default);
 - ``SIGUSR2`` takes a snapshot of what was allocated since and is still alive, stops tracing,
-  and writes it to ``QUORUM_ATTRIBUTE_OUT`` as JSON: ``[[owner, where, bytes, blocks], ...]``.
+  and writes it to ``QUORUM_ATTRIBUTE_OUT`` as JSON: ``[[owner, where, bytes], ...]``.
 
 ``owner`` is the library of the innermost frame of an allocation (``quorum``, ``hypercorn``,
 ``trio``, ``h11``, or a standard module such as ``contextlib``); ``where`` is the innermost
@@ -52,7 +52,6 @@ def _write(_signum: int, _frame: FrameType | None) -> None:
     snapshot = tracemalloc.take_snapshot()
     tracemalloc.stop()
     sizes: Counter[tuple[str, str]] = Counter()
-    blocks: Counter[tuple[str, str]] = Counter()
     for stat in snapshot.statistics("traceback"):
         frames = list(stat.traceback)  # oldest first
         ours = [f for f in frames if _owner(f.filename) == "quorum"]
@@ -63,8 +62,7 @@ def _write(_signum: int, _frame: FrameType | None) -> None:
         )
         key = (_owner(frames[-1].filename), where)
         sizes[key] += stat.size
-        blocks[key] += stat.count
-    rows = [[owner, where, size, blocks[owner, where]] for (owner, where), size in sizes.items()]
+    rows = [[owner, where, size] for (owner, where), size in sizes.items()]
     rows.sort(key=lambda row: -row[2])
     with open(_OUT + ".part", "w") as out:
         json.dump(rows, out)
