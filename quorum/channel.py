@@ -34,7 +34,7 @@ from quorum.routing.channel import (
     frame,
 )
 from quorum.routing.headers import INTERNAL
-from quorum.routing.relay import Reply
+from quorum.routing.relay import Reply, StreamBody
 
 __all__ = ["serve_channel"]
 
@@ -69,7 +69,11 @@ async def serve_channel(
     of a request becomes its answer; nothing escapes but cancellation."""
     served: dict[int, _Served] = {}
     writer = FrameWriter(stream)
-    send = writer.write
+
+    async def send(data: bytes, first: bool = False) -> None:
+        # a request's first frames go at once when the writer is idle (its TTFT waits on
+        # them); the rest are joined by the writer
+        await writer.write(data, first)
 
     try:
         await stream.send_all(ACCEPTED)
@@ -143,7 +147,7 @@ def _valid_open(fields: list[object]) -> bool:
 
 
 async def _serve_one(
-    send: Callable[[bytes], Awaitable[None]],
+    send: Callable[[bytes, bool], Awaitable[None]],
     handler: Handler,
     sid: int,
     path: str,
@@ -169,25 +173,30 @@ async def _serve_one(
                 reply = await handler(path, body, lowered)
             except ApiError as exc:
                 data = json.dumps(exc.body()).encode()
-                await send(frame(HEAD, sid, exc.status, {"content-type": "application/json"}))
-                await _send_body(send, sid, one, _once(data))
+                head = frame(HEAD, sid, exc.status, {"content-type": "application/json"})
+                await _send_body(send, sid, one, _once(data), head, hold=True)
                 return
             except Exception as exc:
                 log.exception("unhandled error on a channel request to %s", path)
                 error = ApiError(f"Internal error in Quorum ({type(exc).__name__}).")
-                await send(frame(HEAD, sid, 500, {"content-type": "application/json"}))
-                await _send_body(send, sid, one, _once(json.dumps(error.body()).encode()))
+                head = frame(HEAD, sid, 500, {"content-type": "application/json"})
+                data = json.dumps(error.body()).encode()
+                await _send_body(send, sid, one, _once(data), head, hold=True)
                 return
-            chunks = _once(reply.body) if isinstance(reply.body, bytes) else reply.body
+            if isinstance(reply.body, bytes):
+                chunks, hold = _once(reply.body), True
+            else:
+                chunks = reply.body
+                hold = isinstance(chunks, StreamBody) and chunks.ready
             try:
                 await _send_body(
-                    send, sid, one, chunks, frame(HEAD, sid, reply.status, reply.headers)
+                    send, sid, one, chunks, frame(HEAD, sid, reply.status, reply.headers), hold
                 )
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 raise
             except Exception as exc:  # the body broke after its head
                 log.warning("channel stream %d broke: %r", sid, exc)
-                await send(frame(RESET, sid, f"{type(exc).__name__}: {exc}"))
+                await send(frame(RESET, sid, f"{type(exc).__name__}: {exc}"), False)
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the connection is gone; the reader ends it
     finally:
@@ -195,26 +204,34 @@ async def _serve_one(
 
 
 async def _send_body(
-    send: Callable[[bytes], Awaitable[None]],
+    send: Callable[[bytes, bool], Awaitable[None]],
     sid: int,
     one: _Served,
     chunks: AsyncIterator[bytes],
-    head: bytes | None = None,
+    head: bytes = b"",
+    hold: bool = False,
 ) -> None:
-    """``head`` (when given), then ``chunks`` as DATA frames within the stream's credit, then
-    END; ``chunks`` is closed whatever happens, even when ``head`` cannot be sent."""
+    """``head``, then ``chunks`` as DATA frames within the stream's credit, then END;
+    ``chunks`` is closed whatever happens, even when ``head`` cannot be sent. ``hold``: the
+    first chunk is at hand (a reply's bytes, a ``StreamBody`` that is ``ready``), so the
+    head goes out in the same write as it, one send instead of two."""
     async with aclosing(chunks) as body:  # type: ignore[type-var]
-        if head is not None:
-            await send(head)
+        if head and not hold:
+            await send(head, True)
+            head = b""
         async for chunk in body:
             for start in range(0, len(chunk), _CHUNK):
                 piece = chunk[start : start + _CHUNK]
                 while one.credit < len(piece):
+                    if head:  # the head does not wait for credit
+                        await send(head, False)
+                        head = b""
                     one.credited = trio.Event()
                     await one.credited.wait()
                 one.credit -= len(piece)
-                await send(frame(DATA, sid, piece))
-    await send(frame(END, sid))
+                await send(head + frame(DATA, sid, piece), bool(head))
+                head = b""
+    await send(head + frame(END, sid), bool(head))
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

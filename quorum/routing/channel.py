@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -127,6 +128,15 @@ class FrameWriter:
     ``limit``: queued bytes over which :meth:`write` waits for the send to take them (the
     connection's backpressure). After a send fails, or after :meth:`close`, every write
     raises ``trio.BrokenResourceError``.
+
+    ``write(data, now=True)`` on a socket stream (one with a ``socket``) whose writer is idle
+    writes ``data`` at once, from the caller, with one non-blocking ``send`` and no
+    checkpoint; whatever the socket did not take goes to the writer as usual. That saves the
+    writer task's wake-up (one scheduling round) on the path to the peer. The channel asks
+    for it only for a request's first frames (OPEN; HEAD with the first DATA), which a
+    client's TTFT waits on; later frames, and any written while a send is under way, are
+    still joined into one send. Nothing can cancel a non-blocking ``send`` half way, so a
+    frame is never cut.
     """
 
     def __init__(self, stream: trio.abc.SendStream, limit: int = WINDOW) -> None:
@@ -136,14 +146,29 @@ class FrameWriter:
         self._queued = 0
         self._has_frames = trio.Event()
         self._taken = trio.Event()  # set when the queue was taken (or the writer broke)
+        self._sending = False  # run() is in a send_all: nothing may be written beside it
+        # trio's socket (non-blocking); its fileno() is -1 once closed, never a reused number
+        self._socket: Any = getattr(stream, "socket", None)
         self.error: str | None = None
 
-    async def write(self, data: bytes) -> None:
-        """Queue ``data`` (whole frames) for the next send. Returns at once, without a
-        checkpoint, while the queue is under ``limit``; waits for room otherwise. Raises
+    async def write(self, data: bytes, now: bool = False) -> None:
+        """Queue ``data`` (whole frames) for the next send (``now``: write it at once when
+        the writer is idle, see the class). Returns at once, without a checkpoint, while
+        the queue is under ``limit``; waits for room otherwise. Raises
         ``trio.BrokenResourceError`` when the writer is broken or closed."""
         if self.error is not None:
             raise trio.BrokenResourceError(self.error)
+        if now and self._socket is not None and not self._queue and not self._sending:
+            try:
+                sent = os.write(self._socket.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._break(f"the channel broke: {exc!r}")
+                raise trio.BrokenResourceError(self.error) from None
+            if sent == len(data):
+                return
+            data = data[sent:]  # the rest, first in the queue: the writer sends it next
         self._queue.append(data)
         self._queued += len(data)
         self._has_frames.set()
@@ -167,7 +192,9 @@ class FrameWriter:
                 self._queue.clear()
                 self._queued = 0
                 self._taken.set()
+                self._sending = True
                 await self._stream.send_all(data)
+                self._sending = False
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._break(f"the channel broke: {exc!r}")
         finally:
@@ -236,13 +263,13 @@ class _Connection:
         self.next_id = 1
         self.closed = False
 
-    async def send(self, data: bytes) -> None:
-        """Queue ``data`` for the writer; ``ChannelError`` when the channel is closed or
-        broken."""
+    async def send(self, data: bytes, now: bool = False) -> None:
+        """Queue ``data`` for the writer (``now``: written at once if the writer is idle,
+        see ``FrameWriter``); ``ChannelError`` when the channel is closed or broken."""
         if self.closed:
             raise ChannelError("the channel is closed")
         try:
-            await self.writer.write(data)
+            await self.writer.write(data, now)
         except trio.BrokenResourceError as exc:
             raise ChannelError(str(exc)) from None
 
@@ -418,7 +445,9 @@ class ChannelPool:
         stream = _Stream()
         connection.streams[sid] = stream
         try:
-            await connection.send(frame(OPEN, sid, path, dict(headers), body))
+            # at once if the writer is idle: the request's TTFT waits on it
+            opened = frame(OPEN, sid, path, dict(headers), body)
+            await connection.send(opened, True)
             await stream.head.wait()
             if stream.error is not None and not stream.status:
                 raise HopError(stream.error)

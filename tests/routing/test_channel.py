@@ -1,7 +1,8 @@
 """The node-to-node channel: forwards share one connection per peer, a peer that does not
 speak it gets the HTTP hop, a channel request without the cluster's signature gets 401,
 garbage closes the channel, a slow reader holds the sender to its credit (and a credit frees
-the stream it names), and frames queued together leave in one send."""
+the stream it names), frames queued together leave in one send, and a request's first frames
+leave at once, without the writer task, when the connection is idle."""
 
 from __future__ import annotations
 
@@ -311,3 +312,61 @@ async def test_a_peers_channel_takes_as_many_requests_as_the_node_takes_clients(
         # the three closed: the channel takes requests again
         again = await http.post("/v1/chat/completions", json={**body, "stream": False})
         assert again.status_code == 200
+
+
+async def test_a_write_asked_for_now_leaves_at_once_on_an_idle_socket_and_keeps_its_order() -> None:
+    a, b = trio.socket.socketpair()
+    sender, receiver = trio.SocketStream(a), trio.SocketStream(b)
+    writer = FrameWriter(sender)
+    # no writer task yet: only a write made at once can reach the peer
+    await writer.write(b"first", now=True)
+    with trio.fail_after(5):
+        assert await receiver.receive_some() == b"first"
+    await writer.write(b"queued")
+    await writer.write(b"behind", now=True)  # something is queued: it goes after it
+    # a write the socket cannot take whole: its rest is queued, in front of what follows
+    big = bytes(range(256)) * 40_000  # 10 MB: more than a socket buffer
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        got = b""
+        with trio.fail_after(5):
+            while len(got) < len(b"queuedbehind"):
+                got += await receiver.receive_some()
+        assert got == b"queuedbehind"
+        await trio.testing.wait_all_tasks_blocked()
+        await writer.write(big, now=True)
+        await writer.write(b"tail")
+        got = b""
+        with trio.fail_after(10):
+            while len(got) < len(big) + 4:
+                got += await receiver.receive_some()
+        assert got == big + b"tail"
+        writer.close()
+    await sender.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        await writer.write(b"after", now=True)
+    await receiver.aclose()
+
+
+async def test_a_ready_answers_head_leaves_with_its_first_chunk_and_alone_otherwise() -> None:
+    from quorum.channel import _send_body, _Served  # the serving side's body writer
+
+    sent: list[tuple[bytes, bool]] = []
+
+    async def send(data: bytes, first: bool) -> None:
+        sent.append((data, first))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield b"data: 2\n\n"
+
+    head = frame(HEAD, 1, 200, {})
+    await _send_body(send, 1, _Served(), chunks(), head, hold=True)
+    assert sent == [
+        (head + frame(DATA, 1, b"data: 1\n\n"), True),
+        (frame(DATA, 1, b"data: 2\n\n"), False),
+        (frame(END, 1), False),
+    ]
+    sent.clear()
+    await _send_body(send, 1, _Served(), chunks(), head, hold=False)
+    assert sent[0] == (head, True) and sent[1] == (frame(DATA, 1, b"data: 1\n\n"), False)
