@@ -47,7 +47,29 @@ def start_node_processes(
     """`python3 -m quorum node` for each nodes/<name>.toml, rewritten to free HTTP and
     gossip ports on 127.0.0.1 (seeds pointed at each other) and then by ``edit`` (called with
     each parsed config, to change in place); returns once every node answers /health and the
-    first sees them all alive. The caller ends them (``stop_node_processes``)."""
+    first sees them all alive. The caller ends them (``stop_node_processes``).
+
+    A port that ``free_port`` found free can be taken by another process before the node
+    binds it (an outgoing connection's ephemeral port, say); a start that fails for that
+    alone is tried again on new ports, at most three times in all."""
+    for attempt in range(3):
+        try:
+            return _start_node_processes(tmp, names, edit)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(AssertionError):
+    """A node could not listen: its port was taken between ``free_port`` and its bind."""
+
+
+def _start_node_processes(
+    tmp: Path,
+    names: tuple[str, ...],
+    edit: Callable[[dict[str, Any]], None] | None,
+) -> list[NodeProcess]:
     http_ports = {n: free_port() for n in names}
     gossip_ports = {n: free_port(socket.SOCK_DGRAM) for n in names}
     nodes = []
@@ -89,6 +111,8 @@ def start_node_processes(
                 dead = [n for n in nodes if n.process.poll() is not None]
                 if dead or time.monotonic() > deadline:
                     logs = {n.name: n.log.read_text()[-2000:] for n in nodes}
+                    if any("Address already in use" in logs[n.name] for n in dead):
+                        raise _PortTaken(f"a port was taken before a node bound it: {logs}")
                     raise AssertionError(f"the cluster did not start: {logs}")
                 time.sleep(0.1)
     except BaseException:

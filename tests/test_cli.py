@@ -69,6 +69,13 @@ class Up:
             if "Ctrl-C stops the cluster" in self.output:
                 self.ready.set()
 
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until it says the cluster is up; a failure with what it printed otherwise."""
+        with trio.move_on_after(timeout_s):
+            await self.ready.wait()
+            return
+        pytest.fail(f"`quorum up` was not ready in {timeout_s} s; it printed:\n{self.output}")
+
 
 async def start_up(nursery: trio.Nursery, args: list[str]) -> Up:
     process = await trio.lowlevel.open_process(
@@ -100,8 +107,7 @@ async def test_readme_cluster_command_serves_streams_through_node_a(
     assert args[:3] == ["python3", "-m", "quorum"]
     up = await start_up(nursery, [sys.executable, *args[1:]])
     try:
-        with trio.fail_after(40):
-            await up.ready.wait()
+        await up.wait_ready(40)
         for name in ("node-a", "node-b", "node-c"):
             assert name in up.output
         async with httpx.AsyncClient(timeout=10) as client:
@@ -131,8 +137,7 @@ async def test_up_example_llamacpp_serves_the_real_model_through_node_a(
         pytest.skip("ports 32768-32770 are in use on this machine")
     up = await start_up(nursery, [sys.executable, "-m", "quorum", "up", "--example", "llamacpp"])
     try:
-        with trio.fail_after(60):
-            await up.ready.wait()
+        await up.wait_ready(120)  # a real model loads slowly on a busy machine
         # the curl line it prints, run as it is
         line = re.search(r"curl -N (\S+) .*?\\\n\s+-d '(.*?)'", up.output, re.S)
         assert line is not None, up.output
