@@ -69,11 +69,9 @@ async def serve_channel(
     of a request becomes its answer; nothing escapes but cancellation."""
     served: dict[int, _Served] = {}
     writer = FrameWriter(stream)
-
-    async def send(data: bytes, first: bool = False) -> None:
-        # a request's first frames go at once when the writer is idle (its TTFT waits on
-        # them); the rest are joined by the writer
-        await writer.write(data, first)
+    # send(frames, now): a request's first frames go at once when the writer is idle (its
+    # TTFT waits on them); the rest are joined by the writer
+    send = writer.write
 
     try:
         await stream.send_all(ACCEPTED)
