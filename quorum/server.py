@@ -17,6 +17,11 @@ when that first chunk is already in hand. And each connection's ``Departure``
 (``quorum.edge.CLIENT``, seen by the tasks hypercorn runs for it) says when the client has
 gone: its end of file, a failed read, or the connection closed.
 
+Each write to a client takes hypercorn's per-connection send lock. ``trio.Lock`` yields a
+scheduling round even when it is free, so every write, the first token's included, waited
+one round before its bytes left; on an entry node that round let the channel's reader take
+the next frames first. The connection's lock here (``_SendLock``) takes no round when free.
+
 The rest is hypercorn's own trio worker (``hypercorn/trio/run.py``, ``worker_serve``): the same
 ``TCPServer`` per connection, the same lifespan and graceful shutdown. Written against
 hypercorn 0.18 (pinned in pyproject.toml).
@@ -36,6 +41,7 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import (
+    AppWrapper,
     ASGIFramework,
     ASGIReceiveCallable,
     ASGISendCallable,
@@ -136,6 +142,53 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         await self._stream.aclose()
 
 
+class _SendLock:
+    """A mutex for one connection's writes, used as ``async with lock:``. Taking it when it
+    is free takes no scheduling round (``trio.Lock`` takes one); when it is held, the task
+    waits in FIFO order and is handed the lock by the holder's release, so a steady stream
+    of writers cannot starve a waiter. A waiter cancelled while it waits leaves the queue.
+
+    Hypercorn's ``TCPServer.protocol_send`` holds it around a shielded ``send_all``, which
+    is the checkpoint a write still has.
+    """
+
+    __slots__ = ("_held", "_waiting")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiting = trio.lowlevel.ParkingLot()
+
+    def locked(self) -> bool:
+        """True while a task holds the lock."""
+        return self._held
+
+    async def __aenter__(self) -> None:
+        if self._held:
+            await self._waiting.park()  # returns holding it: the release handed it over
+        else:
+            self._held = True
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self._waiting.unpark(count=1):
+            self._held = False
+
+
+class _TCPServer(TCPServer):
+    """Hypercorn's connection, with a send lock that takes no scheduling round when free."""
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        state: LifespanState,
+        stream: trio.abc.HalfCloseableStream,
+    ) -> None:
+        # hypercorn annotates its stream as SSLStream; it uses only the Stream methods
+        super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
+        self.send_lock = _SendLock()  # type: ignore[assignment]
+
+
 async def _first_bytes(stream: _GuardedStream, preface: bytes, timeout_s: float) -> bytes | None:
     """The connection's first bytes: enough to tell ``preface`` from anything else (an HTTP
     request differs at its first byte). None when the client sent nothing in time or left."""
@@ -232,7 +285,7 @@ async def serve(
                 binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
             task_status.started(binds)
             http = partial(
-                TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+                _TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
             )
 
             async def handler(stream: _GuardedStream) -> None:
@@ -246,8 +299,7 @@ async def serve(
                         return
                     stream.unread(first)
                 CLIENT.set(stream.departure)  # for the tasks hypercorn starts from this one
-                # hypercorn annotates its stream as SSLStream; it uses only the Stream methods
-                await http(stream)  # type: ignore[arg-type]
+                await http(stream)
 
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:

@@ -16,6 +16,7 @@ import trio.testing
 from quorum.config import NodeConfig
 from quorum.node import Node, drain_token_path
 from quorum.routing.relay import StreamBody
+from quorum.server import _SendLock
 
 
 def config(**node: Any) -> NodeConfig:
@@ -245,3 +246,43 @@ async def test_an_http2_stream_reset_cancels_its_generation_and_not_the_connecti
     assert statuses == [b"200"]
     await stream.aclose()
     node.stop()
+
+
+# --- the connection's send lock -------------------------------------------------------------
+
+
+async def test_the_send_lock_takes_no_scheduling_round_when_free() -> None:
+    lock = _SendLock()
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)  # scheduled: runs at this task's next yield
+        async with lock:
+            assert lock.locked() and ran == []  # trio.Lock would have let "other" run here
+        assert not lock.locked()
+
+
+async def test_the_send_lock_hands_over_in_order_and_skips_a_cancelled_waiter() -> None:
+    lock = _SendLock()
+    order: list[str] = []
+
+    async def write(name: str, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            async with lock:
+                order.append(name)
+                await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        async with lock:
+            await nursery.start(write, "first")
+            cancelled = await nursery.start(write, "cancelled")
+            await nursery.start(write, "last")
+            await trio.testing.wait_all_tasks_blocked()
+            cancelled.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert lock.locked() and order == []
+    assert order == ["first", "last"] and not lock.locked()
