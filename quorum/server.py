@@ -37,7 +37,9 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, RawData
 from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import MAX_RECV as _MAX_RECV
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import (
@@ -173,8 +175,42 @@ class _SendLock:
             self._held = False
 
 
+class _IdleTimer:
+    """Hypercorn's keep-alive timer of one connection (``TrioSingleTask``'s interface:
+    ``restart(task_group, action)``, ``stop()``) without its ``trio.Lock``, which took a
+    scheduling round on every request's start and end even when free, and without
+    ``nursery.start``'s wait for the timer's task to begin: the cancel scope is made here
+    and handed to the task, so a ``stop()`` before that task runs still ends it. Neither
+    method waits, so two calls cannot interleave."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+
+    async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
+        """Cancel the running timer, if any, and start ``action`` in ``task_group``."""
+        if self._scope is not None:
+            self._scope.cancel()
+        self._scope = trio.CancelScope()
+        task_group._nursery.start_soon(_run_within, self._scope, action)
+
+    async def stop(self) -> None:
+        """Cancel the running timer, if any."""
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+
+
+async def _run_within(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await action()
+
+
 class _TCPServer(TCPServer):
-    """Hypercorn's connection, with a send lock that takes no scheduling round when free."""
+    """Hypercorn's connection, with a send lock that takes no scheduling round when free, a
+    keep-alive timer without a lock (``_IdleTimer``), and, when hypercorn has no
+    ``read_timeout`` (a node sets none), reads without a cancel scope each."""
 
     def __init__(
         self,
@@ -187,6 +223,23 @@ class _TCPServer(TCPServer):
         # hypercorn annotates its stream as SSLStream; it uses only the Stream methods
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
         self.send_lock = _SendLock()  # type: ignore[assignment]
+        self.idle_task = _IdleTimer()  # type: ignore[assignment]
+
+    async def _read_data(self) -> None:
+        if self.config.read_timeout is not None:
+            await super()._read_data()
+            return
+        # hypercorn's loop without ``fail_after(inf)``: a cancel scope entered on every read
+        # and alive for as long as the connection waits for bytes (~1.1 KB while it does)
+        while True:
+            try:
+                data = await self.stream.receive_some(_MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if not data:
+                break
+        await self.protocol.handle(Closed())
 
 
 async def _first_bytes(stream: _GuardedStream, preface: bytes, timeout_s: float) -> bytes | None:

@@ -16,7 +16,7 @@ import trio.testing
 from quorum.config import NodeConfig
 from quorum.node import Node, drain_token_path
 from quorum.routing.relay import StreamBody
-from quorum.server import _SendLock
+from quorum.server import _IdleTimer, _SendLock
 
 
 def config(**node: Any) -> NodeConfig:
@@ -286,3 +286,63 @@ async def test_the_send_lock_hands_over_in_order_and_skips_a_cancelled_waiter() 
             await trio.testing.wait_all_tasks_blocked()
             assert lock.locked() and order == []
     assert order == ["first", "last"] and not lock.locked()
+
+
+# --- the connection's keep-alive timer ------------------------------------------------------
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_and_a_busy_one_is_not(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    keep_alive = 2.0  # a node's idle timer is its body_timeout_s
+    slow = NodeConfig.from_mapping(
+        {
+            "node": {"name": "slow", "listen": "127.0.0.1:0", "body_timeout_s": keep_alive},
+            "backends": [
+                {"model": "m", "kind": "mock", "ttft_ms": 5, "itl_ms": 100, "slots": 1,
+                 "output_tokens": [80, 80]}
+            ],
+        }
+    )  # fmt: skip
+    node = Node(slow)
+    await nursery.start(node.run)
+    stream = await raw(node)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    started = trio.current_time()
+    answer = b""
+    with trio.fail_after(30):  # 80 tokens 100 ms apart: busy past the keep-alive
+        while not answer.endswith(b"\r\n0\r\n\r\n"):
+            answer += await stream.receive_some(65536)
+    answered = trio.current_time()
+    assert answer.startswith(b"HTTP/1.1 200") and answered - started > keep_alive
+    with trio.fail_after(30):
+        assert await stream.receive_some(100) == b""  # closed by the node, idle
+    assert keep_alive <= trio.current_time() - answered < keep_alive + 0.5
+    await stream.aclose()
+    node.stop()
+
+
+async def test_the_idle_timer_stopped_before_its_task_runs_never_fires() -> None:
+    timer = _IdleTimer()
+    fired: list[str] = []
+
+    async def action(name: str) -> None:
+        await trio.sleep(1)
+        fired.append(name)
+
+    class Group:  # hypercorn's TaskGroup as the timer uses it
+        def __init__(self, nursery: trio.Nursery) -> None:
+            self._nursery = nursery
+
+    async with trio.open_nursery() as nursery:
+        group = Group(nursery)
+        await timer.restart(group, lambda: action("stopped at once"))
+        await timer.stop()  # its task has not run yet
+        await timer.restart(group, lambda: action("replaced"))
+        await trio.testing.wait_all_tasks_blocked()
+        await timer.restart(group, lambda: action("kept"))
+    assert fired == ["kept"]
