@@ -21,6 +21,8 @@ Each write to a client takes hypercorn's per-connection send lock. ``trio.Lock``
 scheduling round even when it is free, so every write, the first token's included, waited
 one round before its bytes left; on an entry node that round let the channel's reader take
 the next frames first. The connection's lock here (``_SendLock``) takes no round when free.
+The same connection (``_TCPServer``) also trims what hypercorn pays per write, per read and
+per request in cancel scopes and locks; each is said where it is done.
 
 The rest is hypercorn's own trio worker (``hypercorn/trio/run.py``, ``worker_serve``): the same
 ``TCPServer`` per connection, the same lifespan and graceful shutdown. Written against
@@ -37,7 +39,7 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import MAX_RECV as _MAX_RECV
 from hypercorn.trio.tcp_server import TCPServer
@@ -101,13 +103,22 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         self._unread = data + self._unread
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.send_all_guarded(data, shield=False)
+
+    async def send_all_guarded(self, data: bytes | bytearray | memoryview, *, shield: bool) -> None:
+        """``send_all`` within the connection's write deadline, and with ``shield``, also
+        shielded from every cancellation but that deadline's: hypercorn shields its writes
+        so that a cancelled task never leaves half a message on the connection, and one
+        scope does both (a cancel scope entered and closed per write is not free)."""
         if _HOLD_NEXT_WRITE.get():
             _HOLD_NEXT_WRITE.set(False)
             self._held += data
             return
         if self._held:
             data, self._held = self._held + data, b""
-        with trio.move_on_after(self._guard.send_timeout_s) as scope:
+        with trio.CancelScope(
+            deadline=trio.current_time() + self._guard.send_timeout_s, shield=shield
+        ) as scope:
             await self._stream.send_all(data)
         if scope.cancelled_caught:
             self._guard.send_timeouts += 1
@@ -208,7 +219,8 @@ async def _run_within(scope: trio.CancelScope, action: Callable[[], Awaitable[No
 
 
 class _TCPServer(TCPServer):
-    """Hypercorn's connection, with a send lock that takes no scheduling round when free, a
+    """Hypercorn's connection, with a send lock that takes no scheduling round when free, one
+    cancel scope per write where hypercorn's shield and the write deadline took two, a
     keep-alive timer without a lock (``_IdleTimer``), and, when hypercorn has no
     ``read_timeout`` (a node sets none), reads without a cancel scope each."""
 
@@ -218,12 +230,24 @@ class _TCPServer(TCPServer):
         config: Config,
         context: WorkerContext,
         state: LifespanState,
-        stream: trio.abc.HalfCloseableStream,
+        stream: _GuardedStream,
     ) -> None:
         # hypercorn annotates its stream as SSLStream; it uses only the Stream methods
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
+        self.guarded = stream
         self.send_lock = _SendLock()  # type: ignore[assignment]
         self.idle_task = _IdleTimer()  # type: ignore[assignment]
+
+    async def protocol_send(self, event: Event) -> None:
+        if type(event) is not RawData:
+            await super().protocol_send(event)
+            return
+        # hypercorn's, with its shielded scope and the write deadline's made one
+        async with self.send_lock:
+            try:
+                await self.guarded.send_all_guarded(event.data, shield=True)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
 
     async def _read_data(self) -> None:
         if self.config.read_timeout is not None:

@@ -16,7 +16,7 @@ import trio.testing
 from quorum.config import NodeConfig
 from quorum.node import Node, drain_token_path
 from quorum.routing.relay import StreamBody
-from quorum.server import _IdleTimer, _SendLock
+from quorum.server import ConnectionGuard, _GuardedStream, _IdleTimer, _SendLock
 
 
 def config(**node: Any) -> NodeConfig:
@@ -346,3 +346,41 @@ async def test_the_idle_timer_stopped_before_its_task_runs_never_fires() -> None
         await trio.testing.wait_all_tasks_blocked()
         await timer.restart(group, lambda: action("kept"))
     assert fired == ["kept"]
+
+
+# --- one cancel scope per write ----------------------------------------------------------------
+
+
+async def test_a_shielded_write_finishes_under_a_cancelled_task_and_still_has_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    guard = ConnectionGuard(max_connections=10, send_timeout_s=1.0)
+    ours, theirs = trio.testing.lockstep_stream_pair()  # a write waits for the peer to read
+    connection = _GuardedStream(ours, guard)  # type: ignore[arg-type]
+    received = bytearray()
+
+    async def read(count: int) -> None:
+        await trio.sleep(0.5)  # the writer's task is cancelled meanwhile
+        while len(received) < count:
+            received.extend(await theirs.receive_some(count - len(received)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, 1000)
+        with trio.CancelScope() as task:
+            nursery.cancel_scope.deadline = trio.current_time() + 30
+            task.deadline = trio.current_time() + 0.1
+            await connection.send_all_guarded(b"x" * 1000, shield=True)
+            await trio.lowlevel.checkpoint()  # the task's cancellation lands after the write
+        assert task.cancelled_caught and bytes(received) == b"x" * 1000
+
+    with trio.CancelScope() as task:  # unshielded, the same cancellation cuts the write
+        task.deadline = trio.current_time() + 0.1
+        await connection.send_all_guarded(b"y" * 1000, shield=False)
+    assert task.cancelled_caught and guard.send_timeouts == 0
+
+    connection = _GuardedStream(trio.testing.lockstep_stream_pair()[0], guard)  # type: ignore[arg-type]
+    started = trio.current_time()
+    with pytest.raises(trio.BrokenResourceError):  # nobody reads: the deadline still holds
+        await connection.send_all_guarded(b"z" * 1000, shield=True)
+    assert trio.current_time() - started == pytest.approx(1.0)
+    assert guard.send_timeouts == 1
