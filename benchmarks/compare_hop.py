@@ -226,11 +226,12 @@ def raw_request(url: str, body: bytes) -> bytes:
     ) + body
 
 
-def raw_first_content_s(sock: socket.socket, request: bytes) -> float:
+def raw_first_content_s(sock: socket.socket, request: bytes) -> tuple[float, bool]:
     """Send ``request`` on ``sock`` and read its chunked answer to the end; seconds from the
-    send to the first read that holds a non-empty content delta. Raises ``RuntimeError``
-    for an answer that is not a 200 with content, ``OSError`` (a timeout too) for the
-    connection."""
+    send to the first read that holds a non-empty content delta, and whether the
+    connection stays open (no ``connection: close``: hypercorn closes one after
+    ``keep_alive_max_requests``). Raises ``RuntimeError`` for an answer that is not a 200
+    with content, ``OSError`` (a timeout too) for the connection."""
     sent = time.perf_counter()
     sock.sendall(request)
     first: float | None = None
@@ -244,7 +245,8 @@ def raw_first_content_s(sock: socket.socket, request: bytes) -> float:
         data += more
     if not data.startswith(b"HTTP/1.1 200") or first is None:
         raise RuntimeError(f"not a streamed answer with content: {data[:120]!r}")
-    return first
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    return first, b"\r\nconnection: close" not in head
 
 
 def raw_ttft_ms(
@@ -268,17 +270,25 @@ def raw_ttft_ms(
     names = list(urls)
     socks: dict[str, socket.socket] = {}
     ttft: dict[str, list[float]] = {name: [] for name in names}
+
+    def connect(url: str) -> socket.socket:
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
     try:
         for name, url in urls.items():
-            host, port = url.split("//", 1)[1].rsplit(":", 1)
-            socks[name] = socket.create_connection((host, int(port)), timeout=timeout_s)
-            socks[name].setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socks[name] = connect(url)
         for start in range(0, len(bodies), block):
             turn = (start // block) % len(names)
             for name in names[turn:] + names[:turn]:
                 for i in range(start, min(start + block, len(bodies))):
                     request = raw_request(urls[name], bodies[i])
-                    seconds = raw_first_content_s(socks[name], request)
+                    seconds, keep = raw_first_content_s(socks[name], request)
+                    if not keep:
+                        socks[name].close()
+                        socks[name] = connect(urls[name])
                     if i >= warmup:
                         ttft[name].append(seconds * 1000)
     finally:
