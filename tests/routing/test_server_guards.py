@@ -316,7 +316,9 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_and_a_b
     answer = b""
     with trio.fail_after(30):  # 80 tokens 100 ms apart: busy past the keep-alive
         while not answer.endswith(b"\r\n0\r\n\r\n"):
-            answer += await stream.receive_some(65536)
+            more = await stream.receive_some(65536)
+            assert more, "the node closed a busy connection"
+            answer += more
     answered = trio.current_time()
     assert answer.startswith(b"HTTP/1.1 200") and answered - started > keep_alive
     with trio.fail_after(30):
