@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,7 @@ from quorum.launch import (
     peak_rss_kb,
     write_nodes,
 )
+from quorum.stats import percentile
 
 MODEL = "mock-zero"
 console = Console(highlight=False, width=max(132, shutil.get_terminal_size().columns))
@@ -297,12 +297,6 @@ def raw_ttft_ms(
     return ttft
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
 def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -497,7 +491,7 @@ def summarize(
             if proc in CARRIERS[name] or proc == LOAD_GENERATOR
         }
     raw_ttft = {
-        name: {"p50": statistics.median(v), "p99": percentile(v, 0.99)} if v else None
+        name: {"p50": percentile(v, 50), "p99": percentile(v, 99)} if v else None
         for name, v in raw.items()
     }
     raw_added: dict[str, dict[str, float | None]] = {}
@@ -613,7 +607,9 @@ def print_results(
                 end_section=name == names[-1],
             )
     console.print(table)
-    lean = Table(title="concurrency 1 through the lean client (blocking sockets, paths in turn)")
+    lean = Table(
+        title="concurrency 1 through the lean client (blocking sockets, paths in turn in blocks)"
+    )
     for col in ("path", "TTFT p50 ms", "TTFT p99 ms", "+TTFT p50 ms", "+TTFT p99 ms"):
         lean.add_column(col, justify="left" if col == "path" else "right")
     for name in names:

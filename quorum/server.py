@@ -102,11 +102,8 @@ class _GuardedStream(trio.abc.HalfCloseableStream):
         """Give ``data`` back: the next ``receive_some`` returns it first."""
         self._unread = data + self._unread
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.send_all_guarded(data, shield=False)
-
-    async def send_all_guarded(self, data: bytes | bytearray | memoryview, *, shield: bool) -> None:
-        """``send_all`` within the connection's write deadline, and with ``shield``, also
+    async def send_all(self, data: bytes | bytearray | memoryview, *, shield: bool = False) -> None:
+        """``data`` written within the connection's write deadline, and with ``shield``, also
         shielded from every cancellation but that deadline's: hypercorn shields its writes
         so that a cancelled task never leaves half a message on the connection, and one
         scope does both (a cancel scope entered and closed per write is not free)."""
@@ -224,6 +221,8 @@ class _TCPServer(TCPServer):
     keep-alive timer without a lock (``_IdleTimer``), and, when hypercorn has no
     ``read_timeout`` (a node sets none), reads without a cancel scope each."""
 
+    stream: _GuardedStream  # type: ignore[assignment]
+
     def __init__(
         self,
         app: AppWrapper,
@@ -234,7 +233,6 @@ class _TCPServer(TCPServer):
     ) -> None:
         # hypercorn annotates its stream as SSLStream; it uses only the Stream methods
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
-        self.guarded = stream
         self.send_lock = _SendLock()  # type: ignore[assignment]
         self.idle_task = _IdleTimer()  # type: ignore[assignment]
 
@@ -245,7 +243,7 @@ class _TCPServer(TCPServer):
         # hypercorn's, with its shielded scope and the write deadline's made one
         async with self.send_lock:
             try:
-                await self.guarded.send_all_guarded(event.data, shield=True)
+                await self.stream.send_all(event.data, shield=True)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
 

@@ -328,7 +328,9 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_and_a_b
     node.stop()
 
 
-async def test_the_idle_timer_stopped_before_its_task_runs_never_fires() -> None:
+async def test_the_idle_timer_stopped_before_its_task_runs_never_fires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     timer = _IdleTimer()
     fired: list[str] = []
 
@@ -371,18 +373,18 @@ async def test_a_shielded_write_finishes_under_a_cancelled_task_and_still_has_it
         with trio.CancelScope() as task:
             nursery.cancel_scope.deadline = trio.current_time() + 30
             task.deadline = trio.current_time() + 0.1
-            await connection.send_all_guarded(b"x" * 1000, shield=True)
+            await connection.send_all(b"x" * 1000, shield=True)
             await trio.lowlevel.checkpoint()  # the task's cancellation lands after the write
         assert task.cancelled_caught and bytes(received) == b"x" * 1000
 
     with trio.CancelScope() as task:  # unshielded, the same cancellation cuts the write
         task.deadline = trio.current_time() + 0.1
-        await connection.send_all_guarded(b"y" * 1000, shield=False)
+        await connection.send_all(b"y" * 1000, shield=False)
     assert task.cancelled_caught and guard.send_timeouts == 0
 
     connection = _GuardedStream(trio.testing.lockstep_stream_pair()[0], guard)  # type: ignore[arg-type]
     started = trio.current_time()
     with pytest.raises(trio.BrokenResourceError):  # nobody reads: the deadline still holds
-        await connection.send_all_guarded(b"z" * 1000, shield=True)
+        await connection.send_all(b"z" * 1000, shield=True)
     assert trio.current_time() - started == pytest.approx(1.0)
     assert guard.send_timeouts == 1
